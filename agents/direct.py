@@ -1,0 +1,59 @@
+"""An executor that builds the call straight from the step and its dependencies' results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from orchestrator.constraints import Exact, OneOf
+from orchestrator.errors import ToolArgumentsError
+from orchestrator.roles import StepContext
+
+ArgumentBuilder = Callable[[StepContext], Mapping[str, Any]]
+
+
+class DirectExecutor:
+    """Calls the step's tool once, with arguments taken from the plan and the dependencies.
+
+    For each constrained argument: an ``exact`` value is used as is, ``one_of`` takes its
+    first value, and any other constraint takes the value of the same name from the
+    dependencies' results (a mapping result exposes its keys). ``builders`` may supply
+    arguments for a tool by name when neither source has them.
+    """
+
+    def __init__(self, builders: Mapping[str, ArgumentBuilder] | None = None) -> None:
+        self._builders = dict(builders or {})
+
+    def arguments_for(self, ctx: StepContext) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if ctx.step.tool in self._builders:
+            args.update(self._builders[ctx.step.tool](ctx))
+        for name, constraint in ctx.step.constraints.items():
+            if name in args:
+                continue
+            if isinstance(constraint, Exact):
+                args[name] = constraint.value
+            elif isinstance(constraint, OneOf):
+                args[name] = constraint.values[0]
+            else:
+                found = _from_dependencies(name, ctx.dependencies)
+                if found is _MISSING:
+                    raise ToolArgumentsError(
+                        f"step {ctx.step.id!r}: no value for argument {name!r} in the plan or its dependencies"
+                    )
+                args[name] = found
+        return args
+
+    def execute(self, ctx: StepContext) -> Any:
+        return ctx.tools.call(ctx.step.tool, **self.arguments_for(ctx))
+
+
+_MISSING = object()
+
+
+def _from_dependencies(name: str, dependencies: Mapping[str, Any]) -> Any:
+    for step_id in reversed(list(dependencies)):
+        result = dependencies[step_id]
+        if isinstance(result, Mapping) and name in result:
+            return result[name]
+    return _MISSING

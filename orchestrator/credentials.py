@@ -1,0 +1,200 @@
+"""Grants: short-lived signed credentials scoped to one step and one tool.
+
+A grant binds one step identity (``sub``) to one tool (``aud``), the step's argument
+constraints, an expiry and a use count, with the delegation chain in ``act``
+(initiator → planner → executor, RFC 8693 nesting: the outermost ``act`` is the most
+recent delegator). The store keeps each grant's facts, never its token, and is the
+authority on revocation and remaining uses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from pydantic import TypeAdapter, ValidationError
+
+from .clock import Clock
+from .constraints import Constraint
+from .errors import (
+    ConfigError,
+    GrantError,
+    GrantExhaustedError,
+    GrantExpiredError,
+    GrantRevokedError,
+)
+from .identity import SpiffeId, TrustDomain
+from .store import GrantRecord, Store
+
+DEFAULT_TTL_SECONDS = 60.0
+MAX_TTL_SECONDS = 900.0
+CLOCK_SKEW_SECONDS = 5.0
+DEFAULT_MAX_USES = 3
+
+_CONSTRAINTS = TypeAdapter(dict[str, Constraint])
+
+
+def audience_for(tool: str) -> str:
+    return f"tool:{tool}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grant:
+    """A verified or freshly minted grant. The token is reachable only by ``danger_token``."""
+
+    jti: str
+    subject: SpiffeId
+    tool: str
+    run_id: str
+    step_id: str
+    workflow: str
+    constraints: Mapping[str, Any]
+    issued_at: float
+    expires_at: float
+    max_uses: int
+    act: Mapping[str, Any]
+    _token: str = field(repr=False, compare=False)
+
+    def danger_token(self) -> str:
+        """The signed token, to hand to a tool server. Never log or trace it."""
+        return self._token
+
+
+class GrantIssuer:
+    """Mints, verifies and revokes grants for one trust domain."""
+
+    def __init__(
+        self,
+        domain: TrustDomain,
+        store: Store,
+        *,
+        clock: Clock,
+        ttl: float = DEFAULT_TTL_SECONDS,
+        max_uses: int = DEFAULT_MAX_USES,
+    ) -> None:
+        if not 0 < ttl <= MAX_TTL_SECONDS:
+            raise ConfigError(f"grant TTL {ttl!r} s must be above 0 and at most {MAX_TTL_SECONDS:g} s")
+        if max_uses < 1:
+            raise ConfigError(f"grant max_uses {max_uses!r} must be at least 1")
+        self.domain = domain
+        self.store = store
+        self.clock = clock
+        self.ttl = ttl
+        self.max_uses = max_uses
+
+    def mint(
+        self,
+        *,
+        subject: SpiffeId,
+        tool: str,
+        run_id: str,
+        step_id: str,
+        workflow: str,
+        constraints: Mapping[str, Any],
+        act: Mapping[str, Any],
+    ) -> Grant:
+        """Sign a grant for one step and record it; the store learns its facts, not its token."""
+        now = self.clock.now()
+        jti = uuid.uuid4().hex
+        serial = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in constraints.items()}
+        claims = {
+            "iss": self.domain.issuer,
+            "sub": str(subject),
+            "aud": audience_for(tool),
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.ttl,
+            "jti": jti,
+            "act": dict(act),
+            "scope": {"tool": tool, "constraints": serial, "max_uses": self.max_uses},
+            "run": run_id,
+            "step": step_id,
+            "wf": workflow,
+        }
+        token = self.domain.sign(claims)
+        self.store.add_grant(GrantRecord(
+            jti=jti, run_id=run_id, step_id=step_id, tool=tool, subject=str(subject),
+            issued_at=now, expires_at=now + self.ttl, max_uses=self.max_uses,
+        ))
+        return Grant(
+            jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
+            constraints=serial, issued_at=now, expires_at=now + self.ttl, max_uses=self.max_uses,
+            act=dict(act), _token=token,
+        )
+
+    def verify(self, token: str, *, tool: str) -> Grant:
+        """Check signature, issuer, audience and lifetime; return the grant's claims.
+
+        Does not consult the store: call ``consume_use`` for revocation and uses.
+
+        Raises:
+            GrantError: the token is malformed, forged, for another tool, or not yet valid.
+            GrantExpiredError: the token's expiry has passed (beyond the allowed skew).
+        """
+        if not isinstance(token, str) or not token:
+            raise GrantError(f"no grant presented for tool {tool!r}")
+        try:
+            claims = jwt.decode(
+                token,
+                self.domain.key.public_key,
+                algorithms=["EdDSA"],
+                audience=audience_for(tool),
+                issuer=self.domain.issuer,
+                # Time is checked below against our clock, so tests can fix it.
+                options={"require": ["exp", "iat", "nbf", "sub", "jti", "aud"],
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            )
+        except jwt.InvalidAudienceError:
+            raise GrantError(f"grant is not for tool {tool!r}") from None
+        except jwt.InvalidSignatureError:
+            raise GrantError("grant signature does not verify") from None
+        except jwt.InvalidIssuerError:
+            raise GrantError(f"grant was not issued by {self.domain.issuer!r}") from None
+        except jwt.PyJWTError as exc:
+            raise GrantError(f"grant is malformed: {exc}") from None
+        now = self.clock.now()
+        if now > float(claims["exp"]) + CLOCK_SKEW_SECONDS:
+            raise GrantExpiredError(f"grant {claims['jti']!r} expired")
+        if now + CLOCK_SKEW_SECONDS < float(claims["nbf"]):
+            raise GrantError(f"grant {claims['jti']!r} is not valid yet")
+        try:
+            scope = claims["scope"]
+            constraints = _CONSTRAINTS.validate_python(scope["constraints"])
+            grant = Grant(
+                jti=claims["jti"], subject=SpiffeId.parse(claims["sub"]), tool=scope["tool"],
+                run_id=claims["run"], step_id=claims["step"], workflow=claims["wf"],
+                constraints=constraints, issued_at=float(claims["iat"]),
+                expires_at=float(claims["exp"]), max_uses=int(scope["max_uses"]),
+                act=claims["act"], _token=token,
+            )
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
+            raise GrantError(f"grant {claims.get('jti')!r} has malformed claims: {type(exc).__name__}") from None
+        if grant.tool != tool:
+            raise GrantError(f"grant is not for tool {tool!r}")
+        return grant
+
+    def consume_use(self, grant: Grant) -> None:
+        """Take one use of ``grant``, atomically with the revocation check.
+
+        Raises:
+            GrantRevokedError: the grant was revoked.
+            GrantExhaustedError: the grant has no uses left.
+            GrantError: the store has never seen this grant.
+        """
+        state = self.store.consume_grant_use(grant.jti)
+        if state == "ok":
+            return
+        if state == "revoked":
+            raise GrantRevokedError(f"grant {grant.jti!r} is revoked")
+        if state == "exhausted":
+            raise GrantExhaustedError(f"grant {grant.jti!r} has no uses left")
+        raise GrantError(f"grant {grant.jti!r} is unknown to the store")
+
+    def revoke(self, jti: str, *, reason: str) -> bool:
+        return self.store.revoke_grant(jti, reason=reason, at=self.clock.now())
+
+    def revoke_run(self, run_id: str, *, reason: str) -> int:
+        return self.store.revoke_run(run_id, reason=reason, at=self.clock.now())

@@ -1,0 +1,94 @@
+"""Every exception scopegraph raises, in one tree.
+
+::
+
+    ScopegraphError (RuntimeError)
+    ├── ConfigError            bad workflow definition, settings or CLI input
+    ├── ToolError              tool declaration or argument problems
+    │   ├── UnknownToolError
+    │   └── ToolArgumentsError
+    ├── PlanError              malformed plan: unknown tool, bad constraint, cycle
+    ├── IdentityError          SPIFFE IDs, SVIDs, trust bundle
+    ├── GrantError             a grant failed verification (never retried)
+    │   ├── GrantExpiredError
+    │   ├── GrantRevokedError
+    │   ├── GrantExhaustedError
+    │   └── GrantScopeError    the call lies outside the grant's scope
+    ├── PolicyError            invalid policy files or schema; evaluation failure
+    ├── StoreError             the durable store is unreachable or unwritable
+    └── ToolExecutionError     the tool itself failed
+        └── TransientToolError the tool failed in a way worth retrying
+
+Roots are ``RuntimeError`` so that LangGraph's default retry policy, which retries
+only a few built-in exception types, never retries a security failure. Messages are
+one sentence, name the problem and the offending value, and never carry a secret.
+"""
+
+from __future__ import annotations
+
+
+class ScopegraphError(RuntimeError):
+    """Base of every scopegraph error."""
+
+
+class ConfigError(ScopegraphError):
+    """A workflow, setting or command-line input is invalid."""
+
+
+class ToolError(ScopegraphError):
+    """A tool is declared or called incorrectly."""
+
+
+class UnknownToolError(ToolError):
+    """A tool name is not registered in the workflow."""
+
+
+class ToolArgumentsError(ToolError):
+    """Arguments do not match a tool's schema."""
+
+
+class PlanError(ScopegraphError):
+    """A plan is malformed: unknown tool, invalid constraint, or dependency cycle."""
+
+
+class IdentityError(ScopegraphError):
+    """A SPIFFE ID, SVID or trust bundle is invalid."""
+
+
+class GrantError(ScopegraphError):
+    """A grant failed verification; the call it was presented for is denied."""
+
+
+class GrantExpiredError(GrantError):
+    """The grant's expiry has passed."""
+
+
+class GrantRevokedError(GrantError):
+    """The grant has been revoked."""
+
+
+class GrantExhaustedError(GrantError):
+    """The grant has no uses left."""
+
+
+class GrantScopeError(GrantError):
+    """The call lies outside what the grant allows."""
+
+
+class PolicyError(ScopegraphError):
+    """A policy file or schema is invalid, or evaluation failed."""
+
+
+class StoreError(ScopegraphError):
+    """The durable store cannot be read or written."""
+
+
+class ToolExecutionError(ScopegraphError):
+    """A tool raised while executing a permitted call."""
+
+
+class TransientToolError(ToolExecutionError):
+    """A tool failure worth retrying; raise it from a tool to ask for a retry.
+
+    Every retry is a new call: it is authorized again and counts as a use of the grant.
+    """

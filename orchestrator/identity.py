@@ -1,0 +1,276 @@
+"""Workload identity: trust domains, SPIFFE IDs, SVIDs and the trust bundle.
+
+Each run's planner and each executor step get their own SPIFFE ID, proved by a
+JWT-SVID and an X.509-SVID signed by the trust domain's Ed25519 key. The key is made
+on first use and kept in the store; it never leaves this module in clear text except
+to the store, and redacts itself in ``repr``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from .clock import Clock, SystemClock
+from .errors import IdentityError
+from .store import Store
+
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+JWT_SVID_AUDIENCE = "scopegraph"
+SVID_TTL_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class SpiffeId:
+    """A validated SPIFFE ID: ``spiffe://<trust-domain>/<path>``."""
+
+    trust_domain: str
+    path: str
+
+    @classmethod
+    def parse(cls, value: str) -> SpiffeId:
+        """Raises:
+        IdentityError: ``value`` is not a valid SPIFFE ID.
+        """
+        if not isinstance(value, str) or not value.startswith("spiffe://"):
+            raise IdentityError(f"invalid SPIFFE ID {value!r}: must start with 'spiffe://'")
+        rest = value[len("spiffe://"):]
+        domain, _, path = rest.partition("/")
+        if not _TRUST_DOMAIN.match(domain):
+            raise IdentityError(f"invalid SPIFFE ID {value!r}: bad trust domain {domain!r}")
+        segments = path.split("/") if path else []
+        if any(not _PATH_SEGMENT.match(s) or s in (".", "..") for s in segments):
+            raise IdentityError(f"invalid SPIFFE ID {value!r}: bad path")
+        return cls(domain, "/" + path if path else "")
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain}{self.path}"
+
+
+class SigningKey:
+    """An Ed25519 private key that never shows itself."""
+
+    __slots__ = ("_key", "kid")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.kid = hashlib.sha256(raw).hexdigest()[:16]
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
+    def danger_private_key(self) -> Ed25519PrivateKey:
+        """The raw key, for signing code only. Never log or return it."""
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"SigningKey(kid={self.kid!r}, private=<redacted>)"
+
+    __str__ = __repr__
+
+
+class Svid:
+    """A proved identity: the SPIFFE ID plus its JWT-SVID and X.509-SVID.
+
+    The X.509-SVID is built on first access: steps that only present JWTs never pay
+    for certificate generation, yet every identity can produce one.
+    """
+
+    def __init__(self, spiffe_id: SpiffeId, jwt_svid: str, domain: TrustDomain, expires_at: float) -> None:
+        self.spiffe_id = spiffe_id
+        self._jwt = jwt_svid
+        self._domain = domain
+        self.expires_at = expires_at
+        self._x509: tuple[x509.Certificate, Ed25519PrivateKey] | None = None
+
+    def danger_jwt(self) -> str:
+        """The JWT-SVID token. Never log or trace it."""
+        return self._jwt
+
+    @property
+    def x509_certificate(self) -> x509.Certificate:
+        if self._x509 is None:
+            self._x509 = self._domain.issue_x509_svid(self.spiffe_id, self.expires_at)
+        return self._x509[0]
+
+    def __repr__(self) -> str:
+        return f"Svid({str(self.spiffe_id)!r}, token=<redacted>)"
+
+
+class TrustDomain:
+    """A SPIFFE trust domain with its signing key and CA certificate."""
+
+    def __init__(self, name: str, store: Store, *, clock: Clock | None = None) -> None:
+        if not _TRUST_DOMAIN.match(name):
+            raise IdentityError(f"invalid trust domain {name!r}: use lowercase letters, digits, '.', '-', '_'")
+        self.name = name
+        self.clock = clock or SystemClock()
+        self.key = _load_or_create_key(store, f"trust-domain:{name}", self.clock.now())
+        self.issuer = f"spiffe://{name}"
+        self._ca_cert: x509.Certificate | None = None
+
+    def __repr__(self) -> str:
+        return f"TrustDomain({self.name!r}, kid={self.key.kid!r})"
+
+    def id(self, *segments: str) -> SpiffeId:
+        """Build a SPIFFE ID in this domain from path segments."""
+        return SpiffeId.parse(f"spiffe://{self.name}/" + "/".join(segments))
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self.key.danger_private_key(), algorithm="EdDSA",
+                          headers={"kid": self.key.kid})
+
+    def verify(self, token: str, *, audience: str | None, leeway: float) -> dict[str, Any]:
+        """Verify a token signed by this domain and return its claims.
+
+        Raises:
+            jwt.PyJWTError: bad signature, issuer, audience or time claims.
+        """
+        return jwt.decode(
+            token,
+            self.key.public_key,
+            algorithms=["EdDSA"],
+            audience=audience,
+            issuer=self.issuer,
+            leeway=leeway,
+            options={"require": ["exp", "iat", "sub", "iss"], "verify_aud": audience is not None},
+        )
+
+    def issue_svid(self, spiffe_id: SpiffeId, ttl: float = SVID_TTL_SECONDS) -> Svid:
+        if spiffe_id.trust_domain != self.name:
+            raise IdentityError(f"{spiffe_id} is not in trust domain {self.name!r}")
+        now = self.clock.now()
+        exp = now + ttl
+        token = self.sign({
+            "iss": self.issuer, "sub": str(spiffe_id), "aud": [JWT_SVID_AUDIENCE],
+            "iat": int(now), "exp": int(exp), "jti": uuid.uuid4().hex,
+        })
+        return Svid(spiffe_id, token, self, exp)
+
+    def verify_jwt_svid(self, token: str, *, audience: str = JWT_SVID_AUDIENCE) -> SpiffeId:
+        """Raises:
+        IdentityError: the JWT-SVID does not verify.
+        """
+        try:
+            claims = self.verify(token, audience=audience, leeway=5)
+        except jwt.PyJWTError as exc:
+            raise IdentityError(f"JWT-SVID does not verify: {exc}") from None
+        return SpiffeId.parse(claims["sub"])
+
+    @property
+    def ca_certificate(self) -> x509.Certificate:
+        """Self-signed CA certificate of the domain's key (stable for the key's life)."""
+        if self._ca_cert is None:
+            name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scopegraph"),
+                              x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
+            start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+            self._ca_cert = (
+                x509.CertificateBuilder()
+                .subject_name(name).issuer_name(name)
+                .public_key(self.key.public_key)
+                .serial_number(int(self.key.kid, 16))
+                .not_valid_before(start)
+                .not_valid_after(start + dt.timedelta(days=365 * 30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                    encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(self.issuer)]), critical=False)
+                .sign(self.key.danger_private_key(), None)
+            )
+        return self._ca_cert
+
+    def issue_x509_svid(
+        self, spiffe_id: SpiffeId, expires_at: float
+    ) -> tuple[x509.Certificate, Ed25519PrivateKey]:
+        leaf_key = Ed25519PrivateKey.generate()
+        now = dt.datetime.fromtimestamp(self.clock.now(), tz=dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scopegraph")]))
+            .issuer_name(self.ca_certificate.subject)
+            .public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(seconds=5))
+            .not_valid_after(dt.datetime.fromtimestamp(expires_at, tz=dt.timezone.utc))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self.key.danger_private_key(), None)
+        )
+        return cert, leaf_key
+
+    def verify_x509_svid(self, cert: x509.Certificate) -> SpiffeId:
+        """Check the certificate was signed by this domain, is in date, and return its ID.
+
+        Raises:
+            IdentityError: wrong signer, out of date, or no single SPIFFE URI SAN.
+        """
+        try:
+            self.key.public_key.verify(cert.signature, cert.tbs_certificate_bytes)
+        except Exception:
+            raise IdentityError("X.509-SVID is not signed by this trust domain") from None
+        now = dt.datetime.fromtimestamp(self.clock.now(), tz=dt.timezone.utc)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise IdentityError("X.509-SVID is outside its validity period")
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+            .get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1:
+            raise IdentityError("X.509-SVID must carry exactly one URI SAN")
+        return SpiffeId.parse(uris[0])
+
+    def bundle(self) -> Bundle:
+        return Bundle(trust_domain=self.name, keys=(self.key.public_key,), kids=(self.key.kid,))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """The public half of a trust domain: what a tool server needs to verify grants."""
+
+    trust_domain: str
+    keys: tuple[Ed25519PublicKey, ...] = field(repr=False)
+    kids: tuple[str, ...]
+
+    def jwks(self) -> dict[str, Any]:
+        out = []
+        for key, kid in zip(self.keys, self.kids):
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            out.append({
+                "kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA",
+                "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode(),
+            })
+        return {"keys": out, "spiffe_sequence": 1, "trust_domain": self.trust_domain}
+
+    def jwks_json(self) -> str:
+        return json.dumps(self.jwks(), indent=2)
+
+
+def _load_or_create_key(store: Store, name: str, now: float) -> SigningKey:
+    pem = store.load_signing_key(name)
+    if pem is None:
+        fresh = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        # Two processes may race to create the key; the store keeps the first.
+        pem = store.save_signing_key(name, fresh, now)
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"stored key {name!r} is not an Ed25519 key")
+    return SigningKey(key)

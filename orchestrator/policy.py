@@ -1,0 +1,309 @@
+"""Policy-as-code: Cedar decisions on every tool call.
+
+This is the only module that imports ``cedarpy``; its types never leave it. Policy
+files are parsed and validated against the schema once, at load; an invalid file stops
+the load with an error naming the file and the problem. Each decision evaluates the
+cached policy set against a request built from the call, the grant and the run.
+
+Three outcomes: ``allow``; ``deny``; ``needs_approval`` when every policy that denied
+is an ``@escalate`` forbid and the same request with an approval would be allowed.
+Cedar evaluation errors fail closed: the call is denied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import cedarpy
+
+from .errors import PolicyError
+from .identity import SpiffeId
+from .tools import Tool, ToolRegistry
+
+Outcome = Literal["allow", "deny", "needs_approval"]
+DEFAULT_DENY_ID = "default-deny"
+SCHEMA_FILE = "schema.cedarschema"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """The answer to one call: outcome, why, and which policies decided."""
+
+    outcome: Outcome
+    reasons: tuple[str, ...] = ()
+    policy_ids: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome == "allow"
+
+    @classmethod
+    def deny(cls, reason: str, *policy_ids: str) -> Decision:
+        return cls(outcome="deny", reasons=(reason,), policy_ids=policy_ids)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallRequest:
+    """The facts a decision is made on."""
+
+    principal: SpiffeId
+    role: str
+    workflow: str
+    run_id: str
+    step_id: str
+    tool: Tool
+    arguments: Mapping[str, Any]
+    data_labels: frozenset[str] = frozenset()
+    in_plan: bool = True
+    attempt: int = 1
+    approved: bool = False
+    approval_count: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class PolicyEngine(Protocol):
+    """Decides calls. ``version`` changes whenever the policies or schema change."""
+
+    version: str
+
+    def decide(self, request: CallRequest) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class _PolicyMeta:
+    id: str
+    escalate: bool
+    reason: str
+
+
+class CedarPolicyEngine:
+    """A ``PolicyEngine`` over Cedar policy files, validated against the schema."""
+
+    def __init__(self, sources: Sequence[tuple[str, str]], schema_text: str, tools: ToolRegistry) -> None:
+        """``sources`` are ``(file name, Cedar text)`` pairs; names appear in errors."""
+        self._argument_types = _argument_types(tools)
+        self.schema_text = schema_text + "\n" + _arguments_schema(self._argument_types)
+        try:
+            self._schema = cedarpy.Schema.from_str(self.schema_text)
+        except ValueError as exc:
+            raise PolicyError(f"invalid Cedar schema: {_first_line(exc)}") from None
+        seen: dict[str, str] = {}
+        for name, text in sources:
+            try:
+                parsed = cedarpy.PolicySet.from_str(text)
+            except ValueError as exc:
+                raise PolicyError(f"invalid policy file {name!r}: {_first_line(exc)}") from None
+            result = cedarpy.validate_policies(text, self._schema)
+            if not result.validation_passed:
+                first = result.errors[0]
+                pid = result.id_annotations_by_policy_id.get(first.policy_id, first.policy_id)
+                raise PolicyError(
+                    f"invalid policy file {name!r}: policy {pid!r}: {_first_line(first.error)}"
+                )
+            for node in parsed.to_pst().static_policies.values():
+                pid = node.annotations.get("id")
+                if not pid:
+                    raise PolicyError(f"invalid policy file {name!r}: every policy needs an @id annotation")
+                if pid in seen:
+                    raise PolicyError(f"invalid policy file {name!r}: @id {pid!r} is also used in {seen[pid]!r}")
+                seen[pid] = name
+        if not sources:
+            raise PolicyError("no policy files given")
+        combined = "\n".join(text for _, text in sources)
+        self._policies = cedarpy.PolicySet.from_str(combined)
+        self._meta: dict[str, _PolicyMeta] = {}
+        for positional, node in self._policies.to_pst().static_policies.items():
+            ann = node.annotations
+            self._meta[positional] = _PolicyMeta(
+                id=ann["id"], escalate="escalate" in ann, reason=ann.get("reason") or ann["id"]
+            )
+        digest = hashlib.sha256(self.schema_text.encode())
+        for name, text in sorted(sources):
+            digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+        self.version = digest.hexdigest()[:16]
+        self.files = tuple(name for name, _ in sources)
+        self._tool_entities: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_paths(
+        cls, paths: Iterable[str | Path] | None, tools: ToolRegistry, *, schema: str | Path | None = None
+    ) -> CedarPolicyEngine:
+        """Load ``*.cedar`` files from files or directories; ``None`` means the baseline.
+
+        Raises:
+            PolicyError: a file is missing, unreadable, unparsable or fails validation.
+        """
+        sources: list[tuple[str, str]] = []
+        if paths is None:
+            base = resources.files("policies")
+            sources.append(("baseline.cedar", base.joinpath("baseline.cedar").read_text()))
+            schema_text = base.joinpath(SCHEMA_FILE).read_text() if schema is None else _read(Path(schema))
+        else:
+            for p in paths:
+                p = Path(p)
+                if p.is_dir():
+                    files = sorted(p.glob("*.cedar"))
+                    if not files:
+                        raise PolicyError(f"policy directory {str(p)!r} has no .cedar files")
+                    sources.extend((str(f), _read(f)) for f in files)
+                else:
+                    sources.append((str(p), _read(p)))
+            if schema is not None:
+                schema_text = _read(Path(schema))
+            else:
+                schema_text = resources.files("policies").joinpath(SCHEMA_FILE).read_text()
+        return cls(sources, schema_text, tools)
+
+    def decide(self, request: CallRequest) -> Decision:
+        first = self._evaluate(request, approved=request.approved)
+        if first.outcome != "deny" or request.approved or not first.escalations:
+            return first.decision
+        # Every denier is an @escalate forbid: would an approval of this call lift them?
+        second = self._evaluate(request, approved=True)
+        if second.outcome == "allow":
+            return Decision(outcome="needs_approval", reasons=first.decision.reasons,
+                            policy_ids=first.decision.policy_ids)
+        return second.decision
+
+    # internals -------------------------------------------------------------------
+    def _evaluate(self, request: CallRequest, *, approved: bool) -> _Evaluation:
+        cedar_request = {
+            "principal": {"type": "Scopegraph::Agent", "id": str(request.principal)},
+            "action": {"type": "Scopegraph::Action", "id": "call"},
+            "resource": {"type": "Scopegraph::Tool", "id": request.tool.name},
+            "context": self._context(request, approved),
+        }
+        entities = [self._principal_entity(request), self._tool_entity(request.tool)]
+        try:
+            result = cedarpy.is_authorized(cedar_request, self._policies, entities)
+        except Exception as exc:  # cedarpy raises bare exceptions on malformed input
+            return _Evaluation.deny(f"policy evaluation failed: {_first_line(exc)}", "policy-error")
+        diag = result.diagnostics
+        if diag.errors:
+            return _Evaluation.deny(f"policy evaluation error: {_first_line(diag.errors[0])}", "policy-error")
+        metas = [self._meta[p] for p in diag.reasons if p in self._meta]
+        ids = tuple(m.id for m in metas)
+        reasons = tuple(m.reason for m in metas)
+        if result.allowed:
+            return _Evaluation(Decision(outcome="allow", reasons=reasons, policy_ids=ids), False)
+        if not metas:
+            return _Evaluation.deny("no policy permits this call", DEFAULT_DENY_ID)
+        escalations = all(m.escalate for m in metas)
+        return _Evaluation(Decision(outcome="deny", reasons=reasons, policy_ids=ids), escalations)
+
+    def _context(self, request: CallRequest, approved: bool) -> dict[str, Any]:
+        return {
+            "tool": request.tool.name,
+            "risk": request.tool.risk.value,
+            "role": request.role,
+            "principal_id": str(request.principal),
+            "workflow": request.workflow,
+            "run_id": request.run_id,
+            "step_id": request.step_id,
+            "arguments": self._cedar_arguments(request.arguments),
+            "argument_names": sorted(request.arguments),
+            "data_labels": sorted(request.data_labels),
+            "in_plan": request.in_plan,
+            "attempt": request.attempt,
+            "approved": approved,
+            "approval_count": request.approval_count if approved else 0,
+            **request.extra,
+        }
+
+    def _cedar_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in arguments.items():
+            kind = self._argument_types.get(name)
+            if kind == "String" and isinstance(value, str):
+                out[name] = value
+            elif kind == "Long" and isinstance(value, int) and not isinstance(value, bool):
+                if -(2**63) <= value < 2**63:
+                    out[name] = value
+            elif kind == "Bool" and isinstance(value, bool):
+                out[name] = value
+            elif kind == "Set<String>" and isinstance(value, (list, tuple, set, frozenset)):
+                if all(isinstance(v, str) for v in value):
+                    out[name] = sorted(value)
+        return out
+
+    def _principal_entity(self, request: CallRequest) -> dict[str, Any]:
+        return {
+            "uid": {"type": "Scopegraph::Agent", "id": str(request.principal)},
+            "attrs": {"role": request.role, "workflow": request.workflow,
+                      "run_id": request.run_id, "step_id": request.step_id},
+            "parents": [],
+        }
+
+    def _tool_entity(self, tool: Tool) -> dict[str, Any]:
+        cached = self._tool_entities.get(tool.name)
+        if cached is None:
+            cached = {
+                "uid": {"type": "Scopegraph::Tool", "id": tool.name},
+                "attrs": {"risk": tool.risk.value, "labels": sorted(tool.labels),
+                          "accepts_confidential": tool.accepts_confidential},
+                "parents": [],
+            }
+            self._tool_entities[tool.name] = cached
+        return cached
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    decision: Decision
+    escalations: bool
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.decision.outcome
+
+    @classmethod
+    def deny(cls, reason: str, policy_id: str) -> _Evaluation:
+        return cls(Decision.deny(reason, policy_id), False)
+
+
+_CEDAR_TYPES = {"string": "String", "integer": "Long", "boolean": "Bool"}
+
+
+def _argument_types(tools: ToolRegistry) -> dict[str, str]:
+    """Map each argument name to the Cedar type all tools agree on; drop conflicts."""
+    types: dict[str, str | None] = {}
+    for name in tools:
+        props = tools[name].json_schema().get("properties", {})
+        for arg, spec in props.items():
+            kind = _cedar_type(spec)
+            if arg in types and types[arg] != kind:
+                types[arg] = None  # two tools disagree: leave it out of the schema
+            else:
+                types.setdefault(arg, kind)
+    return {k: v for k, v in types.items() if v is not None}
+
+
+def _cedar_type(spec: Mapping[str, Any]) -> str | None:
+    kind = spec.get("type")
+    if kind in _CEDAR_TYPES:
+        return _CEDAR_TYPES[kind]
+    if kind == "array" and spec.get("items", {}).get("type") == "string":
+        return "Set<String>"
+    return None
+
+
+def _arguments_schema(types: Mapping[str, str]) -> str:
+    attrs = ", ".join(f'"{name}"?: {kind}' for name, kind in sorted(types.items()))
+    return "namespace Scopegraph::Generated {\n  type Arguments = {" + attrs + "};\n}\n"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {str(path)!r}: {exc.strerror}") from None
+
+
+def _first_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

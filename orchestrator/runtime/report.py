@@ -1,0 +1,71 @@
+"""The run record: what a run did, for people (``summary``) and machines (``--json``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+RunStatus = Literal["running", "completed", "paused", "denied", "failed", "cancelled"]
+StepStatus = Literal["completed", "awaiting_approval", "denied", "failed", "not_started"]
+
+
+class CallReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tool: str
+    status: str
+    decision: str
+    policy_ids: list[str]
+    reason: str = ""
+    attempts: int = 1
+
+
+class StepReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    step_id: str
+    tool: str
+    status: StepStatus
+    spiffe_id: str | None = None
+    grant_id: str | None = None
+    decision: str | None = None
+    policy_ids: list[str] = []
+    reason: str = ""
+    revoked: bool = False
+    calls: list[CallReport] = []
+
+
+class RunReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    error: str | None = None
+    planner_spiffe_id: str | None = None
+    steps: list[StepReport] = []
+    grants_minted: int = 0
+    grants_revoked: int = 0
+    approvals: list[dict[str, Any]] = []
+
+    @property
+    def exit_code(self) -> int:
+        return {"completed": 0, "paused": 3}.get(self.status, 1)
+
+    def summary(self) -> str:
+        lines = [f"run {self.run_id}  workflow={self.workflow}  status={self.status}"]
+        if self.planner_spiffe_id:
+            lines.append(f"  planner   {self.planner_spiffe_id}  (no tool access)")
+        for s in self.steps:
+            lines.append(f"  step {s.step_id:<12} {s.tool:<16} {s.status}")
+            if s.spiffe_id:
+                lines.append(f"    identity  {s.spiffe_id}")
+                lines.append(f"    grant     {s.grant_id}  revoked={'yes' if s.revoked else 'NO'}")
+            for c in s.calls:
+                ids = ",".join(c.policy_ids) or "-"
+                lines.append(f"    call {c.tool:<16} {c.decision:<15} [{ids}] {c.reason}")
+        if self.error:
+            lines.append(f"  error: {self.error}")
+        lines.append(f"  grants minted={self.grants_minted} revoked={self.grants_revoked}")
+        return "\n".join(lines)

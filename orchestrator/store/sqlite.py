@@ -1,0 +1,216 @@
+"""The embedded store: one SQLite file shared with LangGraph's SQLite checkpointer."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import StoreError
+from .base import GrantRecord, GrantState, RunRecord, UseRecord
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sg_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sg_keys (
+    name TEXT PRIMARY KEY, private_pem BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sg_grants (
+    jti TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL, tool TEXT NOT NULL,
+    subject TEXT NOT NULL, issued_at REAL NOT NULL, expires_at REAL NOT NULL,
+    max_uses INTEGER NOT NULL, uses INTEGER NOT NULL DEFAULT 0,
+    revoked_at REAL, revoke_reason TEXT);
+CREATE INDEX IF NOT EXISTS sg_grants_run ON sg_grants (run_id);
+CREATE TABLE IF NOT EXISTS sg_uses (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, jti TEXT NOT NULL, run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL, tool TEXT NOT NULL, attempt INTEGER NOT NULL, outcome TEXT NOT NULL,
+    decision TEXT NOT NULL, policy_ids TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sg_uses_run ON sg_uses (run_id);
+CREATE TABLE IF NOT EXISTS sg_runs (
+    run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, target TEXT NOT NULL,
+    initiator TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+"""
+
+
+class SqliteStore:
+    """A ``Store`` in one SQLite file (WAL mode, one serialised connection)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit survives a process crash; only an OS crash can
+            # lose the last transactions, the trade LangGraph's own saver makes.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO sg_meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open store {self.url!r}: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.url!r} failed: {exc}") from exc
+
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.url!r} failed: {exc}") from exc
+
+    # keys ---------------------------------------------------------------------------
+    def load_signing_key(self, name: str) -> bytes | None:
+        rows = self._read("SELECT private_pem FROM sg_keys WHERE name = ?", (name,))
+        return bytes(rows[0][0]) if rows else None  # type: ignore[arg-type]
+
+    def save_signing_key(self, name: str, private_pem: bytes, created_at: float) -> bytes:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO sg_keys (name, private_pem, created_at) VALUES (?, ?, ?)",
+                (name, private_pem, created_at),
+            )
+            row = c.execute("SELECT private_pem FROM sg_keys WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
+
+    # grants -------------------------------------------------------------------------
+    def add_grant(self, grant: GrantRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO sg_grants (jti, run_id, step_id, tool, subject, issued_at, "
+                "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                (grant.jti, grant.run_id, grant.step_id, grant.tool, grant.subject,
+                 grant.issued_at, grant.expires_at, grant.max_uses),
+            )
+
+    def consume_grant_use(self, jti: str) -> GrantState:
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE sg_grants SET uses = uses + 1 "
+                "WHERE jti = ? AND revoked_at IS NULL AND uses < max_uses",
+                (jti,),
+            )
+            if cur.rowcount == 1:
+                return "ok"
+            return _state(c.execute(
+                "SELECT revoked_at, uses, max_uses FROM sg_grants WHERE jti = ?", (jti,)
+            ).fetchone())
+
+    def grant_state(self, jti: str) -> GrantState:
+        rows = self._read("SELECT revoked_at, uses, max_uses FROM sg_grants WHERE jti = ?", (jti,))
+        if rows and rows[0][0] is None and rows[0][1] < rows[0][2]:  # type: ignore[operator]
+            return "ok"
+        return _state(rows[0] if rows else None)
+
+    def revoke_grant(self, jti: str, *, reason: str, at: float) -> bool:
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE sg_grants SET revoked_at = ?, revoke_reason = ? "
+                "WHERE jti = ? AND revoked_at IS NULL",
+                (at, reason, jti),
+            )
+            return cur.rowcount == 1
+
+    def revoke_run(self, run_id: str, *, reason: str, at: float) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE sg_grants SET revoked_at = ?, revoke_reason = ? "
+                "WHERE run_id = ? AND revoked_at IS NULL",
+                (at, reason, run_id),
+            )
+            return cur.rowcount
+
+    def grants_for_run(self, run_id: str) -> list[GrantRecord]:
+        rows = self._read(
+            "SELECT jti, run_id, step_id, tool, subject, issued_at, expires_at, max_uses, uses, "
+            "revoked_at, revoke_reason FROM sg_grants WHERE run_id = ? ORDER BY issued_at, jti",
+            (run_id,),
+        )
+        return [
+            GrantRecord(jti=r[0], run_id=r[1], step_id=r[2], tool=r[3], subject=r[4],  # type: ignore[arg-type]
+                        issued_at=r[5], expires_at=r[6], max_uses=r[7], uses=r[8],  # type: ignore[arg-type]
+                        revoked_at=r[9], revoke_reason=r[10])  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    # uses ---------------------------------------------------------------------------
+    def record_use(self, use: UseRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO sg_uses (jti, run_id, step_id, tool, attempt, outcome, decision, "
+                "policy_ids, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (use.jti, use.run_id, use.step_id, use.tool, use.attempt, use.outcome,
+                 use.decision, json.dumps(list(use.policy_ids)), use.at),
+            )
+
+    def uses_for_run(self, run_id: str) -> list[UseRecord]:
+        rows = self._read(
+            "SELECT jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at "
+            "FROM sg_uses WHERE run_id = ? ORDER BY id",
+            (run_id,),
+        )
+        return [
+            UseRecord(jti=r[0], run_id=r[1], step_id=r[2], tool=r[3], attempt=r[4],  # type: ignore[arg-type]
+                      outcome=r[5], decision=r[6], policy_ids=tuple(json.loads(r[7])), at=r[8])  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    # runs ---------------------------------------------------------------------------
+    def upsert_run(self, run: RunRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO sg_runs (run_id, workflow, target, initiator, status, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "status = excluded.status, updated_at = excluded.updated_at",
+                (run.run_id, run.workflow, run.target, run.initiator, run.status,
+                 run.created_at, run.updated_at),
+            )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        rows = self._read(
+            "SELECT run_id, workflow, target, initiator, status, created_at, updated_at "
+            "FROM sg_runs WHERE run_id = ?",
+            (run_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return RunRecord(run_id=r[0], workflow=r[1], target=r[2], initiator=r[3],  # type: ignore[arg-type]
+                         status=r[4], created_at=r[5], updated_at=r[6])  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.url!r})"
+
+
+def _state(row: tuple[object, ...] | None) -> GrantState:
+    if row is None:
+        return "unknown"
+    if row[0] is not None:
+        return "revoked"
+    return "exhausted"

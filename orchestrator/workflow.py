@@ -1,0 +1,55 @@
+"""A workflow: what a developer defines. Tools, a planner, an executor, policies, settings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .credentials import DEFAULT_MAX_USES, DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
+from .errors import ConfigError
+from .gateway import RetrySettings
+from .roles import Executor, Planner
+from .tools import Tool, ToolRegistry
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(kw_only=True)
+class Workflow:
+    """A multi-agent workflow with request-time scoping.
+
+    ``policies`` lists Cedar files or directories; ``None`` uses the shipped baseline.
+    ``grant_ttl`` (seconds, at most 900) and ``grant_max_uses`` bound every step grant.
+    """
+
+    name: str
+    tools: Sequence[Tool] | ToolRegistry
+    planner: Planner
+    executor: Executor
+    policies: Sequence[str | Path] | None = None
+    schema: str | Path | None = None
+    trust_domain: str = "scopegraph.local"
+    grant_ttl: float = DEFAULT_TTL_SECONDS
+    grant_max_uses: int = DEFAULT_MAX_USES
+    retry: RetrySettings = field(default_factory=RetrySettings)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"invalid workflow name {self.name!r}: use 1-64 letters, digits, '.', '-', '_'")
+        if not isinstance(self.tools, ToolRegistry):
+            self.tools = ToolRegistry(self.tools)
+        if not isinstance(self.planner, Planner):
+            raise ConfigError(f"planner {self.planner!r} has no plan(ctx) method")
+        if not isinstance(self.executor, Executor):
+            raise ConfigError(f"executor {self.executor!r} has no execute(ctx) method")
+        if not 0 < self.grant_ttl <= MAX_TTL_SECONDS:
+            raise ConfigError(f"grant_ttl {self.grant_ttl!r} must be above 0 and at most {MAX_TTL_SECONDS:g} s")
+        if self.grant_max_uses < 1:
+            raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
+
+    @property
+    def registry(self) -> ToolRegistry:
+        assert isinstance(self.tools, ToolRegistry)
+        return self.tools
