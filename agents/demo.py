@@ -83,6 +83,7 @@ def build_workflow() -> Workflow:
             "read_receipt": lambda ctx: {"path": "/receipts/2026/r-1042.json"},
         }),
         trust_domain="demo.scopegraph.local",
+        approvers=["alice", "bob"],
     )
 
 

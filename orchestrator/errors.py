@@ -15,6 +15,7 @@
     │   ├── GrantExhaustedError
     │   └── GrantScopeError    the call lies outside the grant's scope
     ├── PolicyError            invalid policy files or schema; evaluation failure
+    ├── ApprovalError          an approval cannot be given, found or used
     ├── StoreError             the durable store is unreachable or unwritable
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
@@ -77,6 +78,10 @@ class GrantScopeError(GrantError):
 
 class PolicyError(ScopegraphError):
     """A policy file or schema is invalid, or evaluation failed."""
+
+
+class ApprovalError(ScopegraphError):
+    """An approval is unknown, not answerable by this person, expired, used, or for another call."""
 
 
 class StoreError(ScopegraphError):

@@ -4,7 +4,9 @@ Every call, retries included, goes through the same pipeline:
 verify the grant (signature, issuer, audience, lifetime) → check it is this run's,
 this step's and this identity's → take one use (revocation and remaining uses,
 atomically in the store) → validate the arguments → check them against the grant's
-constraints → decide with policy → execute → label the output → record the use.
+constraints → (for an approved call: recompute the action digest and consume the
+approval, atomically) → decide with policy → record an idempotency key → execute →
+label the output → record the use.
 Any failure denies the call with a reason; nothing reaches the tool without an
 ``allow`` decided at the moment of the call.
 """
@@ -12,6 +14,8 @@ Any failure denies the call with a reason; nothing reaches the tool without an
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,9 +28,12 @@ from tenacity import (
     wait_exponential,
 )
 
+from .approvals import ApprovalService
+from .canonical import action_digest
 from .clock import Clock
 from .credentials import Grant, GrantIssuer
 from .errors import (
+    ApprovalError,
     ConfigError,
     GrantError,
     ScopegraphError,
@@ -37,7 +44,7 @@ from .errors import (
 )
 from .identity import SpiffeId
 from .policy import CallRequest, Decision, PolicyEngine
-from .store import Store, UseRecord
+from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
 
 CallStatus = Literal["ok", "denied", "needs_approval", "error"]
@@ -45,6 +52,7 @@ GRANT_POLICY_ID = "scopegraph:grant"
 SCOPE_POLICY_ID = "scopegraph:scope"
 TOOL_POLICY_ID = "scopegraph:tool"
 STORE_POLICY_ID = "scopegraph:store"
+APPROVAL_POLICY_ID = "scopegraph:approval"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +65,6 @@ class CallContext:
     principal: SpiffeId
     role: str = "executor"
     data_labels: frozenset[str] = frozenset()
-    approved: bool = False
-    approval_count: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +118,9 @@ class Gateway:
         store: Store,
         clock: Clock,
         retry: RetrySettings | None = None,
+        approvals: ApprovalService | None = None,
     ) -> None:
+        self.approvals = approvals
         self.tools = tools
         self.issuer = issuer
         self.policy = policy
@@ -120,8 +128,22 @@ class Gateway:
         self.clock = clock
         self.retry = retry or RetrySettings()
 
-    def call(self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext) -> CallResult:
-        """Authorize and run one call; retry transient failures, re-authorizing each try."""
+    def call(
+        self,
+        token: str,
+        tool: str,
+        arguments: Mapping[str, Any],
+        ctx: CallContext,
+        *,
+        call_key: str | None = None,
+        approval_id: str | None = None,
+    ) -> CallResult:
+        """Authorize and run one call; retry transient failures, re-authorizing each try.
+
+        ``call_key`` names this call for idempotency: a call whose key already completed
+        returns its recorded result instead of running again (crash recovery). An
+        ``approval_id`` presents a human approval for exactly this call.
+        """
         retrying = Retrying(
             retry=retry_if_exception_type(TransientToolError),
             stop=stop_after_attempt(self.retry.attempts),
@@ -134,7 +156,7 @@ class Gateway:
             for attempt in retrying:
                 with attempt:
                     attempt_no = attempt.retry_state.attempt_number
-                    return self._attempt(token, tool, arguments, ctx, attempt_no)
+                    return self._attempt(token, tool, arguments, ctx, attempt_no, call_key, approval_id)
         except RetryError as exc:
             last = exc.last_attempt.exception()
             return CallResult(
@@ -146,10 +168,15 @@ class Gateway:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _attempt(
-        self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int
+        self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
+        call_key: str | None, approval_id: str | None,
     ) -> CallResult:
+        # An approval is consumed once: a retry of an approved call cannot present it again.
+        approval_id = approval_id if attempt == 1 else None
+        key = f"{call_key}#{attempt}" if call_key else None
         try:
-            tool, grant, normalized, decision = self._authorize(token, tool_name, arguments, ctx, attempt)
+            tool, grant, normalized, decision = self._authorize(
+                token, tool_name, arguments, ctx, attempt, approval_id, key)
         except _Denied as denied:
             self._record(denied.grant_id, ctx, tool_name, attempt, "denied", denied.decision)
             return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
@@ -158,22 +185,50 @@ class Gateway:
             self._record(grant.jti, ctx, tool_name, attempt, "denied", decision)
             return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
                               decision=decision, attempts=attempt, grant_id=grant.jti)
+        if key is not None:
+            earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
+                                            tool=tool_name, at=self.clock.now())
+            if earlier is not None:
+                return self._replay(earlier, tool, grant, normalized, decision, attempt)
         try:
             value = _run(tool, normalized)
         except TransientToolError:
+            self._finish(key, "error", None)
             self._record(grant.jti, ctx, tool_name, attempt, "error", decision)
             raise  # the retry loop in ``call`` authorizes the next attempt from scratch
         except Exception as exc:
+            error = f"tool {tool_name!r} failed: {type(exc).__name__}: {exc}"
+            self._finish(key, "error", json.dumps(error))
             self._record(grant.jti, ctx, tool_name, attempt, "error", decision)
             return CallResult(tool=tool_name, arguments=normalized, status="error", decision=decision,
-                              error=f"tool {tool_name!r} failed: {type(exc).__name__}: {exc}",
-                              attempts=attempt, grant_id=grant.jti)
+                              error=error, attempts=attempt, grant_id=grant.jti)
+        self._finish(key, "ok", json.dumps(value, default=str, sort_keys=True))
         self._record(grant.jti, ctx, tool_name, attempt, "ok", decision)
         return CallResult(tool=tool_name, arguments=normalized, status="ok", decision=decision,
                           value=value, labels=tool.labels, attempts=attempt, grant_id=grant.jti)
 
+    def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
+                decision: Decision, attempt: int) -> CallResult:
+        """A call whose key was seen before: never run it twice."""
+        base = {"tool": tool.name, "arguments": normalized, "decision": decision,
+                "attempts": attempt, "grant_id": grant.jti}
+        if earlier.status == "ok":
+            value = json.loads(earlier.result) if earlier.result is not None else None
+            return CallResult(status="ok", value=value, labels=tool.labels, **base)
+        if earlier.status == "started":
+            return CallResult(status="error", error=(
+                f"call to {tool.name!r} was interrupted by a crash and is not repeated: "
+                "it may or may not have taken effect"), **base)
+        error = json.loads(earlier.result) if earlier.result else f"tool {tool.name!r} failed"
+        return CallResult(status="error", error=str(error), **base)
+
+    def _finish(self, key: str | None, status: str, result: str | None) -> None:
+        if key is not None:
+            self.store.finish_call(key, status=status, result=result, at=self.clock.now())
+
     def _authorize(
-        self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int
+        self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
+        approval_id: str | None = None, key: str | None = None,
     ) -> tuple[Tool, Grant, dict[str, Any], Decision]:
         try:
             tool = self.tools.get_tool(tool_name)
@@ -200,10 +255,15 @@ class Gateway:
         outside = _outside_scope(grant, arguments, normalized)
         if outside:
             raise _Denied(Decision.deny(outside, SCOPE_POLICY_ID), grant.jti)
+        approved, approval_count = False, 0
+        if approval_id is not None:
+            approval_count = self._consume_approval(approval_id, tool, normalized, ctx, grant,
+                                                    key or uuid.uuid4().hex)
+            approved = True
         request = CallRequest(
             principal=ctx.principal, role=ctx.role, workflow=ctx.workflow, run_id=ctx.run_id,
             step_id=ctx.step_id, tool=tool, arguments=normalized, data_labels=ctx.data_labels,
-            in_plan=True, attempt=attempt, approved=ctx.approved, approval_count=ctx.approval_count,
+            in_plan=True, attempt=attempt, approved=approved, approval_count=approval_count,
         )
         try:
             decision = self.policy.decide(request)
@@ -212,6 +272,22 @@ class Gateway:
         if decision.outcome == "deny":
             raise _Denied(decision, grant.jti)
         return tool, grant, normalized, decision
+
+    def _consume_approval(self, approval_id: str, tool: Tool, normalized: Mapping[str, Any],
+                          ctx: CallContext, grant: Grant, consumer: str) -> int:
+        """Recompute the digest of the call actually made and consume the approval for it."""
+        if self.approvals is None:
+            raise _Denied(Decision.deny("no approval service is configured", APPROVAL_POLICY_ID), grant.jti)
+        digest = action_digest(run_id=ctx.run_id, step_id=ctx.step_id, tool=tool.name,
+                               arguments=normalized, policy_version=self.policy.version)
+        try:
+            approval = self.approvals.consume(approval_id, digest=digest, consumer=consumer)
+        except (ApprovalError, StoreError) as exc:
+            raise _Denied(Decision.deny(str(exc), APPROVAL_POLICY_ID), grant.jti) from None
+        if approval.run_id != ctx.run_id or approval.step_id != ctx.step_id:
+            raise _Denied(Decision.deny(f"approval {approval_id!r} is for another step", APPROVAL_POLICY_ID),
+                          grant.jti)
+        return len(set(approval.approvers))
 
     def _record(self, jti: str | None, ctx: CallContext, tool: str, attempt: int,
                 outcome: Literal["ok", "denied", "error"], decision: Decision) -> None:

@@ -6,7 +6,9 @@ the load with an error naming the file and the problem. Each decision evaluates 
 cached policy set against a request built from the call, the grant and the run.
 
 Three outcomes: ``allow``; ``deny``; ``needs_approval`` when every policy that denied
-is an ``@escalate`` forbid and the same request with an approval would be allowed.
+is an ``@escalate`` forbid and the same request with an approval would be allowed. An
+escalating forbid may say ``@approvals("2")`` to require two distinct approvers (its
+``unless`` clause should then test ``context.approval_count >= 2``).
 Cedar evaluation errors fail closed: the call is denied.
 """
 
@@ -37,6 +39,7 @@ class Decision:
     outcome: Outcome
     reasons: tuple[str, ...] = ()
     policy_ids: tuple[str, ...] = ()
+    required_approvals: int = 0  # distinct approvers a ``needs_approval`` call needs
 
     @property
     def allowed(self) -> bool:
@@ -79,6 +82,7 @@ class _PolicyMeta:
     id: str
     escalate: bool
     reason: str
+    approvals: int  # from @approvals("N") on an @escalate forbid; default 1
 
 
 class CedarPolicyEngine:
@@ -119,8 +123,15 @@ class CedarPolicyEngine:
         self._meta: dict[str, _PolicyMeta] = {}
         for positional, node in self._policies.to_pst().static_policies.items():
             ann = node.annotations
+            try:
+                approvals = int(ann.get("approvals") or 1)
+            except ValueError:
+                approvals = 0
+            if approvals < 1:
+                raise PolicyError(f"policy {ann['id']!r}: @approvals must be a whole number of at least 1")
             self._meta[positional] = _PolicyMeta(
-                id=ann["id"], escalate="escalate" in ann, reason=ann.get("reason") or ann["id"]
+                id=ann["id"], escalate="escalate" in ann, reason=ann.get("reason") or ann["id"],
+                approvals=approvals,
             )
         digest = hashlib.sha256(self.schema_text.encode())
         for name, text in sorted(sources):
@@ -160,23 +171,24 @@ class CedarPolicyEngine:
         return cls(sources, schema_text, tools)
 
     def decide(self, request: CallRequest) -> Decision:
-        first = self._evaluate(request, approved=request.approved)
+        first = self._evaluate(request, approved=request.approved, approval_count=request.approval_count)
         if first.outcome != "deny" or request.approved or not first.escalations:
             return first.decision
-        # Every denier is an @escalate forbid: would an approval of this call lift them?
-        second = self._evaluate(request, approved=True)
+        # Every denier is an @escalate forbid: would an approval by enough people lift them?
+        second = self._evaluate(request, approved=True, approval_count=first.required_approvals)
         if second.outcome == "allow":
             return Decision(outcome="needs_approval", reasons=first.decision.reasons,
-                            policy_ids=first.decision.policy_ids)
+                            policy_ids=first.decision.policy_ids,
+                            required_approvals=first.required_approvals)
         return second.decision
 
     # internals -------------------------------------------------------------------
-    def _evaluate(self, request: CallRequest, *, approved: bool) -> _Evaluation:
+    def _evaluate(self, request: CallRequest, *, approved: bool, approval_count: int) -> _Evaluation:
         cedar_request = {
             "principal": {"type": "Scopegraph::Agent", "id": str(request.principal)},
             "action": {"type": "Scopegraph::Action", "id": "call"},
             "resource": {"type": "Scopegraph::Tool", "id": request.tool.name},
-            "context": self._context(request, approved),
+            "context": self._context(request, approved, approval_count),
         }
         entities = [self._principal_entity(request), self._tool_entity(request.tool)]
         try:
@@ -190,13 +202,14 @@ class CedarPolicyEngine:
         ids = tuple(m.id for m in metas)
         reasons = tuple(m.reason for m in metas)
         if result.allowed:
-            return _Evaluation(Decision(outcome="allow", reasons=reasons, policy_ids=ids), False)
+            return _Evaluation(Decision(outcome="allow", reasons=reasons, policy_ids=ids), False, 0)
         if not metas:
             return _Evaluation.deny("no policy permits this call", DEFAULT_DENY_ID)
         escalations = all(m.escalate for m in metas)
-        return _Evaluation(Decision(outcome="deny", reasons=reasons, policy_ids=ids), escalations)
+        return _Evaluation(Decision(outcome="deny", reasons=reasons, policy_ids=ids), escalations,
+                           max(m.approvals for m in metas))
 
-    def _context(self, request: CallRequest, approved: bool) -> dict[str, Any]:
+    def _context(self, request: CallRequest, approved: bool, approval_count: int) -> dict[str, Any]:
         return {
             "tool": request.tool.name,
             "risk": request.tool.risk.value,
@@ -211,7 +224,7 @@ class CedarPolicyEngine:
             "in_plan": request.in_plan,
             "attempt": request.attempt,
             "approved": approved,
-            "approval_count": request.approval_count if approved else 0,
+            "approval_count": approval_count if approved else 0,
             **request.extra,
         }
 
@@ -256,6 +269,7 @@ class CedarPolicyEngine:
 class _Evaluation:
     decision: Decision
     escalations: bool
+    required_approvals: int
 
     @property
     def outcome(self) -> Outcome:
@@ -263,7 +277,7 @@ class _Evaluation:
 
     @classmethod
     def deny(cls, reason: str, policy_id: str) -> _Evaluation:
-        return cls(Decision.deny(reason, policy_id), False)
+        return cls(Decision.deny(reason, policy_id), False, 0)
 
 
 _CEDAR_TYPES = {"string": "String", "integer": "Long", "boolean": "Bool"}

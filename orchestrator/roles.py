@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from .canonical import canonical_json, sha256_hex
 from .gateway import CallContext, CallResult, Gateway
 from .identity import SpiffeId
 from .plan import Plan, Step
@@ -58,7 +59,8 @@ class ToolHandle:
         Raises:
             NeedsApproval: policy wants a human to approve this exact call first.
         """
-        result = self._gateway.call(self.__token, tool, arguments, self._ctx)
+        key = _call_key(self._ctx, len(self.calls), tool, arguments)
+        result = self._gateway.call(self.__token, tool, arguments, self._ctx, call_key=key)
         self.calls.append(result)
         if result.status == "needs_approval":
             raise NeedsApproval(result)
@@ -66,6 +68,15 @@ class ToolHandle:
 
     def __repr__(self) -> str:
         return f"ToolHandle(step={self._ctx.step_id!r}, token=<redacted>)"
+
+
+def _call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, Any]) -> str:
+    """Names the n-th call of a step, so a step re-run after a crash replays, not repeats, it."""
+    try:
+        args = canonical_json(arguments)
+    except (TypeError, ValueError):
+        args = repr(sorted(arguments.items()))
+    return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,12 +2,18 @@
 
 ::
 
-    START → plan → schedule ─┬─▶ step (one Send per ready step, run concurrently) ─▶ schedule
+    START → plan → schedule ─┬─▶ step     (one Send per ready step, concurrently) ─▶ schedule
+                             ├─▶ approval (one Send per step awaiting a human)    ─▶ schedule
                              └─▶ finish → END
 
 ``plan`` asks the planner (which holds no grant) and validates the plan. ``step`` mints
 the step's identity and grant, runs the executor through a ``ToolHandle``, and revokes
-the grant however the step ends. ``finish`` revokes every grant of the run.
+the grant however the step ends; a call that needs approval is persisted as an
+``ApprovalRequest``. ``approval`` pauses with ``interrupt()`` (nothing with side effects
+runs before it), then reads the answer from the store and, if approved, executes
+exactly the approved call under a fresh grant. Approvals are sent only when no step is
+ready, so a run does everything it can before it waits. ``finish`` revokes every grant
+of the run.
 """
 
 from __future__ import annotations
@@ -15,19 +21,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import Send
+from langgraph.types import Send, interrupt
 
+from ..approvals import ApprovalRequest, approval_id
+from ..canonical import action_digest
+from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
-from ..gateway import CallContext
+from ..gateway import CallContext, CallResult
 from ..identity import SpiffeId
-from ..plan import Plan, parse_plan, validate_plan
+from ..plan import Plan, Step, parse_plan, validate_plan
 from ..roles import NeedsApproval, PlanningContext, StepContext, ToolHandle
 from .state import RunState, StepInput
 
 if TYPE_CHECKING:
     from .runner import Runtime
-
-TERMINAL = frozenset({"completed", "denied", "failed", "awaiting_approval"})
 
 
 def build_graph(rt: Runtime) -> StateGraph:
@@ -35,11 +42,13 @@ def build_graph(rt: Runtime) -> StateGraph:
     graph.add_node("plan", lambda state: _plan(rt, state))
     graph.add_node("schedule", lambda state: {})
     graph.add_node("step", lambda payload: _step(rt, payload))
+    graph.add_node("approval", lambda payload: _approval(rt, payload))
     graph.add_node("finish", lambda state: _finish(rt, state))
     graph.add_edge(START, "plan")
     graph.add_conditional_edges("plan", _after_plan, ["schedule", "finish"])
-    graph.add_conditional_edges("schedule", _route, ["step", "finish"])
+    graph.add_conditional_edges("schedule", _route, ["step", "approval", "finish"])
     graph.add_edge("step", "schedule")
+    graph.add_edge("approval", "schedule")
     graph.add_edge("finish", END)
     return graph
 
@@ -48,8 +57,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
     wf = rt.workflow
     ctx = PlanningContext(
         task=state["task"], workflow=wf.name, run_id=state["run_id"],
-        identity=SpiffeId.parse(state["planner_id"]),
-        catalogue=wf.registry.catalogue(),
+        identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
     )
     try:
         plan = validate_plan(parse_plan(wf.planner.plan(ctx)), wf.registry)
@@ -65,50 +73,66 @@ def _after_plan(state: RunState) -> str:
 def _route(state: RunState) -> list[Send] | str:
     plan = Plan.model_validate(state["plan"])
     steps = state.get("steps") or {}
-    done = {sid for sid, s in steps.items() if s["status"] == "completed"}
-    ready = plan.ready_steps(done, started=steps.keys())
-    if not ready:
+    statuses = {sid: s["status"] for sid, s in steps.items()}
+    human_denied = any(s.get("denied_by") for s in steps.values())
+    if human_denied and state.get("on_denial", "fail") == "fail":
         return "finish"
-    results = {sid: s.get("result") for sid, s in steps.items() if s["status"] == "completed"}
-    return [
-        Send("step", StepInput(
-            run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
-            planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
-            dependencies={d: results[d] for d in step.depends_on},
-            data_labels=state.get("data_labels") or [],
-        ))
-        for step in ready
-    ]
+    done = {sid for sid, st in statuses.items() if st == "completed"}
+    ready = plan.ready_steps(done, started=steps.keys())
+    if ready:
+        results = {sid: steps[sid].get("result") for sid in done}
+        return [Send("step", _step_input(state, step, results)) for step in ready]
+    waiting = [sid for sid, st in statuses.items() if st == "awaiting_approval"]
+    if waiting:
+        return [Send("approval", _step_input(state, plan.step(sid), {})) for sid in waiting]
+    return "finish"
+
+
+def _step_input(state: RunState, step: Step, results: dict[str, Any]) -> StepInput:
+    return StepInput(
+        run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
+        planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
+        dependencies={d: results[d] for d in step.depends_on if d in results},
+        data_labels=state.get("data_labels") or [],
+        record=(state.get("steps") or {}).get(step.id, {}),
+    )
+
+
+def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
+    return rt.domain.id("wf", rt.workflow.name, "run", run_id, "step", step_id, "executor")
+
+
+def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Grant:
+    rt.domain.issue_svid(identity)  # the step's proof of identity, short-lived like its grant
+    return rt.issuer.mint(
+        subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
+        workflow=rt.workflow.name, constraints=step.constraints,
+        act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
+    )
 
 
 def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
-    wf = rt.workflow
     plan = Plan.model_validate(payload["plan"])
     step = plan.step(payload["step_id"])
-    run_id = payload["run_id"]
-    identity = rt.domain.id("wf", wf.name, "run", run_id, "step", step.id, "executor")
-    rt.domain.issue_svid(identity)  # the step's proof of identity, short-lived like its grant
-    grant = rt.issuer.mint(
-        subject=identity, tool=step.tool, run_id=run_id, step_id=step.id, workflow=wf.name,
-        constraints=step.constraints,
-        act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
-    )
+    identity = _step_identity(rt, payload["run_id"], step.id)
+    grant = _mint(rt, payload, step, identity)
     labels = frozenset(payload["data_labels"])
-    handle = ToolHandle(rt.gateway, grant.danger_token(), CallContext(
-        workflow=wf.name, run_id=run_id, step_id=step.id, principal=identity, data_labels=labels,
-    ))
-    record: dict[str, Any] = {
-        "step_id": step.id, "tool": step.tool, "spiffe_id": str(identity), "grant_id": grant.jti,
-    }
+    ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
+                      principal=identity, data_labels=labels)
+    handle = ToolHandle(rt.gateway, grant.danger_token(), ctx)
+    record: dict[str, Any] = {"step_id": step.id, "tool": step.tool, "spiffe_id": str(identity),
+                              "grant_id": grant.jti, "grant_ids": [grant.jti]}
     try:
-        wf.executor.execute(StepContext(
+        rt.workflow.executor.execute(StepContext(
             step=step, plan=plan, identity=identity, dependencies=payload["dependencies"],
             tools=handle, data_labels=labels,
         ))
-        record.update(_outcome(handle, step.tool))
+        record.update(_outcome(handle.calls, step.tool))
     except NeedsApproval as pause:
+        request = _request_approval(rt, payload, step, identity, pause.result)
         record.update(status="awaiting_approval", decision="needs_approval",
-                      policy_ids=list(pause.result.decision.policy_ids), reason=pause.result.reason)
+                      policy_ids=list(pause.result.decision.policy_ids), reason=pause.result.reason,
+                      approval_id=request.id, approval_ids=[request.id])
     except ScopegraphError as exc:
         record.update(status="failed", decision=None, policy_ids=[], reason=str(exc))
     except Exception as exc:  # an executor bug ends the step, never the run's bookkeeping
@@ -118,23 +142,99 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         rt.issuer.revoke(grant.jti, reason="step ended")
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
-    new_labels = sorted(set().union(*(c.labels for c in handle.calls if c.ok)) if handle.calls else set())
-    return {"steps": {step.id: record}, "data_labels": new_labels}
+    return {"steps": {step.id: record}, "data_labels": _labels(handle.calls)}
 
 
-def _outcome(handle: ToolHandle, planned_tool: str) -> dict[str, Any]:
+def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId,
+                      result: CallResult) -> ApprovalRequest:
+    wf = rt.workflow
+    digest = action_digest(run_id=payload["run_id"], step_id=step.id, tool=result.tool,
+                           arguments=dict(result.arguments), policy_version=rt.policy.version)
+    now = rt.clock.now()
+    tool = wf.registry.get_tool(result.tool)
+    return rt.approvals.request(ApprovalRequest(
+        id=approval_id(payload["run_id"], step.id, digest), run_id=payload["run_id"],
+        step_id=step.id, workflow=wf.name, initiator=payload["initiator"], requester=str(identity),
+        tool=result.tool, arguments=dict(result.arguments), digest=digest,
+        policy_version=rt.policy.version, risk=tool.risk.value,
+        policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
+        data_labels=sorted(payload["data_labels"]), purpose=step.purpose,
+        required_approvals=max(1, result.decision.required_approvals),
+        allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
+        created_at=now, expires_at=now + wf.approval_ttl,
+    ))
+
+
+def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
+    record = dict(payload["record"])
+    pending_id = record["approval_id"]
+    # Nothing with side effects before this line: the node re-runs from the top on resume.
+    interrupt({"approval_id": pending_id, "run_id": payload["run_id"], "step_id": payload["step_id"]})
+    # The resume value only wakes us; the store is the source of truth for the answer.
+    approval = rt.approvals.get(pending_id)
+    state = approval.effective_status(rt.clock.now())
+    if state == "pending":
+        return {}  # e.g. one of two required approvers so far: ask again
+    plan = Plan.model_validate(payload["plan"])
+    step = plan.step(payload["step_id"])
+    if state == "expired":
+        record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
+                      reason=f"approval {pending_id!r} expired before it was answered")
+        return {"steps": {step.id: record}}
+    if state == "denied" and approval.proposed_arguments is None:
+        assert approval.denial is not None
+        record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
+                      reason=f"denied by {approval.denial.approver}: {approval.denial.reason}",
+                      denied_by=approval.denial.approver)
+        return {"steps": {step.id: record}}
+    # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
+    # new action, decided by policy from scratch (and usually needing their own approval).
+    arguments = approval.arguments if state in ("approved", "consumed") else approval.proposed_arguments
+    identity = _step_identity(rt, payload["run_id"], step.id)
+    grant = _mint(rt, payload, step, identity)
+    record["grant_id"] = grant.jti
+    record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
+    ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
+                      principal=identity, data_labels=frozenset(payload["data_labels"]))
+    try:
+        if state in ("approved", "consumed"):
+            result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
+                                     call_key=f"approval:{approval.id}", approval_id=approval.id)
+        else:
+            result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
+                                     call_key=f"proposal:{approval.id}")
+    finally:
+        rt.issuer.revoke(grant.jti, reason="step ended")
+    record["calls"] = [*record.get("calls", []), _call_summary(result)]
+    if result.status == "needs_approval":
+        request = _request_approval(rt, payload, step, identity, result)
+        record.update(status="awaiting_approval", decision="needs_approval",
+                      policy_ids=list(result.decision.policy_ids), reason=result.reason,
+                      approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
+    else:
+        record.update(_outcome([result], step.tool))
+    return {"steps": {step.id: record}, "data_labels": _labels([result])}
+
+
+def _labels(calls: list[CallResult]) -> list[str]:
+    return sorted(set().union(*(c.labels for c in calls if c.ok))) if calls else []
+
+
+def _outcome(calls: list[CallResult], planned_tool: str) -> dict[str, Any]:
     """A step completes when its last call was an allowed, successful call of its tool."""
-    if not handle.calls:
+    if not calls:
         return {"status": "failed", "decision": None, "policy_ids": [], "reason": "executor made no call"}
-    last = handle.calls[-1]
-    status = "completed" if last.ok and last.tool == planned_tool else (
-        "denied" if last.status == "denied" else "failed")
+    last = calls[-1]
+    if last.ok and last.tool == planned_tool:
+        status = "completed"
+    else:
+        status = "denied" if last.status == "denied" else "failed"
     return {"status": status, "decision": last.decision.outcome,
-            "policy_ids": list(last.decision.policy_ids), "reason": last.reason if not last.ok else "",
+            "policy_ids": list(last.decision.policy_ids), "reason": "" if last.ok else last.reason,
             "result": last.value if last.ok else None}
 
 
-def _call_summary(c: Any) -> dict[str, Any]:
+def _call_summary(c: CallResult) -> dict[str, Any]:
     return {"tool": c.tool, "status": c.status, "decision": c.decision.outcome,
             "policy_ids": list(c.decision.policy_ids), "reason": "" if c.ok else c.reason,
             "attempts": c.attempts}
@@ -150,8 +250,6 @@ def _finish(rt: Runtime, state: RunState) -> dict[str, Any]:
         status = "failed"
     elif "denied" in statuses:
         status = "denied"
-    elif "awaiting_approval" in statuses:
-        status = "paused"
     elif statuses.count("completed") == plan_size:
         status = "completed"
     else:

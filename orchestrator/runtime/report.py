@@ -33,6 +33,7 @@ class StepReport(BaseModel):
     policy_ids: list[str] = []
     reason: str = ""
     revoked: bool = False
+    approval_id: str | None = None
     calls: list[CallReport] = []
 
 
@@ -65,6 +66,9 @@ class RunReport(BaseModel):
             for c in s.calls:
                 ids = ",".join(c.policy_ids) or "-"
                 lines.append(f"    call {c.tool:<16} {c.decision:<15} [{ids}] {c.reason}")
+        for a in self.approvals:
+            who = f" by {a['approver']}" if a.get("approver") else ""
+            lines.append(f"  approval {a['id']}  {a['tool']}  {a['status']}{who}")
         if self.error:
             lines.append(f"  error: {self.error}")
         lines.append(f"  grants minted={self.grants_minted} revoked={self.grants_revoked}")

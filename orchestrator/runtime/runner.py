@@ -13,7 +13,9 @@ import uuid
 from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.types import Command
 
+from ..approvals import ApprovalService
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
 from ..errors import ConfigError, StoreError
@@ -50,8 +52,10 @@ class Runtime:
         self.domain = TrustDomain(workflow.trust_domain, self.store, clock=self.clock)
         self.issuer = GrantIssuer(self.domain, self.store, clock=self.clock,
                                   ttl=workflow.grant_ttl, max_uses=workflow.grant_max_uses)
+        self.approvals = ApprovalService(self.store, clock=self.clock)
         self.gateway = Gateway(tools=workflow.registry, issuer=self.issuer, policy=self.policy,
-                               store=self.store, clock=self.clock, retry=workflow.retry)
+                               store=self.store, clock=self.clock, retry=workflow.retry,
+                               approvals=self.approvals)
         self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
         self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
 
@@ -76,6 +80,8 @@ class Runtime:
         run_id = run_id or uuid.uuid4().hex
         if not run_id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"invalid run id {run_id!r}")
+        if self.store.get_run(run_id) is not None:
+            raise ConfigError(f"run {run_id!r} exists already; use resume")
         now = self.clock.now()
         self.store.upsert_run(RunRecord(
             run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=initiator,
@@ -85,12 +91,55 @@ class Runtime:
         initial = {
             "run_id": run_id, "workflow": self.workflow.name, "task": task, "initiator": initiator,
             "planner_id": str(planner_id), "steps": {}, "data_labels": [],
+            "on_denial": self.workflow.on_denial,
         }
-        config = {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
+        return self._drive(run_id, initial)
+
+    def resume(self, run_id: str) -> RunReport:
+        """Continue a paused or crashed run from its last checkpoint.
+
+        Answered approvals are resumed each by its own interrupt id; unanswered ones stay
+        pending. A run that crashed mid-step re-runs that step: calls that completed are
+        replayed from their idempotency records, never run twice.
+
+        Raises:
+            ConfigError: the run is unknown, or belongs to another workflow.
+        """
+        record = self.store.get_run(run_id)
+        if record is None:
+            raise ConfigError(f"unknown run {run_id!r}")
+        if record.workflow != self.workflow.name:
+            raise ConfigError(f"run {run_id!r} belongs to workflow {record.workflow!r}, not {self.workflow.name!r}")
+        snapshot = self.graph.get_state(self._config(run_id))
+        if not snapshot.next:
+            return self.report(run_id)  # already finished: nothing to resume
+        # Grants a crashed process left behind are revoked before anything new is minted.
+        self.issuer.revoke_run(run_id, reason="resumed after interruption")
+        if snapshot.interrupts:
+            now = self.clock.now()
+            answers = {}
+            for intr in snapshot.interrupts:
+                approval = self.approvals.get(intr.value["approval_id"])
+                if approval.effective_status(now) != "pending":
+                    answers[intr.id] = approval.id
+            if not answers:
+                return self.report(run_id)  # still waiting: nothing answered yet
+            return self._drive(run_id, Command(resume=answers))
+        return self._drive(run_id, None)
+
+    def _config(self, run_id: str) -> dict[str, Any]:
+        return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
+
+    def _drive(self, run_id: str, graph_input: Any) -> RunReport:
+        config = self._config(run_id)
         status, error = "failed", None
+        self._set_status(run_id, "running")
         try:
-            final = self.graph.invoke(initial, config, durability="sync")
-            status = final.get("status", "failed")
+            final = self.graph.invoke(graph_input, config, durability="sync")
+            if self.graph.get_state(config).interrupts:
+                status = "paused"
+            else:
+                status = final.get("status", "failed")
             error = final.get("error")
         except BaseException as exc:
             status = "cancelled" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
@@ -111,6 +160,16 @@ class Runtime:
         if record is None and not state:
             raise ConfigError(f"unknown run {run_id!r}")
         grants = self.store.grants_for_run(run_id)
+        now = self.clock.now()
+        approvals = [
+            {"id": a.id, "digest": a.digest, "tool": a.tool, "step_id": a.step_id,
+             "status": a.effective_status(now), "approver": ", ".join(a.approvers) or None,
+             "approvers": a.approvers, "required_approvals": a.required_approvals,
+             "decided_at": a.decided_at, "consumed": a.consumed_at is not None,
+             "denied_by": a.denial.approver if a.denial else None,
+             "reason": a.denial.reason if a.denial else None}
+            for a in self.approvals.list(run_id=run_id)
+        ]
         steps_state = state.get("steps") or {}
         steps: list[StepReport] = []
         if state.get("plan"):
@@ -123,7 +182,8 @@ class Runtime:
                     step_id=step.id, tool=step.tool, status=s["status"], spiffe_id=s["spiffe_id"],
                     grant_id=s["grant_id"], decision=s.get("decision"),
                     policy_ids=s.get("policy_ids") or [], reason=s.get("reason") or "",
-                    revoked=any(g.jti == s["grant_id"] and g.revoked_at is not None for g in grants),
+                    revoked=all(g.revoked_at is not None for g in grants if g.step_id == step.id),
+                    approval_id=s.get("approval_id"),
                     calls=[CallReport(**c) for c in s.get("calls") or []],
                 ))
         status = record.status if record else state.get("status", "failed")
@@ -132,6 +192,7 @@ class Runtime:
             error=error or state.get("error"), planner_spiffe_id=state.get("planner_id"),
             steps=steps, grants_minted=len(grants),
             grants_revoked=sum(1 for g in grants if g.revoked_at is not None),
+            approvals=approvals,
         )
 
     def _set_status(self, run_id: str, status: str) -> None:

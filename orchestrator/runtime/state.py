@@ -24,6 +24,7 @@ class RunState(TypedDict, total=False):
     plan: dict[str, Any]
     steps: Annotated[dict[str, Any], merge_steps]
     data_labels: Annotated[list[str], union_labels]
+    on_denial: str
     status: str
     error: str
 
@@ -39,3 +40,4 @@ class StepInput(TypedDict):
     step_id: str
     dependencies: dict[str, Any]
     data_labels: list[str]
+    record: dict[str, Any]  # the step's record so far (for an approval: the pending call)

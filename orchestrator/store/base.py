@@ -7,6 +7,7 @@ nothing of LangGraph; the runtime asks it only for its URL and location.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 UseOutcome = Literal["ok", "denied", "error"]
@@ -56,6 +57,15 @@ class RunRecord:
     updated_at: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class CallRecord:
+    """An idempotency record: a tool call that was started, and how it ended."""
+
+    key: str
+    status: str  # "started" | "ok" | "error"
+    result: str | None  # canonical JSON of the value, when ok
+
+
 class Store(Protocol):
     """Everything durable that is not a checkpoint."""
 
@@ -86,6 +96,24 @@ class Store(Protocol):
     def record_use(self, use: UseRecord) -> None: ...
 
     def uses_for_run(self, run_id: str) -> list[UseRecord]: ...
+
+    def add_approval(self, approval_id: str, run_id: str, payload: str) -> str:
+        """Insert unless present; return the stored payload (JSON)."""
+        ...
+
+    def get_approval(self, approval_id: str) -> str | None: ...
+
+    def list_approvals(self, *, run_id: str | None = None) -> list[str]: ...
+
+    def update_approval(self, approval_id: str, mutate: Callable[[str], str]) -> str | None:
+        """Atomically replace the payload with ``mutate(payload)``; ``mutate`` may raise to abort."""
+        ...
+
+    def begin_call(self, key: str, *, run_id: str, step_id: str, tool: str, at: float) -> CallRecord | None:
+        """Record that a call starts; return the earlier record if the key was seen before."""
+        ...
+
+    def finish_call(self, key: str, *, status: str, result: str | None, at: float) -> None: ...
 
     def upsert_run(self, run: RunRecord) -> None: ...
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import GrantRecord, GrantState, RunRecord, UseRecord
+from .base import CallRecord, GrantRecord, GrantState, RunRecord, UseRecord
 
 SCHEMA_VERSION = 1
 
@@ -29,6 +29,12 @@ CREATE TABLE IF NOT EXISTS sg_uses (
     step_id TEXT NOT NULL, tool TEXT NOT NULL, attempt INTEGER NOT NULL, outcome TEXT NOT NULL,
     decision TEXT NOT NULL, policy_ids TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS sg_uses_run ON sg_uses (run_id);
+CREATE TABLE IF NOT EXISTS sg_approvals (
+    id TEXT PRIMARY KEY, run_id TEXT NOT NULL, payload TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS sg_approvals_run ON sg_approvals (run_id);
+CREATE TABLE IF NOT EXISTS sg_calls (
+    key TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL, tool TEXT NOT NULL,
+    status TEXT NOT NULL, result TEXT, started_at REAL NOT NULL, finished_at REAL);
 CREATE TABLE IF NOT EXISTS sg_runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, target TEXT NOT NULL,
     initiator TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
@@ -176,6 +182,56 @@ class SqliteStore:
                       outcome=r[5], decision=r[6], policy_ids=tuple(json.loads(r[7])), at=r[8])  # type: ignore[arg-type]
             for r in rows
         ]
+
+    # approvals ----------------------------------------------------------------------
+    def add_approval(self, approval_id: str, run_id: str, payload: str) -> str:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO sg_approvals (id, run_id, payload, seq) VALUES "
+                "(?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM sg_approvals))",
+                (approval_id, run_id, payload),
+            )
+            return str(c.execute("SELECT payload FROM sg_approvals WHERE id = ?", (approval_id,)).fetchone()[0])
+
+    def get_approval(self, approval_id: str) -> str | None:
+        rows = self._read("SELECT payload FROM sg_approvals WHERE id = ?", (approval_id,))
+        return str(rows[0][0]) if rows else None
+
+    def list_approvals(self, *, run_id: str | None = None) -> list[str]:
+        if run_id is None:
+            rows = self._read("SELECT payload FROM sg_approvals ORDER BY seq")
+        else:
+            rows = self._read("SELECT payload FROM sg_approvals WHERE run_id = ? ORDER BY seq", (run_id,))
+        return [str(r[0]) for r in rows]
+
+    def update_approval(self, approval_id: str, mutate: Callable[[str], str]) -> str | None:
+        # BEGIN IMMEDIATE takes the write lock first: read-check-write is atomic across
+        # threads and processes, which is what makes consumption exactly-once.
+        with self._tx() as c:
+            row = c.execute("SELECT payload FROM sg_approvals WHERE id = ?", (approval_id,)).fetchone()
+            if row is None:
+                return None
+            updated = mutate(str(row[0]))
+            c.execute("UPDATE sg_approvals SET payload = ? WHERE id = ?", (updated, approval_id))
+            return updated
+
+    # idempotent tool calls -------------------------------------------------------------
+    def begin_call(self, key: str, *, run_id: str, step_id: str, tool: str, at: float) -> CallRecord | None:
+        with self._tx() as c:
+            row = c.execute("SELECT status, result FROM sg_calls WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                return CallRecord(key=key, status=row[0], result=row[1])
+            c.execute(
+                "INSERT INTO sg_calls (key, run_id, step_id, tool, status, started_at) "
+                "VALUES (?, ?, ?, ?, 'started', ?)",
+                (key, run_id, step_id, tool, at),
+            )
+            return None
+
+    def finish_call(self, key: str, *, status: str, result: str | None, at: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE sg_calls SET status = ?, result = ?, finished_at = ? WHERE key = ?",
+                      (status, result, at, key))
 
     # runs ---------------------------------------------------------------------------
     def upsert_run(self, run: RunRecord) -> None:

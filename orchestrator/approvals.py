@@ -1,0 +1,227 @@
+"""Single-action human approvals.
+
+An ``ApprovalRequest`` is bound to the digest of one action: run, step, tool,
+canonical arguments and the policy set's version. It can be approved (by approvers
+the workflow allows, never the run's initiator, and by as many distinct people as
+the escalating policies require), denied, or answered with a counter-proposal (which
+is a denial plus new arguments, decided by policy again, needing its own approval).
+An approved request authorizes exactly one execution of that digest, once, before it
+expires: ``consume`` is atomic in the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .canonical import sha256_hex
+from .clock import Clock
+from .errors import ApprovalError
+from .store import Store
+
+ApprovalStatus = Literal["pending", "approved", "denied", "expired", "consumed"]
+DEFAULT_APPROVAL_TTL_SECONDS = 15 * 60.0
+
+
+class ApprovalVote(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    approver: str
+    reason: str = ""
+    at: float
+
+
+class ApprovalRequest(BaseModel):
+    """What an approver sees and answers: one exact call, why it escalated, what the run touched."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    run_id: str
+    step_id: str
+    workflow: str
+    initiator: str
+    requester: str  # the step's SPIFFE ID
+    tool: str
+    arguments: dict[str, Any]
+    digest: str
+    policy_version: str
+    risk: str
+    policy_ids: list[str]
+    reasons: list[str]
+    data_labels: list[str]
+    purpose: str
+    required_approvals: int = 1
+    allowed_approvers: list[str]
+    created_at: float
+    expires_at: float
+    status: Literal["pending", "approved", "denied", "consumed"] = "pending"
+    approvals: list[ApprovalVote] = []
+    denial: ApprovalVote | None = None
+    proposed_arguments: dict[str, Any] | None = None
+    decided_at: float | None = None
+    consumed_at: float | None = None
+    consumed_by: str | None = None  # the idempotency key of the one call that used it
+
+    def effective_status(self, now: float) -> ApprovalStatus:
+        """``expired`` once past expiry unless already consumed or denied."""
+        if self.status in ("pending", "approved") and now >= self.expires_at:
+            return "expired"
+        return self.status
+
+    @property
+    def approvers(self) -> list[str]:
+        return [v.approver for v in self.approvals]
+
+
+def approval_id(run_id: str, step_id: str, digest: str) -> str:
+    """Deterministic, so a step re-run after a crash finds its request instead of a twin."""
+    return "apr_" + sha256_hex(f"{run_id}\0{step_id}\0{digest}")[:24]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApproverRule:
+    """Who may approve: everyone in ``approvers``, or per tool / risk tier when given.
+
+    A per-tool list wins over a per-risk list, which wins over ``approvers``.
+    """
+
+    approvers: frozenset[str] = frozenset()
+    by_tool: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    by_risk: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, approvers: Iterable[str] | ApproverRule | None) -> ApproverRule:
+        if isinstance(approvers, ApproverRule):
+            return approvers
+        return cls(approvers=frozenset(approvers or ()))
+
+    def allowed_for(self, tool: str, risk: str) -> frozenset[str]:
+        if tool in self.by_tool:
+            return frozenset(self.by_tool[tool])
+        if risk in self.by_risk:
+            return frozenset(self.by_risk[risk])
+        return self.approvers
+
+
+class ApprovalService:
+    """The one code path every way of answering goes through: prompt, CLI and Python API."""
+
+    def __init__(self, store: Store, *, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    def request(self, request: ApprovalRequest) -> ApprovalRequest:
+        """Persist ``request`` unless a request of the same id exists; return the stored one."""
+        stored = self.store.add_approval(request.id, request.run_id, request.model_dump_json())
+        return ApprovalRequest.model_validate_json(stored)
+
+    def get(self, approval_id: str) -> ApprovalRequest:
+        """Raises:
+        ApprovalError: no approval has that id.
+        """
+        found = self.store.get_approval(approval_id)
+        if found is None:
+            raise ApprovalError(f"unknown approval {approval_id!r}")
+        return ApprovalRequest.model_validate_json(found)
+
+    def list(self, *, run_id: str | None = None, status: str | None = None) -> list[ApprovalRequest]:
+        now = self.clock.now()
+        items = [ApprovalRequest.model_validate_json(p) for p in self.store.list_approvals(run_id=run_id)]
+        return [a for a in items if status is None or a.effective_status(now) == status]
+
+    def _update(self, approval_id: str, mutate: Callable[[ApprovalRequest], ApprovalRequest]) -> ApprovalRequest:
+        def on_json(payload: str) -> str:
+            return mutate(ApprovalRequest.model_validate_json(payload)).model_dump_json()
+
+        updated = self.store.update_approval(approval_id, on_json)
+        if updated is None:
+            raise ApprovalError(f"unknown approval {approval_id!r}")
+        return ApprovalRequest.model_validate_json(updated)
+
+    def approve(self, approval_id: str, *, approver: str, reason: str = "") -> ApprovalRequest:
+        """Record ``approver``'s approval; the request is approved once enough distinct people agree.
+
+        Raises:
+            ApprovalError: unknown id, not pending, expired, approver not allowed, the
+                initiator approving their own run, or the same person approving twice.
+        """
+        now = self.clock.now()
+
+        def mutate(a: ApprovalRequest) -> ApprovalRequest:
+            self._check_can_answer(a, approver, now)
+            if approver in a.approvers:
+                raise ApprovalError(f"{approver!r} has already approved {a.id!r}; a second approver must be someone else")
+            votes = [*a.approvals, ApprovalVote(approver=approver, reason=reason, at=now)]
+            done = len({v.approver for v in votes}) >= a.required_approvals
+            return a.model_copy(update={
+                "approvals": votes, "status": "approved" if done else "pending",
+                "decided_at": now if done else None,
+            })
+
+        return self._update(approval_id, mutate)
+
+    def deny(self, approval_id: str, *, approver: str, reason: str,
+             propose: Mapping[str, Any] | None = None) -> ApprovalRequest:
+        """Deny the call; ``propose`` offers different arguments as a new action.
+
+        Raises:
+            ApprovalError: as for ``approve``, or an empty reason.
+        """
+        if not reason or not reason.strip():
+            raise ApprovalError("a denial needs a reason")
+        now = self.clock.now()
+
+        def mutate(a: ApprovalRequest) -> ApprovalRequest:
+            self._check_can_answer(a, approver, now)
+            return a.model_copy(update={
+                "status": "denied", "decided_at": now,
+                "denial": ApprovalVote(approver=approver, reason=reason, at=now),
+                "proposed_arguments": dict(propose) if propose is not None else None,
+            })
+
+        return self._update(approval_id, mutate)
+
+    def consume(self, approval_id: str, *, digest: str, consumer: str) -> ApprovalRequest:
+        """Use an approval for the one call it authorizes: atomically, exactly once.
+
+        ``consumer`` is the idempotency key of the call. The same call resuming after a
+        crash may present it again and is let through (its tool call is then replayed or
+        run once, never twice); any other consumer is refused.
+
+        Raises:
+            ApprovalError: unknown, not approved, expired, already consumed, or for another action.
+        """
+        now = self.clock.now()
+
+        def mutate(a: ApprovalRequest) -> ApprovalRequest:
+            if a.digest != digest:
+                raise ApprovalError(f"approval {a.id!r} is for a different action")
+            state = a.effective_status(now)
+            if state == "consumed":
+                if a.consumed_by == consumer:
+                    return a
+                raise ApprovalError(f"approval {a.id!r} was already used")
+            if state == "expired":
+                raise ApprovalError(f"approval {a.id!r} expired")
+            if state != "approved":
+                raise ApprovalError(f"approval {a.id!r} is {state}, not approved")
+            return a.model_copy(update={"status": "consumed", "consumed_at": now, "consumed_by": consumer})
+
+        return self._update(approval_id, mutate)
+
+    def _check_can_answer(self, a: ApprovalRequest, approver: str, now: float) -> None:
+        if not approver or not approver.strip():
+            raise ApprovalError("an approver name is required")
+        state = a.effective_status(now)
+        if state != "pending":
+            raise ApprovalError(f"approval {a.id!r} is {state}; only a pending request can be answered")
+        if approver == a.initiator:
+            raise ApprovalError(f"{approver!r} started run {a.run_id!r} and may not approve its calls")
+        # The allowed list was fixed from the workflow when the request was made, so any
+        # process can answer it without loading the workflow's code.
+        if approver not in a.allowed_approvers:
+            raise ApprovalError(f"{approver!r} is not an allowed approver for tool {a.tool!r}")
