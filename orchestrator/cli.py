@@ -53,6 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", required=True, help="the trusted task for the planner")
     _run_options(run)
 
+    resume = sub.add_parser("resume", help="continue a paused or interrupted run")
+    resume.add_argument("run_id")
+    resume.add_argument("--json", action="store_true", help="print the run record as JSON")
+    resume.add_argument("--workflow", dest="target", help="MODULE:ATTR (default: the one the run started with)")
+
+    approvals = sub.add_parser("approvals", help="list or show approval requests")
+    asub = approvals.add_subparsers(dest="approvals_command", required=True, parser_class=_Parser)
+    alist = asub.add_parser("list", help="list approval requests")
+    alist.add_argument("--run", help="only this run's")
+    alist.add_argument("--status", choices=["pending", "approved", "denied", "expired", "consumed"])
+    alist.add_argument("--all", action="store_true", help="every status (default: pending only)")
+    alist.add_argument("--json", action="store_true")
+    ashow = asub.add_parser("show", help="show one approval request")
+    ashow.add_argument("approval_id")
+    ashow.add_argument("--json", action="store_true")
+
+    approve = sub.add_parser("approve", help="approve exactly one pending call")
+    approve.add_argument("approval_id")
+    approve.add_argument("--as", dest="approver", required=True, help="your name")
+    approve.add_argument("--reason", default="")
+    approve.add_argument("--json", action="store_true")
+
+    deny = sub.add_parser("deny", help="deny one pending call")
+    deny.add_argument("approval_id")
+    deny.add_argument("--as", dest="approver", required=True, help="your name")
+    deny.add_argument("--reason", required=True)
+    deny.add_argument("--propose", metavar="JSON",
+                      help="propose different arguments instead: a new call, decided and approved anew")
+    deny.add_argument("--json", action="store_true")
+
     bundle = sub.add_parser("bundle", help="print the trust bundle's public keys")
     bundle.add_argument("target", nargs="?", default=DEMO_TARGET,
                         help="workflow whose trust domain to show (default: the demo)")
@@ -92,6 +122,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(DEMO_TARGET, _demo_task(), args)
     if args.command == "run":
         return _run(args.target, args.task, args)
+    if args.command == "resume":
+        return _resume(args)
+    if args.command == "approvals":
+        return _approvals(args)
+    if args.command in ("approve", "deny"):
+        return _answer(args)
     if args.command == "bundle":
         return _bundle(args)
     if args.command == "policy":
@@ -110,11 +146,116 @@ def _run(target: str, task: str, args: argparse.Namespace) -> int:
     workflow = load_workflow(target)
     with Runtime(workflow, store=args.store, target=target) as rt:
         report = rt.run(task, initiator=args.initiator)
+        if report.status == "paused" and _interactive():
+            print(report.summary())
+            report = _prompt_and_resume(rt, report)
+    return _print_report(report, args.json)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _prompt_and_resume(rt: Any, report: Any) -> Any:
+    """Ask about each pending approval at the terminal, then resume; repeat while answered."""
+    from .prompt import prompt_for
+
+    while report.status == "paused":
+        pending = rt.approvals.list(run_id=report.run_id, status="pending")
+        answered = [prompt_for(rt.approvals, a, out=sys.stdout) for a in pending]
+        if not any(answered):
+            break
+        report = rt.resume(report.run_id)
+    return report
+
+
+def _print_report(report: Any, as_json: bool) -> int:
+    print(report.model_dump_json(indent=2) if as_json else report.summary())
+    return int(report.exit_code)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from .runtime import Runtime
+    from .store import open_store
+
+    store = open_store(args.store)
+    try:
+        record = store.get_run(args.run_id)
+    finally:
+        store.close()
+    if record is None:
+        raise ScopegraphError(f"unknown run {args.run_id!r}")
+    target = args.target or record.target
+    with Runtime(load_workflow(target), store=args.store, target=target) as rt:
+        report = rt.resume(args.run_id)
+        if report.status == "paused" and _interactive() and not args.json:
+            report = _prompt_and_resume(rt, report)
+    return _print_report(report, args.json)
+
+
+def _approval_service(args: argparse.Namespace) -> Any:
+    from .approvals import ApprovalService
+    from .clock import SystemClock
+    from .store import open_store
+
+    store = open_store(args.store)
+    return store, ApprovalService(store, clock=SystemClock())
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    from .prompt import describe
+
+    store, service = _approval_service(args)
+    try:
+        now = service.clock.now()
+        if args.approvals_command == "show":
+            a = service.get(args.approval_id)
+            if args.json:
+                print(json.dumps({**a.model_dump(mode="json"), "status": a.effective_status(now)}, indent=2))
+            else:
+                print(describe(a.model_copy(update={"status": a.effective_status(now)})))
+            return EXIT_OK
+        status = None if args.all else (args.status or "pending")
+        items = service.list(run_id=args.run, status=status)
+        if args.json:
+            print(json.dumps([{**a.model_dump(mode="json"), "status": a.effective_status(now)}
+                              for a in items], indent=2))
+        elif not items:
+            print("no approval requests" + (f" with status {status}" if status else ""))
+        else:
+            for a in items:
+                print(f"{a.id}  {a.effective_status(now):<9} run {a.run_id}  step {a.step_id}  "
+                      f"{a.tool}({json.dumps(a.arguments, sort_keys=True)})")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def _answer(args: argparse.Namespace) -> int:
+    store, service = _approval_service(args)
+    try:
+        if args.command == "approve":
+            a = service.approve(args.approval_id, approver=args.approver, reason=args.reason)
+        else:
+            propose = None
+            if args.propose is not None:
+                try:
+                    propose = json.loads(args.propose)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"scopegraph: --propose is not valid JSON: {exc.msg}") from None
+                if not isinstance(propose, dict):
+                    raise UsageError("scopegraph: --propose must be a JSON object of arguments")
+            a = service.deny(args.approval_id, approver=args.approver, reason=args.reason, propose=propose)
+    finally:
+        store.close()
     if args.json:
-        print(report.model_dump_json(indent=2))
+        print(json.dumps({"id": a.id, "status": a.status, "digest": a.digest,
+                          "approvers": a.approvers, "run_id": a.run_id}))
     else:
-        print(report.summary())
-    return report.exit_code
+        left = a.required_approvals - len(a.approvers)
+        more = f"; {left} more approver(s) needed" if a.status == "pending" else ""
+        print(f"{a.id} {a.status}{more}. Continue the run with: scopegraph resume {a.run_id}")
+    return EXIT_OK
 
 
 def _bundle(args: argparse.Namespace) -> int:
