@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from .canonical import sha256_hex
 from .clock import Clock
 from .errors import ApprovalError
+from .ledger import Ledger
 from .store import Store
 
 ApprovalStatus = Literal["pending", "approved", "denied", "expired", "consumed"]
@@ -110,9 +111,16 @@ class ApproverRule:
 class ApprovalService:
     """The one code path every way of answering goes through: prompt, CLI and Python API."""
 
-    def __init__(self, store: Store, *, clock: Clock) -> None:
+    def __init__(self, store: Store, *, clock: Clock, ledger: Ledger | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.ledger = ledger
+
+    def _audit(self, a: ApprovalRequest, approver: str, answer: str, reason: str) -> None:
+        if self.ledger is not None:
+            self.ledger.append("approval_decided", a.run_id, approval_id=a.id, step_id=a.step_id,
+                               approver=approver, answer=answer, status=a.status, reason=reason,
+                               digest=a.digest, proposed=a.proposed_arguments is not None)
 
     def request(self, request: ApprovalRequest) -> ApprovalRequest:
         """Persist ``request`` unless a request of the same id exists; return the stored one."""
@@ -162,7 +170,9 @@ class ApprovalService:
                 "decided_at": now if done else None,
             })
 
-        return self._update(approval_id, mutate)
+        updated = self._update(approval_id, mutate)
+        self._audit(updated, approver, "approve", reason)
+        return updated
 
     def deny(self, approval_id: str, *, approver: str, reason: str,
              propose: Mapping[str, Any] | None = None) -> ApprovalRequest:
@@ -183,7 +193,9 @@ class ApprovalService:
                 "proposed_arguments": dict(propose) if propose is not None else None,
             })
 
-        return self._update(approval_id, mutate)
+        updated = self._update(approval_id, mutate)
+        self._audit(updated, approver, "deny", reason)
+        return updated
 
     def consume(self, approval_id: str, *, digest: str, consumer: str) -> ApprovalRequest:
         """Use an approval for the one call it authorizes: atomically, exactly once.

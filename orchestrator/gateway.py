@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from tenacity import (
 )
 
 from .approvals import ApprovalService
-from .canonical import action_digest
+from . import tracing as tr
+from .canonical import action_digest, sha256_hex
 from .clock import Clock
 from .credentials import Grant, GrantIssuer
 from .errors import (
@@ -43,6 +45,7 @@ from .errors import (
     UnknownToolError,
 )
 from .identity import SpiffeId
+from .ledger import Ledger
 from .policy import CallRequest, Decision, PolicyEngine
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
@@ -119,8 +122,12 @@ class Gateway:
         clock: Clock,
         retry: RetrySettings | None = None,
         approvals: ApprovalService | None = None,
+        ledger: Ledger | None = None,
+        metrics: tr.Metrics | None = None,
     ) -> None:
         self.approvals = approvals
+        self.ledger = ledger
+        self.metrics = metrics or tr.Metrics()
         self.tools = tools
         self.issuer = issuer
         self.policy = policy
@@ -174,38 +181,97 @@ class Gateway:
         # An approval is consumed once: a retry of an approved call cannot present it again.
         approval_id = approval_id if attempt == 1 else None
         key = f"{call_key}#{attempt}" if call_key else None
-        try:
-            tool, grant, normalized, decision = self._authorize(
-                token, tool_name, arguments, ctx, attempt, approval_id, key)
-        except _Denied as denied:
-            self._record(denied.grant_id, ctx, tool_name, attempt, "denied", denied.decision)
-            return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
-                              decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
+        with tr.span(tr.DECIDE, {tr.GEN_AI_TOOL_NAME: tool_name, tr.STEP_ID: ctx.step_id,
+                                 tr.SPIFFE_ID: str(ctx.principal), tr.ATTEMPT: attempt,
+                                 tr.DATA_LABELS: sorted(ctx.data_labels),
+                                 tr.APPROVAL_ID: approval_id}) as decide_span:
+            try:
+                tool, grant, normalized, decision = self._authorize(
+                    token, tool_name, arguments, ctx, attempt, approval_id, key)
+            except _Denied as denied:
+                self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, denied.decision,
+                              None, arguments)
+                return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
+                                  decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
+            self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
         if decision.outcome == "needs_approval":
-            self._record(grant.jti, ctx, tool_name, attempt, "denied", decision)
             return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
                               decision=decision, attempts=attempt, grant_id=grant.jti)
+        with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool_name, tr.GRANT_ID: grant.jti,
+                                    tr.ATTEMPT: attempt, tr.RISK: tool.risk.value}) as call_span:
+            result = self._execute(tool, grant, normalized, decision, ctx, attempt, key)
+            call_span.set_attribute(tr.CALL_STATUS, result.status)
+            if not result.ok:
+                tr.set_error(call_span, "tool call failed")
+            return result
+
+    def _execute(self, tool: Tool, grant: Grant, normalized: dict[str, Any], decision: Decision,
+                 ctx: CallContext, attempt: int, key: str | None) -> CallResult:
         if key is not None:
             earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
-                                            tool=tool_name, at=self.clock.now())
+                                            tool=tool.name, at=self.clock.now())
             if earlier is not None:
                 return self._replay(earlier, tool, grant, normalized, decision, attempt)
+        started = time.perf_counter()
         try:
             value = _run(tool, normalized)
-        except TransientToolError:
-            self._finish(key, "error", None)
-            self._record(grant.jti, ctx, tool_name, attempt, "error", decision)
-            raise  # the retry loop in ``call`` authorizes the next attempt from scratch
+        except TransientToolError as exc:
+            self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None)
+            raise exc  # the retry loop in ``call`` authorizes the next attempt from scratch
         except Exception as exc:
-            error = f"tool {tool_name!r} failed: {type(exc).__name__}: {exc}"
-            self._finish(key, "error", json.dumps(error))
-            self._record(grant.jti, ctx, tool_name, attempt, "error", decision)
-            return CallResult(tool=tool_name, arguments=normalized, status="error", decision=decision,
+            error = f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}"
+            self._called(ctx, tool, grant, decision, attempt, normalized, "error", json.dumps(error),
+                         started, key, None)
+            return CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
                               error=error, attempts=attempt, grant_id=grant.jti)
-        self._finish(key, "ok", json.dumps(value, default=str, sort_keys=True))
-        self._record(grant.jti, ctx, tool_name, attempt, "ok", decision)
-        return CallResult(tool=tool_name, arguments=normalized, status="ok", decision=decision,
+        result_json = json.dumps(value, default=str, sort_keys=True)
+        self._called(ctx, tool, grant, decision, attempt, normalized, "ok", result_json, started, key,
+                     result_json)
+        return CallResult(tool=tool.name, arguments=normalized, status="ok", decision=decision,
                           value=value, labels=tool.labels, attempts=attempt, grant_id=grant.jti)
+
+    def _decided(self, s: Any, ctx: CallContext, tool_name: str, attempt: int, jti: str | None,
+                 decision: Decision, tool: Tool | None, arguments: Mapping[str, Any]) -> None:
+        """Account for one decision: span attributes, metrics, the use record and the ledger."""
+        s.set_attribute(tr.DECISION, decision.outcome)
+        s.set_attribute(tr.POLICY_IDS, list(decision.policy_ids))
+        if jti:
+            s.set_attribute(tr.GRANT_ID, jti)
+        if tool is not None:
+            s.set_attribute(tr.RISK, tool.risk.value)
+        if decision.outcome == "deny":
+            tr.set_error(s, "denied")
+            s.set_attribute(tr.DECISION_REASON, "; ".join(decision.reasons))
+        policy = ",".join(decision.policy_ids) or "none"
+        self.metrics.decisions.add(1, {"outcome": decision.outcome, "policy": policy, "tool": tool_name})
+        if decision.outcome == "deny":
+            self.metrics.denials.add(1, {"reason": decision.policy_ids[0] if decision.policy_ids else "none",
+                                         "tool": tool_name})
+        if decision.outcome != "allow":  # an allowed call is counted once it has run (``_called``)
+            self._record(jti, ctx, tool_name, attempt, "denied", decision, arguments)
+        if self.ledger is not None:
+            self.ledger.append(
+                "decision", ctx.run_id, step_id=ctx.step_id, tool=tool_name, grant_id=jti,
+                spiffe_id=str(ctx.principal), attempt=attempt, decision=decision.outcome,
+                policy_ids=list(decision.policy_ids), reasons=list(decision.reasons),
+                arguments_digest=_digest(arguments),
+            )
+
+    def _called(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
+                normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
+                started: float, key: str | None, result_json: str | None) -> None:
+        """Account for one execution: idempotency record, use record, metrics, ledger."""
+        elapsed = time.perf_counter() - started
+        self._finish(key, status, stored)
+        self._record(grant.jti, ctx, tool.name, attempt, status, decision, normalized)
+        self.metrics.tool_latency.record(elapsed, {"tool": tool.name, "status": status})
+        if self.ledger is not None:
+            self.ledger.append(
+                "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
+                attempt=attempt, status=status, arguments_digest=_digest(normalized),
+                result_digest=sha256_hex(result_json) if result_json is not None else None,
+                duration_ms=round(elapsed * 1000, 3),
+            )
 
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
                 decision: Decision, attempt: int) -> CallResult:
@@ -287,17 +353,30 @@ class Gateway:
         if approval.run_id != ctx.run_id or approval.step_id != ctx.step_id:
             raise _Denied(Decision.deny(f"approval {approval_id!r} is for another step", APPROVAL_POLICY_ID),
                           grant.jti)
+        if self.ledger is not None:
+            self.ledger.append("approval_consumed", ctx.run_id, approval_id=approval_id,
+                               step_id=ctx.step_id, digest=digest, grant_id=grant.jti)
         return len(set(approval.approvers))
 
     def _record(self, jti: str | None, ctx: CallContext, tool: str, attempt: int,
-                outcome: Literal["ok", "denied", "error"], decision: Decision) -> None:
+                outcome: Literal["ok", "denied", "error"], decision: Decision,
+                arguments: Mapping[str, Any]) -> None:
         if jti is None:
             return  # no verified grant: nothing to count against
         self.store.record_use(UseRecord(
             jti=jti, run_id=ctx.run_id, step_id=ctx.step_id, tool=tool, attempt=attempt,
             outcome=outcome, decision=decision.outcome, policy_ids=decision.policy_ids,
-            at=self.clock.now(),
+            at=self.clock.now(), observed=_observed(arguments),
         ))
+
+
+def _digest(arguments: Mapping[str, Any]) -> str:
+    return sha256_hex(json.dumps(arguments, default=str, sort_keys=True))
+
+
+def _observed(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """Numbers and booleans only: enough to propose narrower ranges, no free text."""
+    return {k: v for k, v in arguments.items() if isinstance(v, (int, float, bool))}
 
 
 def _binding_mismatch(grant: Grant, ctx: CallContext) -> str | None:

@@ -274,3 +274,12 @@ def _load_or_create_key(store: Store, name: str, now: float) -> SigningKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"stored key {name!r} is not an Ed25519 key")
     return SigningKey(key)
+
+
+def load_domain_public_key(store: Store, name: str) -> Ed25519PublicKey | None:
+    """The public key of a trust domain whose key the store holds, or ``None``."""
+    pem = store.load_signing_key(f"trust-domain:{name}")
+    if pem is None:
+        return None
+    key = serialization.load_pem_private_key(pem, password=None)
+    return key.public_key() if isinstance(key, Ed25519PrivateKey) else None

@@ -24,7 +24,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send, interrupt
 
 from ..approvals import ApprovalRequest, approval_id
-from ..canonical import action_digest
+from .. import tracing as tr
+from ..canonical import action_digest, canonical_json, sha256_hex
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
 from ..gateway import CallContext, CallResult
@@ -55,15 +56,29 @@ def build_graph(rt: Runtime) -> StateGraph:
 
 def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
     wf = rt.workflow
+    run_id = state["run_id"]
     ctx = PlanningContext(
-        task=state["task"], workflow=wf.name, run_id=state["run_id"],
+        task=state["task"], workflow=wf.name, run_id=run_id,
         identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
     )
-    try:
-        plan = validate_plan(parse_plan(wf.planner.plan(ctx)), wf.registry)
-    except PlanError as exc:
-        return {"status": "failed", "error": str(exc)}
-    return {"plan": plan.model_dump(mode="json"), "steps": {}}
+    with tr.span(f"{tr.INVOKE_AGENT} planner", {
+        tr.GEN_AI_OPERATION: "invoke_agent", tr.GEN_AI_AGENT_NAME: "planner",
+        tr.GEN_AI_AGENT_ID: state["planner_id"], tr.SPIFFE_ID: state["planner_id"],
+        tr.RUN_ID: run_id, tr.WORKFLOW: wf.name,
+    }, context=rt.trace_context(run_id)) as s:
+        try:
+            plan = validate_plan(parse_plan(wf.planner.plan(ctx)), wf.registry)
+        except PlanError as exc:
+            tr.set_error(s, "malformed plan")
+            rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=False, error=str(exc))
+            return {"status": "failed", "error": str(exc)}
+        dumped = plan.model_dump(mode="json")
+        rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
+                         plan_digest=sha256_hex(canonical_json(dumped)),
+                         steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on)}
+                                for st in plan.steps])
+        s.set_attribute("scopegraph.plan.steps", len(plan.steps))
+    return {"plan": dumped, "steps": {}}
 
 
 def _after_plan(state: RunState) -> str:
@@ -103,18 +118,65 @@ def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
 
 
 def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Grant:
-    rt.domain.issue_svid(identity)  # the step's proof of identity, short-lived like its grant
-    return rt.issuer.mint(
-        subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
-        workflow=rt.workflow.name, constraints=step.constraints,
-        act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
-    )
+    with tr.span(tr.GRANT_MINT, {tr.SPIFFE_ID: str(identity), tr.STEP_ID: step.id,
+                                 tr.GEN_AI_TOOL_NAME: step.tool}) as s:
+        rt.domain.issue_svid(identity)  # the step's proof of identity, short-lived like its grant
+        grant = rt.issuer.mint(
+            subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
+            workflow=rt.workflow.name, constraints=step.constraints,
+            act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
+        )
+        s.set_attribute(tr.GRANT_ID, grant.jti)
+        s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
+    rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
+    rt.ledger.append("grant_minted", payload["run_id"], step_id=step.id, grant_id=grant.jti,
+                     spiffe_id=str(identity), tool=step.tool, expires_at=grant.expires_at,
+                     max_uses=grant.max_uses, constraints=dict(grant.constraints),
+                     act=dict(grant.act))
+    return grant
+
+
+def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant) -> None:
+    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}):
+        revoked = rt.issuer.revoke(grant.jti, reason="step ended")
+    if revoked:
+        rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
+        rt.ledger.append("grant_revoked", run_id, step_id=step.id, grant_id=grant.jti, reason="step ended")
+
+
+def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
+    return tr.span(f"{tr.EXECUTE_TOOL} {step.tool}", {
+        tr.GEN_AI_OPERATION: "execute_tool", tr.GEN_AI_TOOL_NAME: step.tool,
+        tr.GEN_AI_TOOL_CALL_ID: f"{payload['run_id']}/{step.id}", tr.GEN_AI_TOOL_TYPE: "function",
+        tr.GEN_AI_AGENT_NAME: "executor", tr.GEN_AI_AGENT_ID: str(identity),
+        tr.SPIFFE_ID: str(identity), tr.STEP_ID: step.id, tr.RUN_ID: payload["run_id"],
+        tr.RISK: rt.workflow.registry.get_tool(step.tool).risk.value,
+        tr.DATA_LABELS: list(payload["data_labels"]),
+    }, context=rt.trace_context(payload["run_id"]))
+
+
+def _close_step_span(s: Any, record: dict[str, Any]) -> None:
+    s.set_attribute(tr.CALL_STATUS, record.get("status", ""))
+    if record.get("decision"):
+        s.set_attribute(tr.DECISION, record["decision"])
+    s.set_attribute(tr.POLICY_IDS, list(record.get("policy_ids") or []))
+    if record.get("approval_id"):
+        s.set_attribute(tr.APPROVAL_ID, record["approval_id"])
+    if record.get("status") in ("failed", "denied"):
+        tr.set_error(s, record["status"])
 
 
 def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     plan = Plan.model_validate(payload["plan"])
     step = plan.step(payload["step_id"])
     identity = _step_identity(rt, payload["run_id"], step.id)
+    with _tool_span(rt, payload, step, identity) as s:
+        update = _run_step(rt, payload, plan, step, identity)
+        _close_step_span(s, update["steps"][step.id])
+    return update
+
+
+def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
     grant = _mint(rt, payload, step, identity)
     labels = frozenset(payload["data_labels"])
     ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
@@ -139,7 +201,7 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         record.update(status="failed", decision=None, policy_ids=[],
                       reason=f"executor raised {type(exc).__name__}: {exc}")
     finally:
-        rt.issuer.revoke(grant.jti, reason="step ended")
+        _revoke(rt, payload["run_id"], step, grant)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
     return {"steps": {step.id: record}, "data_labels": _labels(handle.calls)}
@@ -152,7 +214,7 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
                            arguments=dict(result.arguments), policy_version=rt.policy.version)
     now = rt.clock.now()
     tool = wf.registry.get_tool(result.tool)
-    return rt.approvals.request(ApprovalRequest(
+    request = rt.approvals.request(ApprovalRequest(
         id=approval_id(payload["run_id"], step.id, digest), run_id=payload["run_id"],
         step_id=step.id, workflow=wf.name, initiator=payload["initiator"], requester=str(identity),
         tool=result.tool, arguments=dict(result.arguments), digest=digest,
@@ -163,6 +225,12 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
         allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
         created_at=now, expires_at=now + wf.approval_ttl,
     ))
+    if request.created_at == now:  # new, not found again after a crash
+        rt.ledger.append("approval_requested", payload["run_id"], approval_id=request.id,
+                         step_id=step.id, tool=result.tool, digest=digest,
+                         policy_ids=list(result.decision.policy_ids),
+                         required_approvals=request.required_approvals)
+    return request
 
 
 def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
@@ -177,6 +245,33 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         return {}  # e.g. one of two required approvers so far: ask again
     plan = Plan.model_validate(payload["plan"])
     step = plan.step(payload["step_id"])
+    identity = _step_identity(rt, payload["run_id"], step.id)
+    with _tool_span(rt, payload, step, identity) as s:
+        _wait_span(approval, state, rt.clock.now())
+        if approval.decided_at is not None:
+            rt.metrics.approval_wait.record(approval.decided_at - approval.created_at,
+                                            {"tool": approval.tool, "status": state})
+        update = _answer(rt, payload, plan, step, identity, approval, state, record)
+        _close_step_span(s, update["steps"][step.id])
+    return update
+
+
+def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:
+    """The human's part, drawn with its real start and end even if it spanned processes."""
+    end = approval.decided_at or now
+    s = tr.tracer().start_span(tr.APPROVAL_WAIT, start_time=int(approval.created_at * 1e9), attributes={
+        tr.APPROVAL_ID: approval.id, tr.APPROVAL_STATUS: state,
+        tr.APPROVER: ", ".join(approval.approvers) or (approval.denial.approver if approval.denial else ""),
+        tr.GEN_AI_TOOL_NAME: approval.tool,
+    })
+    if state in ("denied", "expired"):
+        tr.set_error(s, state)
+    s.end(end_time=int(max(end, approval.created_at) * 1e9))
+
+
+def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
+            approval: ApprovalRequest, state: str, record: dict[str, Any]) -> dict[str, Any]:
+    pending_id = approval.id
     if state == "expired":
         record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
                       reason=f"approval {pending_id!r} expired before it was answered")
@@ -190,7 +285,6 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
     # new action, decided by policy from scratch (and usually needing their own approval).
     arguments = approval.arguments if state in ("approved", "consumed") else approval.proposed_arguments
-    identity = _step_identity(rt, payload["run_id"], step.id)
     grant = _mint(rt, payload, step, identity)
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
@@ -204,7 +298,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
                                      call_key=f"proposal:{approval.id}")
     finally:
-        rt.issuer.revoke(grant.jti, reason="step ended")
+        _revoke(rt, payload["run_id"], step, grant)
     record["calls"] = [*record.get("calls", []), _call_summary(result)]
     if result.status == "needs_approval":
         request = _request_approval(rt, payload, step, identity, result)
@@ -241,7 +335,7 @@ def _call_summary(c: CallResult) -> dict[str, Any]:
 
 
 def _finish(rt: Runtime, state: RunState) -> dict[str, Any]:
-    rt.issuer.revoke_run(state["run_id"], reason="run ended")
+    rt.revoke_run(state["run_id"], reason="run ended")
     if state.get("status") == "failed":
         return {"status": "failed"}
     statuses = [s["status"] for s in (state.get("steps") or {}).values()]

@@ -14,7 +14,12 @@ from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
+from opentelemetry import trace as otel_trace
+from opentelemetry.context import Context
 
+from .. import tracing as tr
+from ..canonical import sha256_hex
+from ..ledger import Ledger
 from ..approvals import ApprovalService
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
@@ -52,10 +57,13 @@ class Runtime:
         self.domain = TrustDomain(workflow.trust_domain, self.store, clock=self.clock)
         self.issuer = GrantIssuer(self.domain, self.store, clock=self.clock,
                                   ttl=workflow.grant_ttl, max_uses=workflow.grant_max_uses)
-        self.approvals = ApprovalService(self.store, clock=self.clock)
+        self.ledger = Ledger(self.store, clock=self.clock)
+        self.metrics = tr.Metrics()
+        self.approvals = ApprovalService(self.store, clock=self.clock, ledger=self.ledger)
         self.gateway = Gateway(tools=workflow.registry, issuer=self.issuer, policy=self.policy,
                                store=self.store, clock=self.clock, retry=workflow.retry,
-                               approvals=self.approvals)
+                               approvals=self.approvals, ledger=self.ledger, metrics=self.metrics)
+        self._trace_contexts: dict[str, Context] = {}
         self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
         self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
 
@@ -88,12 +96,15 @@ class Runtime:
             status="running", created_at=now, updated_at=now,
         ))
         planner_id = self.domain.id("wf", self.workflow.name, "run", run_id, "planner")
+        self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
+                           initiator=initiator, task_digest=sha256_hex(task),
+                           planner=str(planner_id), policy_version=self.policy.version)
         initial = {
             "run_id": run_id, "workflow": self.workflow.name, "task": task, "initiator": initiator,
             "planner_id": str(planner_id), "steps": {}, "data_labels": [],
             "on_denial": self.workflow.on_denial,
         }
-        return self._drive(run_id, initial)
+        return self._drive(run_id, initial, None)
 
     def resume(self, run_id: str) -> RunReport:
         """Continue a paused or crashed run from its last checkpoint.
@@ -114,7 +125,9 @@ class Runtime:
         if not snapshot.next:
             return self.report(run_id)  # already finished: nothing to resume
         # Grants a crashed process left behind are revoked before anything new is minted.
-        self.issuer.revoke_run(run_id, reason="resumed after interruption")
+        self.revoke_run(run_id, reason="resumed after interruption")
+        self.ledger.append("run_resumed", run_id, interrupted=not snapshot.interrupts)
+        parent = tr.extract_context(snapshot.values.get("trace"))
         if snapshot.interrupts:
             now = self.clock.now()
             answers = {}
@@ -124,32 +137,58 @@ class Runtime:
                     answers[intr.id] = approval.id
             if not answers:
                 return self.report(run_id)  # still waiting: nothing answered yet
-            return self._drive(run_id, Command(resume=answers))
-        return self._drive(run_id, None)
+            return self._drive(run_id, Command(resume=answers), parent)
+        return self._drive(run_id, None, parent)
+
+    def trace_context(self, run_id: str) -> Context | None:
+        """The span context nodes of ``run_id`` nest under (the current drive's root span)."""
+        return self._trace_contexts.get(run_id)
+
+    def revoke_run(self, run_id: str, *, reason: str) -> int:
+        """Revoke every live grant of ``run_id``, and audit it."""
+        count = self.issuer.revoke_run(run_id, reason=reason)
+        if count:
+            self.metrics.grants_revoked.add(count, {"workflow": self.workflow.name, "tool": "*"})
+            self.ledger.append("grant_revoked", run_id, grant_id=None, count=count, reason=reason)
+        return count
 
     def _config(self, run_id: str) -> dict[str, Any]:
         return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
 
-    def _drive(self, run_id: str, graph_input: Any) -> RunReport:
+    def _drive(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
         config = self._config(run_id)
         status, error = "failed", None
         self._set_status(run_id, "running")
-        try:
-            final = self.graph.invoke(graph_input, config, durability="sync")
-            if self.graph.get_state(config).interrupts:
-                status = "paused"
-            else:
-                status = final.get("status", "failed")
-            error = final.get("error")
-        except BaseException as exc:
-            status = "cancelled" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
-            error = f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            # Whatever happened above, no grant of this run outlives it.
-            self.issuer.revoke_run(run_id, reason=f"run {status}")
-            self._set_status(run_id, status)
+        with tr.span(f"{tr.INVOKE_WORKFLOW} {self.workflow.name}", {
+            tr.GEN_AI_OPERATION: "invoke_workflow", tr.WORKFLOW: self.workflow.name, tr.RUN_ID: run_id,
+            "scopegraph.resumed": parent is not None,
+        }, context=parent) as root:
+            self._trace_contexts[run_id] = otel_trace.set_span_in_context(root)
+            if isinstance(graph_input, dict):
+                graph_input["trace"] = tr.inject_traceparent()
+            try:
+                final = self.graph.invoke(graph_input, config, durability="sync")
+                if self.graph.get_state(config).interrupts:
+                    status = "paused"
+                else:
+                    status = final.get("status", "failed")
+                error = final.get("error")
+            except BaseException as exc:
+                status = "cancelled" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+                error = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                # Whatever happened above, no grant of this run outlives it.
+                self.revoke_run(run_id, reason=f"run {status}")
+                self._set_status(run_id, status)
+                self.ledger.append("run_paused" if status == "paused" else "run_ended", run_id,
+                                   status=status, error=error)
+                self.ledger.sign_head(self.domain)
+                self._trace_contexts.pop(run_id, None)
+                root.set_attribute(tr.RUN_STATUS, status)
+                if status not in ("completed", "paused"):
+                    tr.set_error(root, status)
         return self.report(run_id, error=error)
 
     def report(self, run_id: str, *, error: str | None = None) -> RunReport:

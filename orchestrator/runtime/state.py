@@ -25,6 +25,7 @@ class RunState(TypedDict, total=False):
     steps: Annotated[dict[str, Any], merge_steps]
     data_labels: Annotated[list[str], union_labels]
     on_denial: str
+    trace: dict[str, str]  # W3C traceparent of the run's first root span
     status: str
     error: str
 

@@ -6,9 +6,9 @@ nothing of LangGraph; the runtime asks it only for its URL and location.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from collections.abc import Callable
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
 
 UseOutcome = Literal["ok", "denied", "error"]
 GrantState = Literal["ok", "unknown", "revoked", "exhausted"]
@@ -44,6 +44,7 @@ class UseRecord:
     decision: str
     policy_ids: tuple[str, ...]
     at: float
+    observed: Mapping[str, Any] = field(default_factory=dict)  # numeric arguments, for narrowing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +65,27 @@ class CallRecord:
     key: str
     status: str  # "started" | "ok" | "error"
     result: str | None  # canonical JSON of the value, when ok
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerRow:
+    seq: int
+    run_id: str
+    kind: str
+    at: float
+    data: str  # canonical JSON
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerHead:
+    """The signed chain head: record ``seq`` had hash ``hash`` when ``domain`` signed it."""
+
+    seq: int
+    hash: str
+    domain: str
+    signature: str
 
 
 class Store(Protocol):
@@ -114,6 +136,19 @@ class Store(Protocol):
         ...
 
     def finish_call(self, key: str, *, status: str, result: str | None, at: float) -> None: ...
+
+    def append_ledger(self, *, run_id: str, kind: str, at: float, data: str,
+                      seal: Callable[[int, str], str]) -> int:
+        """Append atomically: ``seal(seq, prev_hash)`` computes the new record's hash."""
+        ...
+
+    def ledger_rows(self, *, run_id: str | None = None) -> list[LedgerRow]: ...
+
+    def ledger_last(self) -> tuple[int, str] | None: ...
+
+    def save_ledger_head(self, head: LedgerHead) -> None: ...
+
+    def ledger_head(self) -> LedgerHead | None: ...
 
     def upsert_run(self, run: RunRecord) -> None: ...
 

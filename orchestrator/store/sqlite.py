@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import CallRecord, GrantRecord, GrantState, RunRecord, UseRecord
+from .base import CallRecord, GrantRecord, GrantState, LedgerHead, LedgerRow, RunRecord, UseRecord
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +27,7 @@ CREATE INDEX IF NOT EXISTS sg_grants_run ON sg_grants (run_id);
 CREATE TABLE IF NOT EXISTS sg_uses (
     id INTEGER PRIMARY KEY AUTOINCREMENT, jti TEXT NOT NULL, run_id TEXT NOT NULL,
     step_id TEXT NOT NULL, tool TEXT NOT NULL, attempt INTEGER NOT NULL, outcome TEXT NOT NULL,
-    decision TEXT NOT NULL, policy_ids TEXT NOT NULL, at REAL NOT NULL);
+    decision TEXT NOT NULL, policy_ids TEXT NOT NULL, at REAL NOT NULL, observed TEXT NOT NULL DEFAULT '{}');
 CREATE INDEX IF NOT EXISTS sg_uses_run ON sg_uses (run_id);
 CREATE TABLE IF NOT EXISTS sg_approvals (
     id TEXT PRIMARY KEY, run_id TEXT NOT NULL, payload TEXT NOT NULL, seq INTEGER NOT NULL);
@@ -35,6 +35,13 @@ CREATE INDEX IF NOT EXISTS sg_approvals_run ON sg_approvals (run_id);
 CREATE TABLE IF NOT EXISTS sg_calls (
     key TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL, tool TEXT NOT NULL,
     status TEXT NOT NULL, result TEXT, started_at REAL NOT NULL, finished_at REAL);
+CREATE TABLE IF NOT EXISTS sg_ledger (
+    seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, kind TEXT NOT NULL, at REAL NOT NULL,
+    data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS sg_ledger_run ON sg_ledger (run_id);
+CREATE TABLE IF NOT EXISTS sg_ledger_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL,
+    domain TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sg_runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, target TEXT NOT NULL,
     initiator TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
@@ -166,20 +173,22 @@ class SqliteStore:
         with self._tx() as c:
             c.execute(
                 "INSERT INTO sg_uses (jti, run_id, step_id, tool, attempt, outcome, decision, "
-                "policy_ids, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "policy_ids, at, observed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (use.jti, use.run_id, use.step_id, use.tool, use.attempt, use.outcome,
-                 use.decision, json.dumps(list(use.policy_ids)), use.at),
+                 use.decision, json.dumps(list(use.policy_ids)), use.at,
+                 json.dumps(dict(use.observed), default=str)),
             )
 
     def uses_for_run(self, run_id: str) -> list[UseRecord]:
         rows = self._read(
-            "SELECT jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at "
+            "SELECT jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at, observed "
             "FROM sg_uses WHERE run_id = ? ORDER BY id",
             (run_id,),
         )
         return [
             UseRecord(jti=r[0], run_id=r[1], step_id=r[2], tool=r[3], attempt=r[4],  # type: ignore[arg-type]
-                      outcome=r[5], decision=r[6], policy_ids=tuple(json.loads(r[7])), at=r[8])  # type: ignore[arg-type]
+                      outcome=r[5], decision=r[6], policy_ids=tuple(json.loads(r[7])), at=r[8],  # type: ignore[arg-type]
+                      observed=json.loads(r[9]))  # type: ignore[arg-type]
             for r in rows
         ]
 
@@ -232,6 +241,48 @@ class SqliteStore:
         with self._tx() as c:
             c.execute("UPDATE sg_calls SET status = ?, result = ?, finished_at = ? WHERE key = ?",
                       (status, result, at, key))
+
+    # ledger ---------------------------------------------------------------------------
+    def append_ledger(self, *, run_id: str, kind: str, at: float, data: str,
+                      seal: Callable[[int, str], str]) -> int:
+        with self._tx() as c:
+            last = c.execute("SELECT seq, hash FROM sg_ledger ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (last[0] + 1, last[1]) if last else (1, "0" * 64)
+            c.execute(
+                "INSERT INTO sg_ledger (seq, run_id, kind, at, data, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, run_id, kind, at, data, prev, seal(seq, prev)),
+            )
+            return int(seq)
+
+    def ledger_rows(self, *, run_id: str | None = None) -> list[LedgerRow]:
+        sql = "SELECT seq, run_id, kind, at, data, prev_hash, hash FROM sg_ledger"
+        rows = (self._read(sql + " WHERE run_id = ? ORDER BY seq", (run_id,)) if run_id is not None
+                else self._read(sql + " ORDER BY seq"))
+        return [LedgerRow(seq=r[0], run_id=r[1], kind=r[2], at=r[3], data=r[4],  # type: ignore[arg-type]
+                          prev_hash=r[5], hash=r[6]) for r in rows]  # type: ignore[arg-type]
+
+    def ledger_last(self) -> tuple[int, str] | None:
+        rows = self._read("SELECT seq, hash FROM sg_ledger ORDER BY seq DESC LIMIT 1")
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None  # type: ignore[call-overload]
+
+    def save_ledger_head(self, head: LedgerHead) -> None:
+        with self._tx() as c:
+            # Never move the signed head backwards: a slower signer must not undo a newer one.
+            c.execute(
+                "INSERT INTO sg_ledger_head (id, seq, hash, domain, signature) VALUES (1, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+                "domain = excluded.domain, signature = excluded.signature "
+                "WHERE excluded.seq >= sg_ledger_head.seq",
+                (head.seq, head.hash, head.domain, head.signature),
+            )
+
+    def ledger_head(self) -> LedgerHead | None:
+        rows = self._read("SELECT seq, hash, domain, signature FROM sg_ledger_head WHERE id = 1")
+        if not rows:
+            return None
+        r = rows[0]
+        return LedgerHead(seq=r[0], hash=r[1], domain=r[2], signature=r[3])  # type: ignore[arg-type]
 
     # runs ---------------------------------------------------------------------------
     def upsert_run(self, run: RunRecord) -> None:

@@ -1,0 +1,130 @@
+"""Span names, attribute keys and metric instruments: the one place they are spelled.
+
+Library code uses the OpenTelemetry API only; applications (the CLI, examples, tests)
+configure the SDK and exporters (see ``orchestrator.telemetry``). Names follow the
+GenAI semantic conventions where they exist; what they lack (decisions, grants,
+approvals) sits under ``scopegraph.*``. Tokens and keys never become attributes:
+grants appear by their ``jti`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+TRACER_NAME = "scopegraph"
+
+# span names
+INVOKE_WORKFLOW = "invoke_workflow"          # + " {workflow}"
+INVOKE_AGENT = "invoke_agent"                # + " {agent}"
+EXECUTE_TOOL = "execute_tool"                # + " {tool}"
+GRANT_MINT = "scopegraph.grant.mint"
+GRANT_REVOKE = "scopegraph.grant.revoke"
+DECIDE = "scopegraph.decide"
+APPROVAL_WAIT = "scopegraph.approval.wait"
+TOOL_CALL = "scopegraph.tool.call"
+
+# GenAI semantic convention attributes
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_AGENT_ID = "gen_ai.agent.id"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"
+GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
+GEN_AI_TOOL_TYPE = "gen_ai.tool.type"
+
+# scopegraph attributes
+WORKFLOW = "scopegraph.workflow"
+RUN_ID = "scopegraph.run.id"
+RUN_STATUS = "scopegraph.run.status"
+STEP_ID = "scopegraph.step.id"
+SPIFFE_ID = "scopegraph.spiffe_id"
+GRANT_ID = "scopegraph.grant.id"
+GRANT_EXPIRES_AT = "scopegraph.grant.expires_at"
+DECISION = "scopegraph.decision"
+POLICY_IDS = "scopegraph.decision.policy_ids"
+DECISION_REASON = "scopegraph.decision.reason"
+RISK = "scopegraph.tool.risk"
+DATA_LABELS = "scopegraph.data_labels"
+APPROVAL_ID = "scopegraph.approval.id"
+APPROVER = "scopegraph.approval.approver"
+APPROVAL_STATUS = "scopegraph.approval.status"
+ATTEMPT = "scopegraph.attempt"
+CALL_STATUS = "scopegraph.call.status"
+REVOKED_COUNT = "scopegraph.grant.revoked_count"
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def tracer() -> trace.Tracer:
+    # Looked up per use so an application may set the provider after importing us.
+    return trace.get_tracer(TRACER_NAME)
+
+
+@contextmanager
+def span(name: str, attributes: Mapping[str, Any] | None = None, *,
+         context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
+    """A span that records an exception as an error status and re-raises it."""
+    with tracer().start_as_current_span(name, context=context, kind=kind,
+                                        attributes=_clean(attributes or {}),
+                                        record_exception=False, set_status_on_exception=False) as s:
+        try:
+            yield s
+        except BaseException as exc:
+            s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}"))
+            raise
+
+
+def set_error(s: Span, description: str) -> None:
+    s.set_status(Status(StatusCode.ERROR, description))
+
+
+def inject_traceparent() -> dict[str, str]:
+    """The current span context as W3C headers, to persist with a run."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str] | None) -> Context | None:
+    if not carrier:
+        return None
+    return _propagator.extract(dict(carrier))
+
+
+def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, set, frozenset)):
+            out[key] = [str(v) for v in value]
+        elif isinstance(value, (str, bool, int, float)):
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out
+
+
+class Metrics:
+    """The instruments scopegraph records, through the OpenTelemetry metrics API."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter(TRACER_NAME)
+        self.decisions = meter.create_counter(
+            "scopegraph.decisions", unit="{decision}", description="Tool-call decisions by outcome and policy")
+        self.denials = meter.create_counter(
+            "scopegraph.denials", unit="{decision}", description="Denied calls by reason class")
+        self.grants_minted = meter.create_counter(
+            "scopegraph.grants.minted", unit="{grant}", description="Grants minted")
+        self.grants_revoked = meter.create_counter(
+            "scopegraph.grants.revoked", unit="{grant}", description="Grants revoked")
+        self.approval_wait = meter.create_histogram(
+            "scopegraph.approval.wait", unit="s", description="Time from approval request to answer")
+        self.tool_latency = meter.create_histogram(
+            "scopegraph.tool.duration", unit="s", description="Tool execution time")
