@@ -102,6 +102,9 @@ class Range(_Constraint):
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
+        for bound in (self.min, self.max):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"range bound {bound!r} must be a finite number")
         if self.min is None and self.max is None:
             raise ValueError("a range needs min, max or both")
         if self.min is not None and self.max is not None and self.min > self.max:

@@ -40,8 +40,14 @@ class ToolError(ScopegraphError):
     """A tool is declared or called incorrectly."""
 
 
-class UnknownToolError(ToolError):
-    """A tool name is not registered in the workflow."""
+class UnknownToolError(ToolError, KeyError):
+    """A tool name is not registered in the workflow.
+
+    Also a ``KeyError``, so the tool registry honours the ``Mapping`` protocol.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown tool"
 
 
 class ToolArgumentsError(ToolError):

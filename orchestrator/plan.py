@@ -19,7 +19,7 @@ from .constraints import Constraint, Exact, OneOf
 from .errors import PlanError, UnknownToolError
 from .tools import ToolRegistry
 
-_STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class Step(BaseModel):

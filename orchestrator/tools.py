@@ -82,11 +82,16 @@ def tool(
     trusts with confidential data (policy may use it).
     """
 
+    try:
+        tier = Risk(risk)
+    except ValueError:
+        raise ToolError(f"unknown risk tier {risk!r}: use 'read', 'write' or 'egress'") from None
+
     def wrap(f: Callable[..., Any]) -> Tool:
         return _build_tool(
             f,
             name=name or f.__name__,
-            risk=Risk(risk),
+            risk=tier,
             labels=frozenset(labels),
             accepts_confidential=accepts_confidential,
         )
@@ -158,7 +163,7 @@ class ToolRegistry(Mapping[str, Tool]):
             raise UnknownToolError(f"unknown tool {name!r}") from None
 
     def __getitem__(self, name: str) -> Tool:
-        return self.get_tool(name)
+        return self.get_tool(name)  # UnknownToolError is a KeyError: ``in`` and ``.get`` work
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tools)

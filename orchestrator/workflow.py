@@ -15,7 +15,7 @@ from .gateway import RetrySettings
 from .roles import Executor, Planner
 from .tools import Tool, ToolRegistry
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 
 
 @dataclass(kw_only=True)
