@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_id")
     resume.add_argument("--json", action="store_true", help="print the run record as JSON")
     resume.add_argument("--workflow", dest="target", help="MODULE:ATTR (default: the one the run started with)")
+    resume.add_argument("--traces", metavar="PATH", help="JSONL file for spans (see run)")
 
     approvals = sub.add_parser("approvals", help="list or show approval requests")
     asub = approvals.add_subparsers(dest="approvals_command", required=True, parser_class=_Parser)
@@ -83,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="propose different arguments instead: a new call, decided and approved anew")
     deny.add_argument("--json", action="store_true")
 
+    audit = sub.add_parser("audit", help="audit ledger commands")
+    audsub = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    verify = audsub.add_parser("verify", help="verify the ledger's hash chain and signed head")
+    verify.add_argument("--run", help="also require records of this run")
+    verify.add_argument("--json", action="store_true")
+
+    trace_cmd = sub.add_parser("trace", help="show a run as a tree: identities, decisions, approvals")
+    trace_cmd.add_argument("run_id")
+    trace_cmd.add_argument("--json", action="store_true")
+
+    report = sub.add_parser("report", help="granted versus used, denials, approvals, proposed narrowing")
+    report.add_argument("--workflow", help="only this workflow")
+    report.add_argument("--json", action="store_true")
+
     bundle = sub.add_parser("bundle", help="print the trust bundle's public keys")
     bundle.add_argument("target", nargs="?", default=DEMO_TARGET,
                         help="workflow whose trust domain to show (default: the demo)")
@@ -99,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.add_argument("--traces", metavar="PATH",
+                   help="JSONL file for spans when no OTLP exporter is configured "
+                        "(default: traces.jsonl beside the SQLite store)")
     p.add_argument("--as", dest="initiator", default=_default_user(), help="who starts the run")
 
 
@@ -118,21 +136,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "demo":
-        return _run(DEMO_TARGET, _demo_task(), args)
-    if args.command == "run":
-        return _run(args.target, args.task, args)
-    if args.command == "resume":
-        return _resume(args)
+    if args.command in ("demo", "run", "resume"):
+        shutdown = _telemetry(args)
+        try:
+            if args.command == "demo":
+                return _run(DEMO_TARGET, _demo_task(), args)
+            if args.command == "run":
+                return _run(args.target, args.task, args)
+            return _resume(args)
+        finally:
+            shutdown()
     if args.command == "approvals":
         return _approvals(args)
     if args.command in ("approve", "deny"):
         return _answer(args)
+    if args.command == "audit":
+        return _audit_verify(args)
+    if args.command == "trace":
+        return _trace(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "bundle":
         return _bundle(args)
     if args.command == "policy":
         return _policy_validate(args)
     raise UsageError(f"scopegraph: unknown command {args.command!r}")  # pragma: no cover
+
+
+def _telemetry(args: argparse.Namespace) -> Any:
+    """Spans go to OTLP when ``OTEL_*`` says so, else to a JSONL file beside the store."""
+    from .telemetry import configure
+
+    path = args.traces
+    if path is None and args.store.startswith("sqlite:///"):
+        path = os.path.join(os.path.dirname(args.store[len("sqlite:///"):]) or ".", "traces.jsonl")
+    return configure(jsonl_path=path or None)
 
 
 def _demo_task() -> str:
@@ -196,10 +234,12 @@ def _resume(args: argparse.Namespace) -> int:
 def _approval_service(args: argparse.Namespace) -> Any:
     from .approvals import ApprovalService
     from .clock import SystemClock
+    from .ledger import Ledger
     from .store import open_store
 
     store = open_store(args.store)
-    return store, ApprovalService(store, clock=SystemClock())
+    clock = SystemClock()
+    return store, ApprovalService(store, clock=clock, ledger=Ledger(store, clock=clock))
 
 
 def _approvals(args: argparse.Namespace) -> int:
@@ -255,6 +295,51 @@ def _answer(args: argparse.Namespace) -> int:
         left = a.required_approvals - len(a.approvers)
         more = f"; {left} more approver(s) needed" if a.status == "pending" else ""
         print(f"{a.id} {a.status}{more}. Continue the run with: scopegraph resume {a.run_id}")
+    return EXIT_OK
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .clock import SystemClock
+    from .ledger import Ledger
+    from .store import open_store
+
+    store = open_store(args.store)
+    try:
+        result = Ledger(store, clock=SystemClock()).verify(run_id=args.run)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    elif result.ok:
+        print(f"ok: {result.records} records, hash chain intact, head signed at record {result.signed_seq}")
+    else:
+        print(f"TAMPERED: {result.problem}")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .store import open_store
+    from .trace_view import build_trace, render_trace
+
+    store = open_store(args.store)
+    try:
+        view = build_trace(store, args.run_id)
+    finally:
+        store.close()
+    print(json.dumps(view, indent=2) if args.json else render_trace(view))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .store import open_store
+    from .usage_report import build_report, render_report
+
+    store = open_store(args.store)
+    try:
+        view = build_report(store, workflow=args.workflow)
+    finally:
+        store.close()
+    print(json.dumps(view, indent=2) if args.json else render_report(view))
     return EXIT_OK
 
 
