@@ -78,9 +78,13 @@ class ApprovalRequest(BaseModel):
         return [v.approver for v in self.approvals]
 
 
-def approval_id(run_id: str, step_id: str, digest: str) -> str:
-    """Deterministic, so a step re-run after a crash finds its request instead of a twin."""
-    return "apr_" + sha256_hex(f"{run_id}\0{step_id}\0{digest}")[:24]
+def approval_id(run_id: str, step_id: str, digest: str, sequence: int = 0) -> str:
+    """Deterministic, so a step re-run after a crash finds its request instead of a twin.
+
+    ``sequence`` counts the step's earlier requests: asking again for the same call (say
+    after a transient failure spent the first approval) makes a new request.
+    """
+    return "apr_" + sha256_hex(f"{run_id}\0{step_id}\0{digest}\0{sequence}")[:24]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,9 @@ authority on revocation and remaining uses.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ CLOCK_SKEW_SECONDS = 5.0
 DEFAULT_MAX_USES = 3
 
 _CONSTRAINTS = TypeAdapter(dict[str, Constraint])
+_SIGNED_CACHE_SIZE = 4096
 
 
 def audience_for(tool: str) -> str:
@@ -84,7 +87,11 @@ class GrantIssuer:
         self.clock = clock
         self.ttl = ttl
         self.max_uses = max_uses
-
+        # Tokens this issuer signed, by their exact text: presenting one again skips the
+        # signature check (it cannot be forged into the cache), never the time, audience,
+        # revocation or use checks. Bounded; entries leave when their grant is revoked.
+        self._signed: OrderedDict[str, Grant] = OrderedDict()
+        self._signed_lock = threading.Lock()
     def mint(
         self,
         *,
@@ -119,11 +126,16 @@ class GrantIssuer:
             jti=jti, run_id=run_id, step_id=step_id, tool=tool, subject=str(subject),
             issued_at=now, expires_at=now + self.ttl, max_uses=self.max_uses,
         ))
-        return Grant(
+        grant = Grant(
             jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
-            constraints=serial, issued_at=now, expires_at=now + self.ttl, max_uses=self.max_uses,
-            act=dict(act), _token=token,
+            constraints=_CONSTRAINTS.validate_python(serial), issued_at=now, expires_at=now + self.ttl,
+            max_uses=self.max_uses, act=dict(act), _token=token,
         )
+        with self._signed_lock:
+            self._signed[token] = grant
+            while len(self._signed) > _SIGNED_CACHE_SIZE:
+                self._signed.popitem(last=False)
+        return grant
 
     def verify(self, token: str, *, tool: str) -> Grant:
         """Check signature, issuer, audience and lifetime; return the grant's claims.
@@ -136,6 +148,9 @@ class GrantIssuer:
         """
         if not isinstance(token, str) or not token:
             raise GrantError(f"no grant presented for tool {tool!r}")
+        known = self._signed.get(token)
+        if known is not None:
+            return self._check_known(known, tool)
         try:
             claims = jwt.decode(
                 token,
@@ -176,6 +191,21 @@ class GrantIssuer:
             raise GrantError(f"grant is not for tool {tool!r}")
         return grant
 
+    def _check_known(self, grant: Grant, tool: str) -> Grant:
+        if grant.tool != tool:
+            raise GrantError(f"grant is not for tool {tool!r}")
+        now = self.clock.now()
+        if now > grant.expires_at + CLOCK_SKEW_SECONDS:
+            raise GrantExpiredError(f"grant {grant.jti!r} expired")
+        if now + CLOCK_SKEW_SECONDS < grant.issued_at:
+            raise GrantError(f"grant {grant.jti!r} is not valid yet")
+        return grant
+
+    def _forget(self, jti: str) -> None:
+        with self._signed_lock:
+            for token in [t for t, g in self._signed.items() if g.jti == jti]:
+                del self._signed[token]
+
     def consume_use(self, grant: Grant) -> None:
         """Take one use of ``grant``, atomically with the revocation check.
 
@@ -194,7 +224,11 @@ class GrantIssuer:
         raise GrantError(f"grant {grant.jti!r} is unknown to the store")
 
     def revoke(self, jti: str, *, reason: str) -> bool:
+        self._forget(jti)
         return self.store.revoke_grant(jti, reason=reason, at=self.clock.now())
 
     def revoke_run(self, run_id: str, *, reason: str) -> int:
+        with self._signed_lock:
+            for token in [t for t, g in self._signed.items() if g.run_id == run_id]:
+                del self._signed[token]
         return self.store.revoke_run(run_id, reason=reason, at=self.clock.now())

@@ -185,18 +185,27 @@ class Gateway:
                                  tr.SPIFFE_ID: str(ctx.principal), tr.ATTEMPT: attempt,
                                  tr.DATA_LABELS: sorted(ctx.data_labels),
                                  tr.APPROVAL_ID: approval_id}) as decide_span:
-            try:
-                tool, grant, normalized, decision = self._authorize(
-                    token, tool_name, arguments, ctx, attempt, approval_id, key)
-            except _Denied as denied:
-                self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, denied.decision,
-                              None, arguments)
-                return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
-                                  decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
-            self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
+            # One transaction for the use taken, the approval consumed, the decision's
+            # records and the idempotency key: they land together or not at all.
+            with self.store.atomic():
+                try:
+                    tool, grant, normalized, decision = self._authorize(
+                        token, tool_name, arguments, ctx, attempt, approval_id, key)
+                except _Denied as denied:
+                    self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, denied.decision,
+                                  None, arguments)
+                    return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
+                                      decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
+                self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
+                earlier = None
+                if decision.outcome == "allow" and key is not None:
+                    earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
+                                                    tool=tool_name, at=self.clock.now())
         if decision.outcome == "needs_approval":
             return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
                               decision=decision, attempts=attempt, grant_id=grant.jti)
+        if earlier is not None:
+            return self._replay(earlier, tool, grant, normalized, decision, attempt)
         with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool_name, tr.GRANT_ID: grant.jti,
                                     tr.ATTEMPT: attempt, tr.RISK: tool.risk.value}) as call_span:
             result = self._execute(tool, grant, normalized, decision, ctx, attempt, key)
@@ -207,11 +216,6 @@ class Gateway:
 
     def _execute(self, tool: Tool, grant: Grant, normalized: dict[str, Any], decision: Decision,
                  ctx: CallContext, attempt: int, key: str | None) -> CallResult:
-        if key is not None:
-            earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
-                                            tool=tool.name, at=self.clock.now())
-            if earlier is not None:
-                return self._replay(earlier, tool, grant, normalized, decision, attempt)
         started = time.perf_counter()
         try:
             value = _run(tool, normalized)
@@ -262,16 +266,17 @@ class Gateway:
                 started: float, key: str | None, result_json: str | None) -> None:
         """Account for one execution: idempotency record, use record, metrics, ledger."""
         elapsed = time.perf_counter() - started
-        self._finish(key, status, stored)
-        self._record(grant.jti, ctx, tool.name, attempt, status, decision, normalized)
         self.metrics.tool_latency.record(elapsed, {"tool": tool.name, "status": status})
-        if self.ledger is not None:
-            self.ledger.append(
-                "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
-                attempt=attempt, status=status, arguments_digest=_digest(normalized),
-                result_digest=sha256_hex(result_json) if result_json is not None else None,
-                duration_ms=round(elapsed * 1000, 3),
-            )
+        with self.store.atomic():
+            self._finish(key, status, stored)
+            self._record(grant.jti, ctx, tool.name, attempt, status, decision, normalized)
+            if self.ledger is not None:
+                self.ledger.append(
+                    "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
+                    attempt=attempt, status=status, arguments_digest=_digest(normalized),
+                    result_digest=sha256_hex(result_json) if result_json is not None else None,
+                    duration_ms=round(elapsed * 1000, 3),
+                )
 
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
                 decision: Decision, attempt: int) -> CallResult:

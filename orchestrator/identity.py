@@ -86,21 +86,28 @@ class SigningKey:
 
 
 class Svid:
-    """A proved identity: the SPIFFE ID plus its JWT-SVID and X.509-SVID.
+    """A proved identity: the SPIFFE ID with its JWT-SVID and X.509-SVID.
 
-    The X.509-SVID is built on first access: steps that only present JWTs never pay
-    for certificate generation, yet every identity can produce one.
+    Both documents are made on first access and then kept: a step that never presents
+    its identity to a third party never pays for signing them, yet every identity can
+    produce both, valid for the same window.
     """
 
-    def __init__(self, spiffe_id: SpiffeId, jwt_svid: str, domain: TrustDomain, expires_at: float) -> None:
+    def __init__(self, spiffe_id: SpiffeId, domain: TrustDomain, issued_at: float, expires_at: float) -> None:
         self.spiffe_id = spiffe_id
-        self._jwt = jwt_svid
         self._domain = domain
+        self.issued_at = issued_at
         self.expires_at = expires_at
+        self._jwt: str | None = None
         self._x509: tuple[x509.Certificate, Ed25519PrivateKey] | None = None
 
     def danger_jwt(self) -> str:
         """The JWT-SVID token. Never log or trace it."""
+        if self._jwt is None:
+            self._jwt = self._domain.sign({
+                "iss": self._domain.issuer, "sub": str(self.spiffe_id), "aud": [JWT_SVID_AUDIENCE],
+                "iat": int(self.issued_at), "exp": int(self.expires_at), "jti": uuid.uuid4().hex,
+            })
         return self._jwt
 
     @property
@@ -108,6 +115,12 @@ class Svid:
         if self._x509 is None:
             self._x509 = self._domain.issue_x509_svid(self.spiffe_id, self.expires_at)
         return self._x509[0]
+
+    def danger_x509_private_key(self) -> Ed25519PrivateKey:
+        """The X.509-SVID's private key, for a TLS client. Never log it."""
+        self.x509_certificate  # noqa: B018 - builds the pair on first use
+        assert self._x509 is not None
+        return self._x509[1]
 
     def __repr__(self) -> str:
         return f"Svid({str(self.spiffe_id)!r}, token=<redacted>)"
@@ -140,12 +153,7 @@ class TrustDomain:
         if spiffe_id.trust_domain != self.name:
             raise IdentityError(f"{spiffe_id} is not in trust domain {self.name!r}")
         now = self.clock.now()
-        exp = now + ttl
-        token = self.sign({
-            "iss": self.issuer, "sub": str(spiffe_id), "aud": [JWT_SVID_AUDIENCE],
-            "iat": int(now), "exp": int(exp), "jti": uuid.uuid4().hex,
-        })
-        return Svid(spiffe_id, token, self, exp)
+        return Svid(spiffe_id, self, now, now + ttl)
 
     def verify_jwt_svid(self, token: str, *, audience: str = JWT_SVID_AUDIENCE) -> SpiffeId:
         """Raises:

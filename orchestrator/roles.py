@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .canonical import canonical_json, sha256_hex
 from .gateway import CallContext, CallResult, Gateway
-from .identity import SpiffeId
+from .identity import SpiffeId, Svid
 from .plan import Plan, Step
 
 
@@ -86,6 +86,7 @@ class StepContext:
     step: Step
     plan: Plan
     identity: SpiffeId
+    svid: Svid = field(repr=False)  # the step's JWT-SVID / X.509-SVID, to prove who it is
     dependencies: Mapping[str, Any]
     tools: ToolHandle = field(repr=False)
     data_labels: frozenset[str] = frozenset()

@@ -29,7 +29,7 @@ from ..canonical import action_digest, canonical_json, sha256_hex
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
 from ..gateway import CallContext, CallResult
-from ..identity import SpiffeId
+from ..identity import SpiffeId, Svid
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..roles import NeedsApproval, PlanningContext, StepContext, ToolHandle
 from .state import RunState, StepInput
@@ -117,31 +117,36 @@ def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
     return rt.domain.id("wf", rt.workflow.name, "run", run_id, "step", step_id, "executor")
 
 
-def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Grant:
+def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tuple[Svid, Grant]:
     with tr.span(tr.GRANT_MINT, {tr.SPIFFE_ID: str(identity), tr.STEP_ID: step.id,
                                  tr.GEN_AI_TOOL_NAME: step.tool}) as s:
-        rt.domain.issue_svid(identity)  # the step's proof of identity, short-lived like its grant
-        grant = rt.issuer.mint(
-            subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
-            workflow=rt.workflow.name, constraints=step.constraints,
-            act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
-        )
+        # The step's proof of identity lives no longer than its grant.
+        svid = rt.domain.issue_svid(identity, ttl=rt.workflow.grant_ttl)
+        with rt.store.atomic():  # the grant and its audit record land together
+            grant = rt.issuer.mint(
+                subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
+                workflow=rt.workflow.name, constraints=step.constraints,
+                act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
+            )
+            rt.ledger.append("grant_minted", payload["run_id"], step_id=step.id, grant_id=grant.jti,
+                             spiffe_id=str(identity), tool=step.tool, expires_at=grant.expires_at,
+                             max_uses=grant.max_uses,
+                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
+                             act=dict(grant.act))
         s.set_attribute(tr.GRANT_ID, grant.jti)
         s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
     rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
-    rt.ledger.append("grant_minted", payload["run_id"], step_id=step.id, grant_id=grant.jti,
-                     spiffe_id=str(identity), tool=step.tool, expires_at=grant.expires_at,
-                     max_uses=grant.max_uses, constraints=dict(grant.constraints),
-                     act=dict(grant.act))
-    return grant
+    return svid, grant
 
 
 def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant) -> None:
-    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}):
+    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}), rt.store.atomic():
         revoked = rt.issuer.revoke(grant.jti, reason="step ended")
+        if revoked:
+            rt.ledger.append("grant_revoked", run_id, step_id=step.id, grant_id=grant.jti,
+                             reason="step ended")
     if revoked:
         rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
-        rt.ledger.append("grant_revoked", run_id, step_id=step.id, grant_id=grant.jti, reason="step ended")
 
 
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
@@ -177,7 +182,7 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
 
 
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
-    grant = _mint(rt, payload, step, identity)
+    svid, grant = _mint(rt, payload, step, identity)
     labels = frozenset(payload["data_labels"])
     ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
                       principal=identity, data_labels=labels)
@@ -186,7 +191,7 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
                               "grant_id": grant.jti, "grant_ids": [grant.jti]}
     try:
         rt.workflow.executor.execute(StepContext(
-            step=step, plan=plan, identity=identity, dependencies=payload["dependencies"],
+            step=step, plan=plan, identity=identity, svid=svid, dependencies=payload["dependencies"],
             tools=handle, data_labels=labels,
         ))
         record.update(_outcome(handle.calls, step.tool))
@@ -214,8 +219,9 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
                            arguments=dict(result.arguments), policy_version=rt.policy.version)
     now = rt.clock.now()
     tool = wf.registry.get_tool(result.tool)
+    sequence = len(payload["record"].get("approval_ids") or [])
     request = rt.approvals.request(ApprovalRequest(
-        id=approval_id(payload["run_id"], step.id, digest), run_id=payload["run_id"],
+        id=approval_id(payload["run_id"], step.id, digest, sequence), run_id=payload["run_id"],
         step_id=step.id, workflow=wf.name, initiator=payload["initiator"], requester=str(identity),
         tool=result.tool, arguments=dict(result.arguments), digest=digest,
         policy_version=rt.policy.version, risk=tool.risk.value,
@@ -285,7 +291,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
     # new action, decided by policy from scratch (and usually needing their own approval).
     arguments = approval.arguments if state in ("approved", "consumed") else approval.proposed_arguments
-    grant = _mint(rt, payload, step, identity)
+    _, grant = _mint(rt, payload, step, identity)
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
     ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,

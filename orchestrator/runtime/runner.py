@@ -8,6 +8,7 @@ run ends, whether it completes, pauses, fails, raises or is cancelled.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import uuid
 from typing import Any
@@ -32,6 +33,9 @@ from ..store import RunRecord, SqliteStore, Store, open_store
 from ..workflow import Workflow
 from .graph import build_graph
 from .report import CallReport, RunReport, StepReport
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class Runtime:
@@ -86,7 +90,7 @@ class Runtime:
         if not task or not task.strip():
             raise ConfigError("the task is empty")
         run_id = run_id or uuid.uuid4().hex
-        if not run_id.replace("-", "").replace("_", "").isalnum():
+        if not _RUN_ID.match(run_id):
             raise ConfigError(f"invalid run id {run_id!r}")
         if self.store.get_run(run_id) is not None:
             raise ConfigError(f"run {run_id!r} exists already; use resume")
@@ -130,13 +134,13 @@ class Runtime:
         parent = tr.extract_context(snapshot.values.get("trace"))
         if snapshot.interrupts:
             now = self.clock.now()
-            answers = {}
-            for intr in snapshot.interrupts:
-                approval = self.approvals.get(intr.value["approval_id"])
-                if approval.effective_status(now) != "pending":
-                    answers[intr.id] = approval.id
-            if not answers:
+            waiting = {intr.id: self.approvals.get(intr.value["approval_id"]) for intr in snapshot.interrupts}
+            if all(a.effective_status(now) == "pending" for a in waiting.values()):
                 return self.report(run_id)  # still waiting: nothing answered yet
+            # Every interrupt is resumed by its own id. An approval node whose request is
+            # still pending returns unchanged, so steps that do not depend on it can run
+            # before the run pauses again for it.
+            answers = {intr_id: a.id for intr_id, a in waiting.items()}
             return self._drive(run_id, Command(resume=answers), parent)
         return self._drive(run_id, None, parent)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
 UseOutcome = Literal["ok", "denied", "error"]
@@ -93,6 +94,10 @@ class Store(Protocol):
 
     url: str
 
+    def atomic(self) -> AbstractContextManager[None]:
+        """A transaction that nested store calls (from this thread) join."""
+        ...
+
     def load_signing_key(self, name: str) -> bytes | None: ...
 
     def save_signing_key(self, name: str, private_pem: bytes, created_at: float) -> bytes:
@@ -155,3 +160,8 @@ class Store(Protocol):
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
     def close(self) -> None: ...
+
+    # operator views (read-only queries for ``trace_view`` and ``usage_report``) ----------
+    def list_runs(self, *, workflow: str | None = None) -> list[RunRecord]:
+        """Every run, oldest first; only ``workflow``'s runs when it is given."""
+        ...

@@ -55,7 +55,9 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # Only the thread holding the (reentrant) lock touches this: no other guard needed.
+        self._depth = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(
@@ -74,15 +76,34 @@ class SqliteStore:
             raise StoreError(f"cannot open store {self.url!r}: {exc}") from exc
 
     @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Group several store calls into one transaction: all of them land, or none.
+
+        Nested ``atomic`` blocks and the store's own methods join the outermost one.
+        """
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._depth:  # already inside this thread's transaction: join it
+                self._depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth -= 1
+                return
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
+                self._depth = 1
                 try:
                     yield self._conn
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
+                finally:
+                    self._depth = 0
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.url!r} failed: {exc}") from exc
@@ -313,6 +334,16 @@ class SqliteStore:
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.url!r})"
+
+    # operator views (read-only queries for ``trace_view`` and ``usage_report``) ----------
+    def list_runs(self, *, workflow: str | None = None) -> list[RunRecord]:
+        sql = ("SELECT run_id, workflow, target, initiator, status, created_at, updated_at "
+               "FROM sg_runs")
+        rows = (self._read(sql + " WHERE workflow = ? ORDER BY created_at, run_id", (workflow,))
+                if workflow is not None else self._read(sql + " ORDER BY created_at, run_id"))
+        return [RunRecord(run_id=r[0], workflow=r[1], target=r[2], initiator=r[3],  # type: ignore[arg-type]
+                          status=r[4], created_at=r[5], updated_at=r[6])  # type: ignore[arg-type]
+                for r in rows]
 
 
 def _state(row: tuple[object, ...] | None) -> GrantState:
