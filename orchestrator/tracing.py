@@ -61,16 +61,20 @@ REVOKED_COUNT = "scopegraph.grant.revoked_count"
 _propagator = TraceContextTextMapPropagator()
 
 
+# A proxy until the application installs a provider, then it delegates to the real one,
+# so it is safe to create at import time.
+_TRACER = trace.get_tracer(TRACER_NAME)
+
+
 def tracer() -> trace.Tracer:
-    # Looked up per use so an application may set the provider after importing us.
-    return trace.get_tracer(TRACER_NAME)
+    return _TRACER
 
 
 @contextmanager
 def span(name: str, attributes: Mapping[str, Any] | None = None, *,
          context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
     """A span that records an exception as an error status and re-raises it."""
-    with tracer().start_as_current_span(name, context=context, kind=kind,
+    with _TRACER.start_as_current_span(name, context=context, kind=kind,
                                         attributes=_clean(attributes or {}),
                                         record_exception=False, set_status_on_exception=False) as s:
         try:

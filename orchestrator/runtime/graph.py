@@ -47,7 +47,7 @@ def build_graph(rt: Runtime) -> StateGraph:
     graph.add_node("finish", lambda state: _finish(rt, state))
     graph.add_edge(START, "plan")
     graph.add_conditional_edges("plan", _after_plan, ["schedule", "finish"])
-    graph.add_conditional_edges("schedule", _route, ["step", "approval", "finish"])
+    graph.add_conditional_edges("schedule", lambda state: _route(rt, state), ["step", "approval", "finish"])
     graph.add_edge("step", "schedule")
     graph.add_edge("approval", "schedule")
     graph.add_edge("finish", END)
@@ -85,8 +85,8 @@ def _after_plan(state: RunState) -> str:
     return "finish" if state.get("status") == "failed" else "schedule"
 
 
-def _route(state: RunState) -> list[Send] | str:
-    plan = Plan.model_validate(state["plan"])
+def _route(rt: Runtime, state: RunState) -> list[Send] | str:
+    plan = rt.plan_for(state["run_id"], state["plan"])
     steps = state.get("steps") or {}
     statuses = {sid: s["status"] for sid, s in steps.items()}
     human_denied = any(s.get("denied_by") for s in steps.values())
@@ -172,7 +172,7 @@ def _close_step_span(s: Any, record: dict[str, Any]) -> None:
 
 
 def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
-    plan = Plan.model_validate(payload["plan"])
+    plan = rt.plan_for(payload["run_id"], payload["plan"])
     step = plan.step(payload["step_id"])
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
@@ -249,7 +249,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     state = approval.effective_status(rt.clock.now())
     if state == "pending":
         return {}  # e.g. one of two required approvers so far: ask again
-    plan = Plan.model_validate(payload["plan"])
+    plan = rt.plan_for(payload["run_id"], payload["plan"])
     step = plan.step(payload["step_id"])
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:

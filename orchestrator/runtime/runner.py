@@ -68,6 +68,7 @@ class Runtime:
                                store=self.store, clock=self.clock, retry=workflow.retry,
                                approvals=self.approvals, ledger=self.ledger, metrics=self.metrics)
         self._trace_contexts: dict[str, Context] = {}
+        self._plans: dict[str, tuple[Any, Plan]] = {}
         self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
         self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
 
@@ -144,6 +145,19 @@ class Runtime:
             return self._drive(run_id, Command(resume=answers), parent)
         return self._drive(run_id, None, parent)
 
+    def plan_for(self, run_id: str, data: dict[str, Any]) -> Plan:
+        """The validated plan of a run, parsed once per plan object rather than once per step.
+
+        LangGraph hands every node of one invocation the same plan object; holding a
+        reference makes the identity check sound (the id cannot be reused while cached).
+        """
+        cached = self._plans.get(run_id)
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        plan = Plan.model_validate(data)
+        self._plans[run_id] = (data, plan)
+        return plan
+
     def trace_context(self, run_id: str) -> Context | None:
         """The span context nodes of ``run_id`` nest under (the current drive's root span)."""
         return self._trace_contexts.get(run_id)
@@ -190,6 +204,7 @@ class Runtime:
                                    status=status, error=error)
                 self.ledger.sign_head(self.domain)
                 self._trace_contexts.pop(run_id, None)
+                self._plans.pop(run_id, None)
                 root.set_attribute(tr.RUN_STATUS, status)
                 if status not in ("completed", "paused"):
                     tr.set_error(root, status)
