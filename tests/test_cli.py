@@ -211,6 +211,15 @@ def test_unwritable_store_path_exits_2(capsys: pytest.CaptureFixture[str], tmp_p
     assert_one_line_error(err, url)
 
 
+def test_a_store_file_that_is_not_a_database_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an SQLite database, just text " * 20)
+    url = f"sqlite:///{garbage}"
+    code, out, err = run_cli(capsys, "--store", url, "demo")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, url, "not a database")
+
+
 @pytest.mark.parametrize("url", ["postgresql://127.0.0.1/test", "mysql://db/x", "sqlite:///"])
 def test_unsupported_store_urls_exit_2(capsys: pytest.CaptureFixture[str], url: str) -> None:
     code, _, err = run_cli(capsys, "--store", url, "demo")
@@ -282,6 +291,14 @@ def test_policy_validate_a_bad_file_exits_2_naming_it(capsys: pytest.CaptureFixt
     code, out, err = run_cli(capsys, "policy", "validate", str(BASELINE), str(bad))
     assert code == 2 and out == ""
     assert_one_line_error(err, str(bad), problem)
+
+
+def test_policy_validate_a_binary_file_exits_2_naming_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    binary = tmp_path / "binary.cedar"
+    binary.write_bytes(b"\xff\xfe\x00\x80 not utf-8")
+    code, out, err = run_cli(capsys, "policy", "validate", str(binary))
+    assert code == 2 and out == ""
+    assert_one_line_error(err, str(binary))
 
 
 def test_policy_validate_a_missing_file_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

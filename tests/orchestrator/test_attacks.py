@@ -312,3 +312,26 @@ def test_store_lost_mid_run_stops_the_run(make_workflow: Callable[..., Workflow]
         assert grants[0].expires_at - grants[0].issued_at <= rt.workflow.grant_ttl  # it dies by TTL
     finally:
         reopened.close()
+
+
+@tool(risk="read")
+def pay(amount: int) -> str:
+    RAN.append(("pay", {"amount": amount}))
+    return "paid"
+
+
+@pytest.mark.parametrize("amount", [9000, 10**30])
+def test_dodging_an_argument_policy_with_a_huge_number(tmp_path: Path, make_workflow: Callable[..., Workflow],
+                                                       make_runtime: Callable[..., Runtime], amount: int) -> None:
+    limit = tmp_path / "limit.cedar"
+    limit.write_text('@id("no-big-payments")\n'
+                     'forbid (principal, action == Scopegraph::Action::"call", resource)\n'
+                     'when { context.arguments has amount && context.arguments.amount > 5000 };\n')
+    plan = {"steps": [{"id": "pay", "tool": "pay", "constraints": {"amount": {"kind": "any"}}}]}
+    executor = DirectExecutor(builders={"pay": lambda ctx: {"amount": amount}})
+    baseline = Path(policies.__file__).parent / "baseline.cedar"
+    rt = make_runtime(make_workflow(plan, tools=[pay], executor=executor, policies=[baseline, limit]))
+    report = rt.run("pay the invoice", run_id="dodge1")
+    assert RAN == [], f"the tool paid {amount}"
+    assert report.status == "denied" and "no-big-payments" in report.steps[0].policy_ids
+    assert_all_revoked(rt, "dodge1", at_least=1)

@@ -145,6 +145,61 @@ when { principal.role == "executor" && context.in_plan };
     assert (other_tool.outcome, other_tool.policy_ids) == ("deny", ("default-deny",))
 
 
+@tool(risk="read")
+def pay(amount: int) -> str:
+    return "paid"
+
+
+@tool(risk="read")
+def tag(amount: str) -> str:  # the same argument name with another type
+    return amount
+
+
+@tool(risk="read")
+def pay_maybe(amount: int | None = None) -> str:
+    return "paid"
+
+
+@pytest.mark.parametrize(("tools", "payer"), [
+    ([pay], pay),
+    ([pay, tag], pay),          # another tool declares 'amount' as a string
+    ([pay_maybe], pay_maybe),   # 'amount' is optional
+], ids=["one-tool", "conflicting-types", "optional-argument"])
+def test_a_policy_on_an_argument_is_never_silently_disabled(tmp_path: Path, tools: list[Any], payer: Any) -> None:
+    """A forbid written against an argument must apply, or the policy must be refused at load."""
+    limit = write_policy(tmp_path, "limit.cedar", """
+@id("no-big-payments")
+forbid (principal, action == Scopegraph::Action::"call", resource)
+when { context.arguments has amount && context.arguments.amount > 5000 };
+""")
+    registry = ToolRegistry(tools)
+    try:
+        engine = CedarPolicyEngine.from_paths([BASELINE, limit], registry)
+    except PolicyError as exc:
+        assert str(limit) in str(exc)
+        return
+    decision = engine.decide(CallRequest(
+        principal=EXECUTOR, role="executor", workflow="w", run_id="r1", step_id="s1", tool=payer,
+        arguments={"amount": 9000}))
+    assert decision.outcome == "deny", f"a 9000 payment was {decision.outcome}: {decision.policy_ids}"
+    assert decision.policy_ids == ("no-big-payments",)
+
+
+@pytest.mark.parametrize("amount", [5001, 2**63 - 1, 2**63, 10**30])
+def test_an_argument_limit_cannot_be_dodged_with_a_huge_number(tmp_path: Path, amount: int) -> None:
+    """Python ints are unbounded, Cedar's are 64-bit: a value Cedar cannot hold must not vanish."""
+    limit = write_policy(tmp_path, "limit.cedar", """
+@id("no-big-payments")
+forbid (principal, action == Scopegraph::Action::"call", resource)
+when { context.arguments has amount && context.arguments.amount > 5000 };
+""")
+    engine = CedarPolicyEngine.from_paths([BASELINE, limit], ToolRegistry([pay]))
+    decision = engine.decide(CallRequest(
+        principal=EXECUTOR, role="executor", workflow="w", run_id="r1", step_id="s1", tool=pay,
+        arguments={"amount": amount}))
+    assert decision.outcome == "deny", f"amount {amount} was {decision.outcome}: {decision.policy_ids}"
+
+
 def test_an_evaluation_error_fails_closed(tmp_path: Path) -> None:
     overflow = write_policy(tmp_path, "overflow.cedar", """
 @id("overflowing-forbid")
@@ -205,6 +260,14 @@ def test_invalid_policy_file_is_refused_naming_it(tmp_path: Path, name: str, tex
 def test_missing_policy_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="missing.cedar"):
         CedarPolicyEngine.from_paths([tmp_path / "missing.cedar"], TOOLS)
+
+
+def test_a_policy_file_that_is_not_text_is_refused_naming_it(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.cedar"
+    binary.write_bytes(b"\xff\xfe\x00\x80 not utf-8")
+    with pytest.raises(PolicyError) as err:
+        CedarPolicyEngine.from_paths([BASELINE, binary], TOOLS)
+    assert str(binary) in str(err.value)
 
 
 def test_empty_policy_directory_and_no_files_are_refused(tmp_path: Path) -> None:
