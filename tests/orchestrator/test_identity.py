@@ -12,11 +12,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agents import DirectExecutor
 from orchestrator import Runtime, Workflow
 from orchestrator.clock import FixedClock
 from orchestrator.errors import IdentityError
 from orchestrator.identity import SVID_TTL_SECONDS, SpiffeId, TrustDomain
+from orchestrator.roles import StepContext, ToolHandle
 from orchestrator.store import SqliteStore
+
+from ..helpers import mint_grant
 
 
 @pytest.fixture
@@ -235,3 +239,37 @@ def test_reprs_never_show_keys_or_tokens(domain: TrustDomain) -> None:
         assert secret not in shown
     assert token not in shown and token.split(".")[2] not in shown
     assert "redacted" in repr(domain.key) and "redacted" in repr(svid)
+
+
+def test_a_tool_handle_never_shows_its_grant(runtime: Runtime) -> None:
+    grant, ctx = mint_grant(runtime, "lookup")
+    handle = ToolHandle(runtime.gateway, grant.danger_token(), ctx)
+    assert handle.call("lookup", key="k").ok  # a real handle, holding a working grant
+    for shown in (repr(handle), str(handle)):
+        assert grant.danger_token() not in shown and grant.danger_token().split(".")[2] not in shown
+    assert "redacted" in repr(handle)
+
+
+def test_each_step_proves_its_own_identity_and_shows_no_secret(
+    make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]
+) -> None:
+    seen: dict[str, tuple[str, str, str]] = {}
+    holder: dict[str, Runtime] = {}
+
+    class Checking(DirectExecutor):
+        def execute(self, ctx: StepContext) -> object:
+            domain = holder["rt"].domain
+            token = ctx.svid.danger_jwt()
+            assert domain.verify_jwt_svid(token) == ctx.identity
+            assert domain.verify_x509_svid(ctx.svid.x509_certificate) == ctx.identity
+            shown = " ".join([repr(ctx), str(ctx), repr(ctx.svid), repr(ctx.tools)])
+            assert token not in shown and token.split(".")[2] not in shown
+            seen[ctx.step.id] = (str(ctx.identity), token, shown)
+            return super().execute(ctx)
+
+    executor = Checking(builders={"read_doc": lambda c: {"path": "/docs/a"}, "lookup": lambda c: {"limit": 5}})
+    rt = holder["rt"] = make_runtime(make_workflow(executor=executor))
+    report = rt.run("read", run_id="svid1")
+    assert report.status == "completed", report.summary()
+    assert set(seen) == {"doc", "look"}
+    assert seen["doc"][0] != seen["look"][0] and seen["doc"][1] != seen["look"][1]
