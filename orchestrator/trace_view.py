@@ -158,16 +158,16 @@ def _step(step_id: str, tool: str, depends_on: list[str], records: Sequence[Mapp
             by_approval[r["approval_id"]] = node
             items.append((r["seq"], node))
         elif kind == "approval_decided":
-            node = by_approval.get(r["approval_id"])
-            if node is not None:
-                if node["answers_source"] != "ledger":  # the ledger's own records replace the store's
-                    node["answers"], node["answers_source"] = [], "ledger"
-                node["answers"].append({"approver": r.get("approver"), "answer": r.get("answer"),
+            asked = by_approval.get(r["approval_id"])
+            if asked is not None:
+                if asked["answers_source"] != "ledger":  # the ledger's own records replace the store's
+                    asked["answers"], asked["answers_source"] = [], "ledger"
+                asked["answers"].append({"approver": r.get("approver"), "answer": r.get("answer"),
                                         "reason": r.get("reason") or "", "at_ms": ms(r["at"])})
         elif kind == "approval_consumed":
-            node = by_approval.get(r["approval_id"])
-            if node is not None:
-                node["consumed_ms"], node["consumed_grant_id"] = ms(r["at"]), r.get("grant_id")
+            asked = by_approval.get(r["approval_id"])
+            if asked is not None:
+                asked["consumed_ms"], asked["consumed_grant_id"] = ms(r["at"]), r.get("grant_id")
             owner = by_grant.get(r.get("grant_id") or "")
             if owner is not None:
                 owner["events"].append({"type": "approval_consumed", "seq": r["seq"], "at_ms": ms(r["at"]),
@@ -190,6 +190,7 @@ def _step(step_id: str, tool: str, depends_on: list[str], records: Sequence[Mapp
 
 def _grant(r: Mapping[str, Any], stored: GrantRecord | None, ms: Any) -> dict[str, Any]:
     expires_at = r.get("expires_at", stored.expires_at if stored else None)
+    issued_at = stored.issued_at if stored else r["at"]  # the ledger record is written just after
     return {
         "type": "grant",
         "seq": r.get("seq"),
@@ -198,7 +199,7 @@ def _grant(r: Mapping[str, Any], stored: GrantRecord | None, ms: Any) -> dict[st
         "tool": r.get("tool"),
         "spiffe_id": r.get("spiffe_id"),
         "expires_at": expires_at,
-        "ttl_s": None if expires_at is None else round(expires_at - r["at"], 3),
+        "ttl_s": None if expires_at is None else round(expires_at - issued_at, 3),
         "max_uses": r.get("max_uses", stored.max_uses if stored else None),
         "uses": stored.uses if stored else None,
         "constraints": dict(r.get("constraints") or {}),
@@ -369,7 +370,7 @@ def _render_call(e: Mapping[str, Any]) -> Tree:
         label = f"{at}  decision {e['outcome']}  {e['tool']}  attempt {e['attempt']}  [{ids}]"
         if e["grant_id"] is None:
             label += "  (grant refused)"
-        reasons = [] if e["outcome"] == "allow" else [(r, []) for r in e["reasons"]]
+        reasons: list[Tree] = [] if e["outcome"] == "allow" else [(r, []) for r in e["reasons"]]
         return (label, reasons)
     if e["type"] == "tool_call":
         took = "?" if e["duration_ms"] is None else f"{e['duration_ms']:.3g} ms"
