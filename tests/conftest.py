@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from agents import DirectExecutor, ScriptedPlanner
 from orchestrator import Runtime, Tool, Workflow
@@ -23,8 +23,10 @@ from orchestrator.gateway import CallContext, RetrySettings
 
 from .helpers import READ_PLAN, STANDARD_TOOLS, mint_grant
 
-# No example database under the working tree; no deadline (SQLite and Cedar timings vary).
-settings.register_profile("scopegraph", database=None, deadline=None)
+# No example database under the working tree; no deadline and no "too slow" health check
+# (SQLite and Cedar timings vary, and other tests may load the machine meanwhile).
+settings.register_profile("scopegraph", database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("scopegraph")
 
 
