@@ -17,6 +17,7 @@
     ├── PolicyError            invalid policy files or schema; evaluation failure
     ├── ApprovalError          an approval cannot be given, found or used
     ├── StoreError             the durable store is unreachable or unwritable
+    ├── RunBusyError           another process is driving the run right now
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
 
@@ -92,6 +93,10 @@ class ApprovalError(ScopegraphError):
 
 class StoreError(ScopegraphError):
     """The durable store cannot be read or written."""
+
+
+class RunBusyError(ScopegraphError):
+    """Another runtime holds the run's lease: two drivers must never run one run at once."""
 
 
 class ToolExecutionError(ScopegraphError):

@@ -405,8 +405,10 @@ def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str
             return f"argument {name!r} of tool {grant.tool!r} is not in the grant's scope"
     for name, constraint in constraints.items():
         if name in normalized and not constraint.allows(normalized[name]):  # type: ignore[union-attr]
-            return (f"argument {name!r}={normalized[name]!r} is outside the grant's scope: "
-                    f"must be {constraint.describe()}")  # type: ignore[union-attr]
+            # The value itself stays out of the reason: reasons reach spans, the ledger and
+            # the executor's model, and an out-of-scope value may be exactly what must not leak.
+            return (f"argument {name!r} is outside the grant's scope: it must be "
+                    f"{constraint.describe()}")  # type: ignore[union-attr]
     return None
 
 

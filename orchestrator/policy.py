@@ -90,7 +90,7 @@ class CedarPolicyEngine:
 
     def __init__(self, sources: Sequence[tuple[str, str]], schema_text: str, tools: ToolRegistry) -> None:
         """``sources`` are ``(file name, Cedar text)`` pairs; names appear in errors."""
-        self._argument_types = _argument_types(tools)
+        self._argument_types, self._conflicts = _argument_types(tools)
         self.schema_text = schema_text + "\n" + _arguments_schema(self._argument_types)
         try:
             self._schema = cedarpy.Schema.from_str(self.schema_text)
@@ -113,6 +113,13 @@ class CedarPolicyEngine:
                 pid = node.annotations.get("id")
                 if not pid:
                     raise PolicyError(f"invalid policy file {name!r}: every policy needs an @id annotation")
+                for arg in sorted(_argument_references(node) - set(self._argument_types)):
+                    # Cedar would type ``context.arguments has X`` as false and the policy
+                    # would silently never apply: refuse it instead.
+                    why = (f"tools disagree on its type ({self._conflicts[arg]})" if arg in self._conflicts
+                           else "no tool of the workflow takes it with a type Cedar can check")
+                    raise PolicyError(f"invalid policy file {name!r}: policy {pid!r} tests argument "
+                                      f"{arg!r}, but {why}")
                 if pid in seen:
                     raise PolicyError(f"invalid policy file {name!r}: @id {pid!r} is also used in {seen[pid]!r}")
                 seen[pid] = name
@@ -184,11 +191,15 @@ class CedarPolicyEngine:
 
     # internals -------------------------------------------------------------------
     def _evaluate(self, request: CallRequest, *, approved: bool, approval_count: int) -> _Evaluation:
+        try:
+            context = self._context(request, approved, approval_count)
+        except _Unrepresentable as exc:
+            return _Evaluation.deny(str(exc), "policy-error")
         cedar_request = {
             "principal": {"type": "Scopegraph::Agent", "id": str(request.principal)},
             "action": {"type": "Scopegraph::Action", "id": "call"},
             "resource": {"type": "Scopegraph::Tool", "id": request.tool.name},
-            "context": self._context(request, approved, approval_count),
+            "context": context,
         }
         entities = [self._principal_entity(request), self._tool_entity(request.tool)]
         try:
@@ -229,19 +240,29 @@ class CedarPolicyEngine:
         }
 
     def _cedar_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The typed arguments Cedar sees.
+
+        Raises:
+            _Unrepresentable: a typed argument's value cannot be given to Cedar (a number
+                beyond 64 bits, say). Leaving it out would let ``has`` checks pass it by.
+        """
         out: dict[str, Any] = {}
         for name, value in arguments.items():
             kind = self._argument_types.get(name)
+            if kind is None or value is None:
+                continue
             if kind == "String" and isinstance(value, str):
                 out[name] = value
-            elif kind == "Long" and isinstance(value, int) and not isinstance(value, bool):
-                if -(2**63) <= value < 2**63:
-                    out[name] = value
+            elif kind == "Long" and isinstance(value, int) and not isinstance(value, bool) \
+                    and -(2**63) <= value < 2**63:
+                out[name] = value
             elif kind == "Bool" and isinstance(value, bool):
                 out[name] = value
-            elif kind == "Set<String>" and isinstance(value, (list, tuple, set, frozenset)):
-                if all(isinstance(v, str) for v in value):
-                    out[name] = sorted(value)
+            elif kind == "Set<String>" and isinstance(value, (list, tuple, set, frozenset)) \
+                    and all(isinstance(v, str) for v in value):
+                out[name] = sorted(value)
+            else:
+                raise _Unrepresentable(f"argument {name!r} has a value policy cannot evaluate as {kind}")
         return out
 
     def _principal_entity(self, request: CallRequest) -> dict[str, Any]:
@@ -265,6 +286,10 @@ class CedarPolicyEngine:
         return cached
 
 
+class _Unrepresentable(Exception):
+    pass
+
+
 @dataclass(frozen=True)
 class _Evaluation:
     decision: Decision
@@ -283,21 +308,57 @@ class _Evaluation:
 _CEDAR_TYPES = {"string": "String", "integer": "Long", "boolean": "Bool"}
 
 
-def _argument_types(tools: ToolRegistry) -> dict[str, str]:
-    """Map each argument name to the Cedar type all tools agree on; drop conflicts."""
-    types: dict[str, str | None] = {}
+def _argument_types(tools: ToolRegistry) -> tuple[dict[str, str], dict[str, str]]:
+    """Map each argument name to the Cedar type all tools agree on.
+
+    Returns the agreed types and, for names the tools disagree on, a description of
+    the conflict; those names are left out of the schema (policies may not test them).
+    """
+    seen: dict[str, dict[str, str | None]] = {}
     for name in tools:
         props = tools[name].json_schema().get("properties", {})
         for arg, spec in props.items():
-            kind = _cedar_type(spec)
-            if arg in types and types[arg] != kind:
-                types[arg] = None  # two tools disagree: leave it out of the schema
-            else:
-                types.setdefault(arg, kind)
-    return {k: v for k, v in types.items() if v is not None}
+            seen.setdefault(arg, {})[name] = _cedar_type(spec)
+    types: dict[str, str] = {}
+    conflicts: dict[str, str] = {}
+    for arg, by_tool in seen.items():
+        kinds = set(by_tool.values())
+        if len(kinds) == 1 and None not in kinds:
+            types[arg] = kinds.pop()  # type: ignore[assignment]
+        elif len(kinds) > 1:
+            conflicts[arg] = ", ".join(f"{t}: {k or 'untyped'}" for t, k in sorted(by_tool.items()))
+    return types, conflicts
+
+
+def _argument_references(node: Any) -> set[str]:
+    """Names of ``context.arguments.X`` / ``context.arguments has X`` in a policy's syntax tree."""
+    found: set[str] = set()
+
+    def is_arguments(expr: Any) -> bool:
+        return (type(expr).__name__ == "GetAttr" and getattr(expr, "attr", None) == "arguments"
+                and type(expr.base).__name__ == "Var" and expr.base.name == "context")
+
+    def walk(obj: Any) -> None:
+        kind = type(obj).__name__
+        if kind == "GetAttr" and is_arguments(obj.base):
+            found.add(obj.attr)
+        elif kind == "HasAttr" and is_arguments(obj.base):
+            found.add(obj.attrs[0])
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+        elif hasattr(obj, "__dataclass_fields__"):
+            for f in obj.__dataclass_fields__:
+                walk(getattr(obj, f))
+
+    walk(node)
+    return found
 
 
 def _cedar_type(spec: Mapping[str, Any]) -> str | None:
+    if "anyOf" in spec:  # ``X | None``: Cedar sees the argument when it is given
+        kinds = [_cedar_type(s) for s in spec["anyOf"] if s.get("type") != "null"]
+        return kinds[0] if len(kinds) == 1 else None
     kind = spec.get("type")
     if kind in _CEDAR_TYPES:
         return _CEDAR_TYPES[kind]
@@ -313,9 +374,11 @@ def _arguments_schema(types: Mapping[str, str]) -> str:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"invalid policy file {str(path)!r}: not UTF-8 text") from None
 
 
 def _first_line(exc: object) -> str:

@@ -546,7 +546,7 @@ class _Checker:
             registry = _probe_registry(tool, argument, kind if argument else None)
             if argument is not None:
                 try:
-                    CedarPolicyEngine([("proposed.cedar", cedar)], _schema_text(None), ToolRegistry())
+                    CedarPolicyEngine([("proposed.cedar", cedar)], _schema_text(None), registry)
                 except ScopegraphError as exc:
                     return {"status": "invalid", "detail": str(exc)}
                 return {"status": "skipped", "detail": (

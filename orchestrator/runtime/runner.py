@@ -8,7 +8,9 @@ run ends, whether it completes, pauses, fails, raises or is cancelled.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sqlite3
 import uuid
 from typing import Any
@@ -24,7 +26,7 @@ from ..ledger import Ledger
 from ..approvals import ApprovalService
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, RunBusyError, StoreError
 from ..gateway import Gateway
 from ..identity import TrustDomain
 from ..plan import Plan
@@ -33,6 +35,24 @@ from ..store import RunRecord, SqliteStore, Store, open_store
 from ..workflow import Workflow
 from .graph import build_graph
 from .report import CallReport, RunReport, StepReport
+
+
+RUN_LEASE_SECONDS = 3600.0
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether a lease holder may still be running: a dead process on this host is not."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True  # another machine: trust the lease until it expires
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -69,6 +89,7 @@ class Runtime:
                                approvals=self.approvals, ledger=self.ledger, metrics=self.metrics)
         self._trace_contexts: dict[str, Context] = {}
         self._plans: dict[str, tuple[Any, Plan]] = {}
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
         self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
 
@@ -174,6 +195,17 @@ class Runtime:
         return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
 
     def _drive(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
+        now = self.clock.now()
+        holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
+                                        now=now, owner_alive=_owner_alive)
+        if holder is not None:
+            raise RunBusyError(f"run {run_id!r} is being driven by another runtime ({holder})")
+        try:
+            return self._drive_leased(run_id, graph_input, parent)
+        finally:
+            self.store.release_run(run_id, owner=self._owner)
+
+    def _drive_leased(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
         config = self._config(run_id)
         status, error = "failed", None
         self._set_status(run_id, "running")

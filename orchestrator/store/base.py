@@ -157,6 +157,17 @@ class Store(Protocol):
 
     def upsert_run(self, run: RunRecord) -> None: ...
 
+    def acquire_run(self, run_id: str, *, owner: str, until: float, now: float,
+                    owner_alive: Callable[[str], bool]) -> str | None:
+        """Take the right to drive ``run_id`` until ``until``; return the holder if refused.
+
+        A lease held by an owner that ``owner_alive`` says is gone (a crashed process)
+        is taken over.
+        """
+        ...
+
+    def release_run(self, run_id: str, *, owner: str) -> None: ...
+
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
     def close(self) -> None: ...

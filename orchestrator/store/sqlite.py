@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS sg_ledger_head (
 CREATE TABLE IF NOT EXISTS sg_runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, target TEXT NOT NULL,
     initiator TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL);
+    updated_at REAL NOT NULL, lease_owner TEXT, lease_until REAL);
 """
 
 
@@ -315,6 +315,26 @@ class SqliteStore:
                 (run.run_id, run.workflow, run.target, run.initiator, run.status,
                  run.created_at, run.updated_at),
             )
+
+    def acquire_run(self, run_id: str, *, owner: str, until: float, now: float,
+                    owner_alive: Callable[[str], bool]) -> str | None:
+        with self._tx() as c:
+            row = c.execute("SELECT lease_owner, lease_until FROM sg_runs WHERE run_id = ?",
+                            (run_id,)).fetchone()
+            if row is None:
+                return None  # no record: nothing to guard
+            holder, held_until = row
+            if holder and holder != owner and held_until is not None and held_until > now \
+                    and owner_alive(holder):
+                return str(holder)
+            c.execute("UPDATE sg_runs SET lease_owner = ?, lease_until = ? WHERE run_id = ?",
+                      (owner, until, run_id))
+            return None
+
+    def release_run(self, run_id: str, *, owner: str) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE sg_runs SET lease_owner = NULL, lease_until = NULL "
+                      "WHERE run_id = ? AND lease_owner = ?", (run_id, owner))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         rows = self._read(

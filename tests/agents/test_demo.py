@@ -24,7 +24,9 @@ def test_demo_denies_the_probes_and_pauses_the_write(make_runtime: Callable[...,
     assert receipt.calls[0].policy_ids == ["scopegraph:grant"]
     assert "not for tool 'send_email'" in receipt.calls[0].reason
     assert receipt.calls[1].policy_ids == ["scopegraph:scope"]
-    assert "/receipts/2026/../../hr/salaries.csv" in receipt.calls[1].reason
+    assert "'path' is outside the grant's scope" in receipt.calls[1].reason
+    # The offending value stays out of the reason (reasons reach spans and the ledger).
+    assert "salaries" not in receipt.calls[1].reason
 
     assert steps["limit"].status == "completed"
     assert steps["file"].status == "awaiting_approval"

@@ -333,5 +333,8 @@ def test_dodging_an_argument_policy_with_a_huge_number(tmp_path: Path, make_work
     rt = make_runtime(make_workflow(plan, tools=[pay], executor=executor, policies=[baseline, limit]))
     report = rt.run("pay the invoice", run_id="dodge1")
     assert RAN == [], f"the tool paid {amount}"
-    assert report.status == "denied" and "no-big-payments" in report.steps[0].policy_ids
+    # Either the forbid fires, or the value cannot be put before Cedar and the call is
+    # denied for that (fail closed): never allowed.
+    assert report.status == "denied"
+    assert {"no-big-payments", "policy-error"} & set(report.steps[0].policy_ids)
     assert_all_revoked(rt, "dodge1", at_least=1)
