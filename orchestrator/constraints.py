@@ -76,18 +76,24 @@ class Pattern(_Constraint):
 class Prefix(_Constraint):
     """The argument must be a string starting with ``prefix``.
 
-    Path-like values are normalised first so ``/data/../etc`` cannot pass for ``/data/``.
+    For a path-like prefix (one containing ``/``), a value with a ``..`` segment is
+    refused so ``/data/../etc`` cannot pass for ``/data/``, and a prefix without a
+    trailing slash ends at a path boundary: ``/docs`` allows ``/docs`` and ``/docs/a``,
+    not ``/docs-secret``.
     """
 
     kind: Literal["prefix"] = "prefix"
     prefix: str
 
     def allows(self, value: Any) -> bool:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or not value.startswith(self.prefix):
             return False
-        if "/" in self.prefix and _escapes(value):
+        if "/" not in self.prefix:
+            return True
+        if _escapes(value):
             return False
-        return value.startswith(self.prefix)
+        rest = value[len(self.prefix):]
+        return self.prefix.endswith("/") or rest == "" or rest.startswith("/")
 
     def describe(self) -> str:
         return f"starting with {self.prefix!r}"
@@ -168,7 +174,7 @@ def narrows(child: _Constraint, parent: _Constraint) -> bool:
     if isinstance(child, OneOf):
         return all(parent.allows(v) for v in child.values)
     if isinstance(child, Prefix) and isinstance(parent, Prefix):
-        return child.prefix.startswith(parent.prefix) and not _escapes(child.prefix)
+        return parent.allows(child.prefix) and not _escapes(child.prefix)
     if isinstance(child, Pattern) and isinstance(parent, Pattern):
         return child.regex == parent.regex
     if isinstance(child, Range) and isinstance(parent, Range):

@@ -72,8 +72,17 @@ class Runtime:
     ) -> None:
         self.workflow = workflow
         self.clock = clock or SystemClock()
-        self.store = store if store is not None and not isinstance(store, str) else open_store(store)
         self.target = target or workflow.name
+        owns_store = store is None or isinstance(store, str)
+        self.store = open_store(store) if owns_store else store  # type: ignore[arg-type]
+        try:
+            self._setup(workflow, policy)
+        except BaseException:
+            if owns_store:
+                self.store.close()  # a refused start leaves nothing open
+            raise
+
+    def _setup(self, workflow: Workflow, policy: PolicyEngine | None) -> None:
         # Policies are validated before anything else can happen: an invalid file stops here.
         self.policy = policy or CedarPolicyEngine.from_paths(
             workflow.policies, workflow.registry, schema=workflow.schema

@@ -153,7 +153,19 @@ def test_a_path_prefix_never_allows_a_parent_reference(prefix: str, value: str) 
     if _has_dotdot(value):
         assert not Prefix(prefix=prefix).allows(value)
     else:
-        assert Prefix(prefix=prefix).allows(value) is value.startswith(prefix)
+        rest = value[len(prefix):]
+        at_boundary = prefix.endswith("/") or rest == "" or rest.startswith("/")
+        assert Prefix(prefix=prefix).allows(value) is (value.startswith(prefix) and at_boundary)
+
+
+@pytest.mark.parametrize(("prefix", "value", "allowed"), [
+    ("/docs", "/docs", True), ("/docs", "/docs/a.txt", True),
+    ("/docs", "/docs-secret/a.txt", False), ("/docs", "/docsX", False),
+    ("INV-", "INV-2026", True),  # not a path: a plain string prefix
+])
+def test_a_path_prefix_without_a_trailing_slash_stops_at_a_path_boundary(
+        prefix: str, value: str, allowed: bool) -> None:
+    assert Prefix(prefix=prefix).allows(value) is allowed
 
 
 # range -----------------------------------------------------------------------------------
