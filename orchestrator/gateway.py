@@ -205,7 +205,14 @@ class Gateway:
             return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
                               decision=decision, attempts=attempt, grant_id=grant.jti)
         if earlier is not None:
-            return self._replay(earlier, tool, grant, normalized, decision, attempt)
+            replayed = self._replay(earlier, tool, grant, normalized, decision, attempt)
+            if self.ledger is not None:
+                self.ledger.append(
+                    "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
+                    attempt=attempt, status=replayed.status, replayed=True,
+                    arguments_digest=_digest(normalized), result_digest=None, duration_ms=0.0,
+                )
+            return replayed
         with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool_name, tr.GRANT_ID: grant.jti,
                                     tr.ATTEMPT: attempt, tr.RISK: tool.risk.value}) as call_span:
             result = self._execute(tool, grant, normalized, decision, ctx, attempt, key)
@@ -220,12 +227,13 @@ class Gateway:
         try:
             value = _run(tool, normalized)
         except TransientToolError as exc:
-            self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None)
+            self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None,
+                         error_type=type(exc).__name__)
             raise exc  # the retry loop in ``call`` authorizes the next attempt from scratch
         except Exception as exc:
             error = f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}"
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", json.dumps(error),
-                         started, key, None)
+                         started, key, None, error_type=type(exc).__name__)
             return CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
                               error=error, attempts=attempt, grant_id=grant.jti)
         result_json = json.dumps(value, default=str, sort_keys=True)
@@ -263,7 +271,8 @@ class Gateway:
 
     def _called(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
                 normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
-                started: float, key: str | None, result_json: str | None) -> None:
+                started: float, key: str | None, result_json: str | None,
+                error_type: str | None = None) -> None:
         """Account for one execution: idempotency record, use record, metrics, ledger."""
         elapsed = time.perf_counter() - started
         self.metrics.tool_latency.record(elapsed, {"tool": tool.name, "status": status})
@@ -275,7 +284,7 @@ class Gateway:
                     "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
                     attempt=attempt, status=status, arguments_digest=_digest(normalized),
                     result_digest=sha256_hex(result_json) if result_json is not None else None,
-                    duration_ms=round(elapsed * 1000, 3),
+                    duration_ms=round(elapsed * 1000, 3), error_type=error_type,
                 )
 
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
@@ -376,7 +385,8 @@ class Gateway:
 
 
 def _digest(arguments: Mapping[str, Any]) -> str:
-    return sha256_hex(json.dumps(arguments, default=str, sort_keys=True))
+    return sha256_hex(json.dumps({"arguments": arguments}, default=str, sort_keys=True,
+                                 separators=(",", ":")))
 
 
 def _observed(arguments: Mapping[str, Any]) -> dict[str, Any]:

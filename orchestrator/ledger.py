@@ -1,8 +1,8 @@
 """The audit ledger: append-only, hash-chained, with a signed head.
 
-Every hop writes a record: run started and ended, plan, grant minted, decision,
-approval requested / decided / consumed, tool call (digests of arguments and result,
-never their content) and grant revoked. Each record holds the previous record's hash;
+Every hop writes a record: run started / paused / resumed / ended, plan, grant minted,
+decision, approval requested / decided / consumed, tool call (digests of arguments and
+result, never their content), grant revoked, and each step's outcome. Each record holds the previous record's hash;
 the chain head is signed with a trust domain's key when a run ends or pauses. ``verify``
 walks the chain and names the first record that was edited, deleted, reordered, or
 cut off after the signed head.
@@ -26,6 +26,7 @@ GENESIS = "0" * 64
 RecordKind = Literal[
     "run_started", "run_ended", "run_paused", "run_resumed", "plan", "grant_minted", "decision",
     "approval_requested", "approval_decided", "approval_consumed", "tool_call", "grant_revoked",
+    "step_ended",
 ]
 
 

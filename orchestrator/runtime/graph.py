@@ -75,7 +75,9 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
         dumped = plan.model_dump(mode="json")
         rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
                          plan_digest=sha256_hex(canonical_json(dumped)),
-                         steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on)}
+                         steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on),
+                                 "purpose": st.purpose,
+                                 "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
                                 for st in plan.steps])
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
     return {"plan": dumped, "steps": {}}
@@ -129,7 +131,8 @@ def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tu
                 act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
             )
             rt.ledger.append("grant_minted", payload["run_id"], step_id=step.id, grant_id=grant.jti,
-                             spiffe_id=str(identity), tool=step.tool, expires_at=grant.expires_at,
+                             spiffe_id=str(identity), tool=step.tool, issued_at=grant.issued_at,
+                             expires_at=grant.expires_at,
                              max_uses=grant.max_uses,
                              constraints={k: c.model_dump() for k, c in grant.constraints.items()},
                              act=dict(grant.act))
@@ -178,6 +181,7 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     with _tool_span(rt, payload, step, identity) as s:
         update = _run_step(rt, payload, plan, step, identity)
         _close_step_span(s, update["steps"][step.id])
+    _step_ended(rt, payload["run_id"], update["steps"][step.id])
     return update
 
 
@@ -235,7 +239,7 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
         rt.ledger.append("approval_requested", payload["run_id"], approval_id=request.id,
                          step_id=step.id, tool=result.tool, digest=digest,
                          policy_ids=list(result.decision.policy_ids),
-                         required_approvals=request.required_approvals)
+                         required_approvals=request.required_approvals, expires_at=request.expires_at)
     return request
 
 
@@ -259,7 +263,14 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
                                             {"tool": approval.tool, "status": state})
         update = _answer(rt, payload, plan, step, identity, approval, state, record)
         _close_step_span(s, update["steps"][step.id])
+    _step_ended(rt, payload["run_id"], update["steps"][step.id])
     return update
+
+
+def _step_ended(rt: Runtime, run_id: str, record: dict[str, Any]) -> None:
+    rt.ledger.append("step_ended", run_id, step_id=record["step_id"], status=record.get("status"),
+                     decision=record.get("decision"), policy_ids=list(record.get("policy_ids") or []),
+                     reason=record.get("reason") or "", approval_id=record.get("approval_id"))
 
 
 def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:

@@ -161,7 +161,8 @@ class Runtime:
             return self.report(run_id)  # already finished: nothing to resume
         # Grants a crashed process left behind are revoked before anything new is minted.
         self.revoke_run(run_id, reason="resumed after interruption")
-        self.ledger.append("run_resumed", run_id, interrupted=not snapshot.interrupts)
+        self.ledger.append("run_resumed", run_id,
+                           reason="approval answered" if snapshot.interrupts else "crash recovery")
         parent = tr.extract_context(snapshot.values.get("trace"))
         if snapshot.interrupts:
             now = self.clock.now()
@@ -194,10 +195,16 @@ class Runtime:
 
     def revoke_run(self, run_id: str, *, reason: str) -> int:
         """Revoke every live grant of ``run_id``, and audit it."""
-        count = self.issuer.revoke_run(run_id, reason=reason)
+        live = [g.jti for g in self.store.grants_for_run(run_id) if g.revoked_at is None]
+        if not live:
+            return 0
+        with self.store.atomic():
+            count = self.issuer.revoke_run(run_id, reason=reason)
+            if count:
+                self.ledger.append("grant_revoked", run_id, grant_id=None, grant_ids=live,
+                                   count=count, reason=reason)
         if count:
             self.metrics.grants_revoked.add(count, {"workflow": self.workflow.name, "tool": "*"})
-            self.ledger.append("grant_revoked", run_id, grant_id=None, count=count, reason=reason)
         return count
 
     def _config(self, run_id: str) -> dict[str, Any]:
@@ -241,8 +248,10 @@ class Runtime:
                 # Whatever happened above, no grant of this run outlives it.
                 self.revoke_run(run_id, reason=f"run {status}")
                 self._set_status(run_id, status)
+                awaiting = [a.id for a in self.approvals.list(run_id=run_id, status="pending")] \
+                    if status == "paused" else []
                 self.ledger.append("run_paused" if status == "paused" else "run_ended", run_id,
-                                   status=status, error=error)
+                                   status=status, error=error, awaiting=awaiting)
                 self.ledger.sign_head(self.domain)
                 self._trace_contexts.pop(run_id, None)
                 self._plans.pop(run_id, None)
