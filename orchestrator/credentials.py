@@ -40,6 +40,10 @@ _CONSTRAINTS = TypeAdapter(dict[str, Constraint])
 _SIGNED_CACHE_SIZE = 4096
 
 
+def _needs_parse(constraints: Mapping[str, Any]) -> bool:
+    return not all(hasattr(c, "allows") for c in constraints.values())
+
+
 def audience_for(tool: str) -> str:
     return f"tool:{tool}"
 
@@ -128,7 +132,8 @@ class GrantIssuer:
         ))
         grant = Grant(
             jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
-            constraints=_CONSTRAINTS.validate_python(serial), issued_at=now, expires_at=now + self.ttl,
+            constraints=_CONSTRAINTS.validate_python(serial) if _needs_parse(constraints) else dict(constraints),
+            issued_at=now, expires_at=now + self.ttl,
             max_uses=self.max_uses, act=dict(act), _token=token,
         )
         with self._signed_lock:

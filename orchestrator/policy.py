@@ -15,6 +15,7 @@ Cedar evaluation errors fail closed: the call is denied.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -145,7 +146,7 @@ class CedarPolicyEngine:
             digest.update(name.encode() + b"\0" + text.encode() + b"\0")
         self.version = digest.hexdigest()[:16]
         self.files = tuple(name for name, _ in sources)
-        self._tool_entities: dict[str, dict[str, Any]] = {}
+        self._tool_entities: dict[str, cedarpy.Entities] = {}
 
     @classmethod
     def from_paths(
@@ -201,8 +202,10 @@ class CedarPolicyEngine:
             "resource": {"type": "Scopegraph::Tool", "id": request.tool.name},
             "context": context,
         }
-        entities = [self._principal_entity(request), self._tool_entity(request.tool)]
         try:
+            # The tool's entity is parsed once; only the principal is parsed per call.
+            entities = self._tool_entities_handle(request.tool).with_added_json_str(
+                json.dumps([self._principal_entity(request)]))
             result = cedarpy.is_authorized(cedar_request, self._policies, entities)
         except Exception as exc:  # cedarpy raises bare exceptions on malformed input
             return _Evaluation.deny(f"policy evaluation failed: {_first_line(exc)}", "policy-error")
@@ -273,15 +276,15 @@ class CedarPolicyEngine:
             "parents": [],
         }
 
-    def _tool_entity(self, tool: Tool) -> dict[str, Any]:
+    def _tool_entities_handle(self, tool: Tool) -> cedarpy.Entities:
         cached = self._tool_entities.get(tool.name)
         if cached is None:
-            cached = {
+            cached = cedarpy.Entities.from_json_str(json.dumps([{
                 "uid": {"type": "Scopegraph::Tool", "id": tool.name},
                 "attrs": {"risk": tool.risk.value, "labels": sorted(tool.labels),
                           "accepts_confidential": tool.accepts_confidential},
                 "parents": [],
-            }
+            }]))
             self._tool_entities[tool.name] = cached
         return cached
 

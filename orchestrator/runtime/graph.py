@@ -142,12 +142,16 @@ def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tu
     return svid, grant
 
 
-def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant) -> None:
+def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
+            ended: dict[str, Any] | None = None) -> None:
+    """Revoke the step's grant; with ``ended``, record the step's outcome in the same write."""
     with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}), rt.store.atomic():
         revoked = rt.issuer.revoke(grant.jti, reason="step ended")
         if revoked:
             rt.ledger.append("grant_revoked", run_id, step_id=step.id, grant_id=grant.jti,
                              reason="step ended")
+        if ended is not None and "status" in ended:
+            _step_ended(rt, run_id, ended)
     if revoked:
         rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
 
@@ -179,9 +183,8 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     step = plan.step(payload["step_id"])
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
-        update = _run_step(rt, payload, plan, step, identity)
+        update = _run_step(rt, payload, plan, step, identity)  # records the outcome as it revokes
         _close_step_span(s, update["steps"][step.id])
-    _step_ended(rt, payload["run_id"], update["steps"][step.id])
     return update
 
 
@@ -210,7 +213,7 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
         record.update(status="failed", decision=None, policy_ids=[],
                       reason=f"executor raised {type(exc).__name__}: {exc}")
     finally:
-        _revoke(rt, payload["run_id"], step, grant)
+        _revoke(rt, payload["run_id"], step, grant, ended=record)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
     return {"steps": {step.id: record}, "data_labels": _labels(handle.calls)}
