@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     deny.add_argument("--as", dest="approver", required=True, help="your name")
     deny.add_argument("--reason", required=True)
     deny.add_argument("--propose", metavar="JSON",
-                      help="propose different arguments instead: a new call, decided and approved anew")
+                      help="propose other values for some arguments (the rest stay as requested): "
+                           "a new call, decided and approved anew")
     deny.add_argument("--json", action="store_true")
 
     audit = sub.add_parser("audit", help="audit ledger commands")

@@ -304,7 +304,9 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
         return {"steps": {step.id: record}}
     # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
     # new action, decided by policy from scratch (and usually needing their own approval).
-    arguments = approval.arguments if state in ("approved", "consumed") else approval.proposed_arguments
+    # A proposal names only what it changes; the rest of the call stays as requested.
+    arguments = approval.arguments if state in ("approved", "consumed") \
+        else {**approval.arguments, **(approval.proposed_arguments or {})}
     _, grant = _mint(rt, payload, step, identity)
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
