@@ -2,9 +2,9 @@
 
 ::
 
-    START → plan → schedule ─┬─▶ step     (one Send per ready step, concurrently) ─▶ schedule
-                             ├─▶ approval (one Send per step awaiting a human)    ─▶ schedule
-                             └─▶ finish → END
+    START → plan ─▶ route ─┬─▶ step     (one Send per ready step, concurrently) ─▶ route
+                           ├─▶ approval (one Send per step awaiting a human)    ─▶ route
+                           └─▶ END
 
 ``plan`` asks the planner (which holds no grant) and validates the plan. ``step`` mints
 the step's identity and grant, runs the executor through a ``ToolHandle``, and revokes
@@ -12,12 +12,18 @@ the grant however the step ends; a call that needs approval is persisted as an
 ``ApprovalRequest``. ``approval`` pauses with ``interrupt()`` (nothing with side effects
 runs before it), then reads the answer from the store and, if approved, executes
 exactly the approved call under a fresh grant. Approvals are sent only when no step is
-ready, so a run does everything it can before it waits. ``finish`` revokes every grant
-of the run.
+ready, so a run does everything it can before it waits. The runtime revokes every grant
+of the run when the graph stops, however it stops.
+
+Routing after a step: a node's conditional edge sees the state with only its own
+writes. When a step ran alone in its superstep that is the whole truth, and the edge
+routes straight on (one superstep per sequential step). When siblings ran beside it,
+it goes through ``schedule``, a join that routes once all of them have landed.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
@@ -44,13 +50,12 @@ def build_graph(rt: Runtime) -> StateGraph:
     graph.add_node("schedule", lambda state: {})
     graph.add_node("step", lambda payload: _step(rt, payload))
     graph.add_node("approval", lambda payload: _approval(rt, payload))
-    graph.add_node("finish", lambda state: _finish(rt, state))
+    targets = ["step", "approval", "schedule", END]
     graph.add_edge(START, "plan")
-    graph.add_conditional_edges("plan", _after_plan, ["schedule", "finish"])
-    graph.add_conditional_edges("schedule", lambda state: _route(rt, state), ["step", "approval", "finish"])
-    graph.add_edge("step", "schedule")
-    graph.add_edge("approval", "schedule")
-    graph.add_edge("finish", END)
+    graph.add_conditional_edges("plan", lambda state: _route(rt, state), targets)
+    graph.add_conditional_edges("schedule", lambda state: _route(rt, state), targets)
+    graph.add_conditional_edges("step", lambda state: _after_task(rt, state), targets)
+    graph.add_conditional_edges("approval", lambda state: _after_task(rt, state), targets)
     return graph
 
 
@@ -83,36 +88,67 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
     return {"plan": dumped, "steps": {}}
 
 
-def _after_plan(state: RunState) -> str:
-    return "finish" if state.get("status") == "failed" else "schedule"
+def _after_task(rt: Runtime, state: RunState) -> list[Send] | str:
+    """Route on if every task of its batch has landed in this view, else join at ``schedule``."""
+    return "schedule" if state.get("batches") else _route(rt, state)
 
 
 def _route(rt: Runtime, state: RunState) -> list[Send] | str:
+    if state.get("status") == "failed" or not state.get("plan"):
+        return END
     plan = rt.plan_for(state["run_id"], state["plan"])
     steps = state.get("steps") or {}
     statuses = {sid: s["status"] for sid, s in steps.items()}
     human_denied = any(s.get("denied_by") for s in steps.values())
     if human_denied and state.get("on_denial", "fail") == "fail":
-        return "finish"
+        return END
     done = {sid for sid, st in statuses.items() if st == "completed"}
     ready = plan.ready_steps(done, started=steps.keys())
     if ready:
         results = {sid: steps[sid].get("result") for sid in done}
-        return [Send("step", _step_input(state, step, results)) for step in ready]
+        batch = _dispatch([s.id for s in ready])
+        return [Send("step", _step_input(state, step, results, batch)) for step in ready]
     waiting = [sid for sid, st in statuses.items() if st == "awaiting_approval"]
     if waiting:
-        return [Send("approval", _step_input(state, plan.step(sid), {})) for sid in waiting]
-    return "finish"
+        batch = _dispatch(waiting)
+        return [Send("approval", _step_input(state, plan.step(sid), {}, batch)) for sid in waiting]
+    return END
 
 
-def _step_input(state: RunState, step: Step, results: dict[str, Any]) -> StepInput:
+def _dispatch(step_ids: list[str]) -> dict[str, Any]:
+    """A batch of tasks sent together; each reports its landing (see ``state.merge_batches``)."""
+    return {"id": uuid.uuid4().hex, "members": sorted(step_ids)}
+
+
+def _landed(payload: StepInput) -> dict[str, Any]:
+    batch = payload["dispatch"]
+    return {batch["id"]: {"members": batch["members"], "landed": [payload["step_id"]]}}
+
+
+def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any]) -> StepInput:
     return StepInput(
         run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
         planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
         dependencies={d: results[d] for d in step.depends_on if d in results},
         data_labels=state.get("data_labels") or [],
         record=(state.get("steps") or {}).get(step.id, {}),
+        dispatch=batch,
     )
+
+
+def final_status(state: dict[str, Any]) -> str:
+    """The run's outcome from its last state (a paused run is decided by the runtime)."""
+    if state.get("status") == "failed":
+        return "failed"
+    statuses = [s["status"] for s in (state.get("steps") or {}).values()]
+    plan_size = len(state["plan"]["steps"]) if state.get("plan") else 0
+    if "failed" in statuses:
+        return "failed"
+    if "denied" in statuses:
+        return "denied"
+    if plan_size and statuses.count("completed") == plan_size:
+        return "completed"
+    return "failed"
 
 
 def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
@@ -185,7 +221,7 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     with _tool_span(rt, payload, step, identity) as s:
         update = _run_step(rt, payload, plan, step, identity)  # records the outcome as it revokes
         _close_step_span(s, update["steps"][step.id])
-    return update
+    return {**update, "batches": _landed(payload)}
 
 
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
@@ -255,7 +291,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     approval = rt.approvals.get(pending_id)
     state = approval.effective_status(rt.clock.now())
     if state == "pending":
-        return {}  # e.g. one of two required approvers so far: ask again
+        return {"batches": _landed(payload)}  # e.g. one of two approvers so far: ask again
     plan = rt.plan_for(payload["run_id"], payload["plan"])
     step = plan.step(payload["step_id"])
     identity = _step_identity(rt, payload["run_id"], step.id)
@@ -267,7 +303,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         update = _answer(rt, payload, plan, step, identity, approval, state, record)
         _close_step_span(s, update["steps"][step.id])
     _step_ended(rt, payload["run_id"], update["steps"][step.id])
-    return update
+    return {**update, "batches": _landed(payload)}
 
 
 def _step_ended(rt: Runtime, run_id: str, record: dict[str, Any]) -> None:
@@ -354,20 +390,3 @@ def _call_summary(c: CallResult) -> dict[str, Any]:
     return {"tool": c.tool, "status": c.status, "decision": c.decision.outcome,
             "policy_ids": list(c.decision.policy_ids), "reason": "" if c.ok else c.reason,
             "attempts": c.attempts}
-
-
-def _finish(rt: Runtime, state: RunState) -> dict[str, Any]:
-    rt.revoke_run(state["run_id"], reason="run ended")
-    if state.get("status") == "failed":
-        return {"status": "failed"}
-    statuses = [s["status"] for s in (state.get("steps") or {}).values()]
-    plan_size = len(state["plan"]["steps"]) if state.get("plan") else 0
-    if "failed" in statuses:
-        status = "failed"
-    elif "denied" in statuses:
-        status = "denied"
-    elif statuses.count("completed") == plan_size:
-        status = "completed"
-    else:
-        status = "failed"
-    return {"status": status}

@@ -33,7 +33,7 @@ from ..plan import Plan
 from ..policy import CedarPolicyEngine, PolicyEngine
 from ..store import RunRecord, SqliteStore, Store, open_store
 from ..workflow import Workflow
-from .graph import build_graph
+from .graph import build_graph, final_status
 from .report import CallReport, RunReport, StepReport
 
 
@@ -237,7 +237,7 @@ class Runtime:
                 if self.graph.get_state(config).interrupts:
                     status = "paused"
                 else:
-                    status = final.get("status", "failed")
+                    status = final_status(final)
                 error = final.get("error")
             except BaseException as exc:
                 status = "cancelled" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"

@@ -15,6 +15,19 @@ def union_labels(left: list[str] | None, right: list[str] | None) -> list[str]:
     return sorted(set(left or ()) | set(right or ()))
 
 
+def merge_batches(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
+    """Batches of tasks still in flight: a batch leaves once all its members have landed.
+
+    A node's own view holds only its own landing, so a batch with siblings looks
+    unfinished to it (it joins at ``schedule``); a batch of one is gone at once.
+    """
+    merged = {k: dict(v) for k, v in (left or {}).items()}
+    for batch_id, entry in (right or {}).items():
+        current = merged.setdefault(batch_id, {"members": entry["members"], "landed": []})
+        current["landed"] = sorted(set(current["landed"]) | set(entry["landed"]))
+    return {k: v for k, v in merged.items() if not set(v["members"]) <= set(v["landed"])}
+
+
 class RunState(TypedDict, total=False):
     run_id: str
     workflow: str
@@ -24,6 +37,7 @@ class RunState(TypedDict, total=False):
     plan: dict[str, Any]
     steps: Annotated[dict[str, Any], merge_steps]
     data_labels: Annotated[list[str], union_labels]
+    batches: Annotated[dict[str, Any], merge_batches]
     on_denial: str
     trace: dict[str, str]  # W3C traceparent of the run's first root span
     status: str
@@ -42,3 +56,4 @@ class StepInput(TypedDict):
     dependencies: dict[str, Any]
     data_labels: list[str]
     record: dict[str, Any]  # the step's record so far (for an approval: the pending call)
+    dispatch: dict[str, Any]  # the batch this task was sent in: {"id", "members"}
