@@ -125,6 +125,8 @@ class ApprovalService:
             self.ledger.append("approval_decided", a.run_id, approval_id=a.id, step_id=a.step_id,
                                approver=approver, answer=answer, status=a.status, reason=reason,
                                digest=a.digest, proposed=a.proposed_arguments is not None)
+            # A human's answer is signed at once: it must not vanish before the run resumes.
+            self.ledger.resign_head()
 
     def request(self, request: ApprovalRequest) -> ApprovalRequest:
         """Persist ``request`` unless a request of the same id exists; return the stored one."""

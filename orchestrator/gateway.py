@@ -88,9 +88,20 @@ class CallResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    error_type: str | None = None  # the exception class of a failed tool, safe to record
+
     @property
     def reason(self) -> str:
+        """Why the call did not succeed, in full: for the executor, in process."""
         return self.error or "; ".join(self.decision.reasons)
+
+    @property
+    def audit_reason(self) -> str:
+        """Why, without the tool's own error message (it may quote secret arguments):
+        what run records, spans and the ledger keep."""
+        if self.status == "error":
+            return f"tool {self.tool!r} failed: {self.error_type or 'error'}"
+        return "; ".join(self.decision.reasons)
 
 
 @dataclass
@@ -169,8 +180,8 @@ class Gateway:
             return CallResult(
                 tool=tool, arguments=dict(arguments), status="error",
                 decision=Decision(outcome="allow"), attempts=attempt_no,
-                grant_id=getattr(last, "grant_id", None),
                 error=f"tool {tool!r} failed after {attempt_no} attempts: {last}",
+                error_type=f"{type(last).__name__} after {attempt_no} attempts",
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -235,7 +246,8 @@ class Gateway:
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", json.dumps(error),
                          started, key, None, error_type=type(exc).__name__)
             return CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
-                              error=error, attempts=attempt, grant_id=grant.jti)
+                              error=error, attempts=attempt, grant_id=grant.jti,
+                              error_type=type(exc).__name__)
         result_json = json.dumps(value, default=str, sort_keys=True)
         self._called(ctx, tool, grant, decision, attempt, normalized, "ok", result_json, started, key,
                      result_json)
@@ -298,9 +310,10 @@ class Gateway:
         if earlier.status == "started":
             return CallResult(status="error", error=(
                 f"call to {tool.name!r} was interrupted by a crash and is not repeated: "
-                "it may or may not have taken effect"), **base)
+                "it may or may not have taken effect"), error_type="interrupted by a crash, not repeated",
+                **base)
         error = json.loads(earlier.result) if earlier.result else f"tool {tool.name!r} failed"
-        return CallResult(status="error", error=str(error), **base)
+        return CallResult(status="error", error=str(error), error_type="failed before a crash", **base)
 
     def _finish(self, key: str | None, status: str, result: str | None) -> None:
         if key is not None:

@@ -43,10 +43,11 @@ class VerifyResult:
     signed_seq: int | None
     problem: str | None = None
     bad_seq: int | None = None
+    unsigned: int = 0  # records after the signed head (a run in progress): chained, not yet signed
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "records": self.records, "signed_seq": self.signed_seq,
-                "problem": self.problem, "bad_seq": self.bad_seq}
+                "unsigned": self.unsigned, "problem": self.problem, "bad_seq": self.bad_seq}
 
 
 class Ledger:
@@ -77,6 +78,17 @@ class Ledger:
         head = LedgerHead(seq=seq, hash=head_hash, domain=domain.name, signature=signature)
         self.store.save_ledger_head(head)
         return head
+
+    def resign_head(self) -> LedgerHead | None:
+        """Sign the current head with the key that signed the last one.
+
+        For writers that know no trust domain (the CLI answering an approval): without
+        it, records appended after the last signature could be deleted unnoticed.
+        """
+        head = self.store.ledger_head()
+        if head is None:
+            return None
+        return self.sign_head(TrustDomain(head.domain, self.store, clock=self.clock))
 
     def records(self, run_id: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -117,9 +129,12 @@ class Ledger:
             signed_seq = head.seq
         elif rows:
             return _bad(len(rows), None, "the ledger has records but no signed head", 1)
+        elif self.store.list_runs():
+            return _bad(0, None, "the ledger is empty but the store has runs: it was wiped", None)
         if run_id is not None and not any(r.run_id == run_id for r in rows):
             return _bad(len(rows), signed_seq, f"no ledger records for run {run_id!r}", None)
-        return VerifyResult(ok=True, records=len(rows), signed_seq=signed_seq)
+        return VerifyResult(ok=True, records=len(rows), signed_seq=signed_seq,
+                            unsigned=len(rows) - (signed_seq or 0))
 
     def _check_head(self, head: LedgerHead, hashes: dict[int, str]) -> str | None:
         key = load_domain_public_key(self.store, head.domain)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -208,11 +209,16 @@ class CedarPolicyEngine:
                 json.dumps([self._principal_entity(request)]))
             result = cedarpy.is_authorized(cedar_request, self._policies, entities)
         except Exception as exc:  # cedarpy raises bare exceptions on malformed input
-            return _Evaluation.deny(f"policy evaluation failed: {_first_line(exc)}", "policy-error")
+            return _Evaluation.deny(f"policy evaluation failed ({type(exc).__name__}); denied to fail closed",
+                                    "policy-error")
         diag = result.diagnostics
         if diag.errors:
-            return _Evaluation.deny(f"policy evaluation error: {_first_line(diag.errors[0])}", "policy-error")
-        metas = [self._meta[p] for p in diag.reasons if p in self._meta]
+            # Cedar's message quotes the values it was evaluating, which may be secret
+            # arguments: name the failing policy only.
+            return _Evaluation.deny(f"policy {self._policy_in(diag.errors[0])!r} failed to evaluate; "
+                                    "denied to fail closed", "policy-error")
+        # Cedar lists its reasons in no fixed order: sort, so one decision has one name.
+        metas = sorted((self._meta[p] for p in diag.reasons if p in self._meta), key=lambda m: m.id)
         ids = tuple(m.id for m in metas)
         reasons = tuple(m.reason for m in metas)
         if result.allowed:
@@ -222,6 +228,12 @@ class CedarPolicyEngine:
         escalations = all(m.escalate for m in metas)
         return _Evaluation(Decision(outcome="deny", reasons=reasons, policy_ids=ids), escalations,
                            max(m.approvals for m in metas))
+
+    def _policy_in(self, error: str) -> str:
+        match = re.search(r"policy `([^`]+)`", error)
+        if match and match.group(1) in self._meta:
+            return self._meta[match.group(1)].id
+        return "unknown"
 
     def _context(self, request: CallRequest, approved: bool, approval_count: int) -> dict[str, Any]:
         return {

@@ -241,7 +241,7 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     except NeedsApproval as pause:
         request = _request_approval(rt, payload, step, identity, pause.result)
         record.update(status="awaiting_approval", decision="needs_approval",
-                      policy_ids=list(pause.result.decision.policy_ids), reason=pause.result.reason,
+                      policy_ids=list(pause.result.decision.policy_ids), reason=pause.result.audit_reason,
                       approval_id=request.id, approval_ids=[request.id])
     except ScopegraphError as exc:
         record.update(status="failed", decision=None, policy_ids=[], reason=str(exc))
@@ -361,7 +361,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     if result.status == "needs_approval":
         request = _request_approval(rt, payload, step, identity, result)
         record.update(status="awaiting_approval", decision="needs_approval",
-                      policy_ids=list(result.decision.policy_ids), reason=result.reason,
+                      policy_ids=list(result.decision.policy_ids), reason=result.audit_reason,
                       approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
     else:
         record.update(_outcome([result], step.tool))
@@ -382,11 +382,11 @@ def _outcome(calls: list[CallResult], planned_tool: str) -> dict[str, Any]:
     else:
         status = "denied" if last.status == "denied" else "failed"
     return {"status": status, "decision": last.decision.outcome,
-            "policy_ids": list(last.decision.policy_ids), "reason": "" if last.ok else last.reason,
+            "policy_ids": list(last.decision.policy_ids), "reason": "" if last.ok else last.audit_reason,
             "result": last.value if last.ok else None}
 
 
 def _call_summary(c: CallResult) -> dict[str, Any]:
     return {"tool": c.tool, "status": c.status, "decision": c.decision.outcome,
-            "policy_ids": list(c.decision.policy_ids), "reason": "" if c.ok else c.reason,
+            "policy_ids": list(c.decision.policy_ids), "reason": "" if c.ok else c.audit_reason,
             "attempts": c.attempts}

@@ -394,7 +394,8 @@ def test_audit_verify_on_a_fresh_store_is_ok_with_no_records(store_url: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = audit_cli(capsys, store_url, "--json")
     assert code == 0
-    assert json.loads(out) == {"ok": True, "records": 0, "signed_seq": None, "problem": None, "bad_seq": None}
+    assert json.loads(out) == {"ok": True, "records": 0, "signed_seq": None, "unsigned": 0,
+                               "problem": None, "bad_seq": None}
 
 
 # concurrency -----------------------------------------------------------------------------
