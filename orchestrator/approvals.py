@@ -168,7 +168,8 @@ class ApprovalService:
         def mutate(a: ApprovalRequest) -> ApprovalRequest:
             self._check_can_answer(a, approver, now)
             if approver in a.approvers:
-                raise ApprovalError(f"{approver!r} has already approved {a.id!r}; a second approver must be someone else")
+                raise ApprovalError(
+                    f"{approver!r} has already approved {a.id!r}; a second approver must be someone else")
             votes = [*a.approvals, ApprovalVote(approver=approver, reason=reason, at=now)]
             done = len({v.approver for v in votes}) >= a.required_approvals
             return a.model_copy(update={

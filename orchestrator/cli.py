@@ -11,7 +11,8 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from .errors import ScopegraphError
@@ -30,6 +31,17 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
+
+
+@contextmanager
+def _opened_store(args: argparse.Namespace) -> Iterator[Any]:
+    from .store import open_store
+
+    store = open_store(args.store)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _default_user() -> str:
@@ -220,13 +232,9 @@ def _print_report(report: Any, as_json: bool) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from .runtime import Runtime
-    from .store import open_store
 
-    store = open_store(args.store)
-    try:
+    with _opened_store(args) as store:
         record = store.get_run(args.run_id)
-    finally:
-        store.close()
     if record is None:
         raise ScopegraphError(f"unknown run {args.run_id!r}")
     target = args.target or record.target
@@ -307,13 +315,9 @@ def _answer(args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     from .clock import SystemClock
     from .ledger import Ledger
-    from .store import open_store
 
-    store = open_store(args.store)
-    try:
+    with _opened_store(args) as store:
         result = Ledger(store, clock=SystemClock()).verify(run_id=args.run)
-    finally:
-        store.close()
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.ok:
@@ -325,41 +329,29 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from .store import open_store
     from .trace_view import build_trace, render_trace
 
-    store = open_store(args.store)
-    try:
+    with _opened_store(args) as store:
         view = build_trace(store, args.run_id)
-    finally:
-        store.close()
     print(json.dumps(view, indent=2) if args.json else render_trace(view))
     return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .store import open_store
     from .usage_report import build_report, render_report
 
-    store = open_store(args.store)
-    try:
+    with _opened_store(args) as store:
         view = build_report(store, workflow=args.workflow)
-    finally:
-        store.close()
     print(json.dumps(view, indent=2) if args.json else render_report(view))
     return EXIT_OK
 
 
 def _bundle(args: argparse.Namespace) -> int:
     from .identity import TrustDomain
-    from .store import open_store
 
     workflow = load_workflow(args.target)
-    store = open_store(args.store)
-    try:
+    with _opened_store(args) as store:
         print(TrustDomain(workflow.trust_domain, store).bundle().jwks_json())
-    finally:
-        store.close()
     return EXIT_OK
 
 

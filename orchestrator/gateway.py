@@ -29,8 +29,8 @@ from tenacity import (
     wait_exponential,
 )
 
-from .approvals import ApprovalService
 from . import tracing as tr
+from .approvals import ApprovalService
 from .canonical import action_digest, sha256_hex
 from .clock import Clock
 from .credentials import Grant, GrantIssuer
@@ -167,7 +167,7 @@ class Gateway:
             stop=stop_after_attempt(self.retry.attempts),
             wait=wait_exponential(multiplier=self.retry.wait_initial, max=self.retry.wait_max),
             reraise=False,
-            **({"sleep": self.retry.sleep} if self.retry.sleep else {}),
+            sleep=self.retry.sleep or time.sleep,
         )
         attempt_no = 0
         try:
@@ -302,8 +302,8 @@ class Gateway:
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
                 decision: Decision, attempt: int) -> CallResult:
         """A call whose key was seen before: never run it twice."""
-        base = {"tool": tool.name, "arguments": normalized, "decision": decision,
-                "attempts": attempt, "grant_id": grant.jti}
+        base: dict[str, Any] = {"tool": tool.name, "arguments": normalized, "decision": decision,
+                                "attempts": attempt, "grant_id": grant.jti}
         if earlier.status == "ok":
             value = json.loads(earlier.result) if earlier.result is not None else None
             return CallResult(status="ok", value=value, labels=tool.labels, **base)
@@ -427,11 +427,11 @@ def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str
         if name not in constraints:
             return f"argument {name!r} of tool {grant.tool!r} is not in the grant's scope"
     for name, constraint in constraints.items():
-        if name in normalized and not constraint.allows(normalized[name]):  # type: ignore[union-attr]
+        if name in normalized and not constraint.allows(normalized[name]):
             # The value itself stays out of the reason: reasons reach spans, the ledger and
             # the executor's model, and an out-of-scope value may be exactly what must not leak.
             return (f"argument {name!r} is outside the grant's scope: it must be "
-                    f"{constraint.describe()}")  # type: ignore[union-attr]
+                    f"{constraint.describe()}")
     return None
 
 

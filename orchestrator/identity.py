@@ -20,7 +20,10 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
@@ -252,7 +255,7 @@ class Bundle:
 
     def jwks(self) -> dict[str, Any]:
         out = []
-        for key, kid in zip(self.keys, self.kids):
+        for key, kid in zip(self.keys, self.kids, strict=True):
             raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             out.append({
                 "kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA",

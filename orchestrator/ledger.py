@@ -19,7 +19,7 @@ import jwt
 from .canonical import canonical_json, sha256_hex
 from .clock import Clock
 from .identity import TrustDomain, load_domain_public_key
-from .store import LedgerHead, LedgerRow, Store
+from .store import LedgerHead, Store
 
 GENESIS = "0" * 64
 

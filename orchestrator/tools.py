@@ -121,7 +121,7 @@ def _build_tool(
         annotation = hints.get(param.name, Any)
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (annotation, default)
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         f"{name.replace('-', '_').replace('.', '_')}_arguments",
         __config__=ConfigDict(extra="forbid", strict=False),
         **fields,

@@ -42,7 +42,9 @@ from pydantic import create_model
 from .approvals import ApprovalRequest
 from .clock import SystemClock
 from .errors import ScopegraphError
-from .gateway import _digest as arguments_digest  # the digest the ledger's decision/tool_call records hold
+from .gateway import (
+    _digest as arguments_digest,  # the digest the ledger's decision/tool_call records hold
+)
 from .identity import SpiffeId
 from .ledger import Ledger
 from .policy import SCHEMA_FILE, CallRequest, CedarPolicyEngine
@@ -513,7 +515,9 @@ class _Checker:
         if not target or ":" not in target:
             return cls(name, definition=None, source=target,
                        problem=f"its runs name no importable target (target {target!r})")
-        from .loader import load_workflow  # imports user code: only when a report needs it
+        from .loader import (
+            load_workflow,  # imports user code: only when a report needs it
+        )
 
         try:
             loaded = load_workflow(target)

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send, interrupt
 
-from ..approvals import ApprovalRequest, approval_id
 from .. import tracing as tr
+from ..approvals import ApprovalRequest, approval_id
 from ..canonical import action_digest, canonical_json, sha256_hex
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError

@@ -15,27 +15,27 @@ import sqlite3
 import uuid
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 
 from .. import tracing as tr
-from ..canonical import sha256_hex
-from ..ledger import Ledger
 from ..approvals import ApprovalService
+from ..canonical import sha256_hex
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
 from ..errors import ConfigError, RunBusyError, StoreError
 from ..gateway import Gateway
 from ..identity import TrustDomain
+from ..ledger import Ledger
 from ..plan import Plan
 from ..policy import CedarPolicyEngine, PolicyEngine
 from ..store import RunRecord, SqliteStore, Store, open_store
 from ..workflow import Workflow
 from .graph import build_graph, final_status
 from .report import CallReport, RunReport, StepReport
-
 
 RUN_LEASE_SECONDS = 3600.0
 
@@ -74,7 +74,7 @@ class Runtime:
         self.clock = clock or SystemClock()
         self.target = target or workflow.name
         owns_store = store is None or isinstance(store, str)
-        self.store = open_store(store) if owns_store else store  # type: ignore[arg-type]
+        self.store: Store = open_store(store) if store is None or isinstance(store, str) else store
         try:
             self._setup(workflow, policy)
         except BaseException:
@@ -207,7 +207,7 @@ class Runtime:
             self.metrics.grants_revoked.add(count, {"workflow": self.workflow.name, "tool": "*"})
         return count
 
-    def _config(self, run_id: str) -> dict[str, Any]:
+    def _config(self, run_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
 
     def _drive(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import CallRecord, GrantRecord, LedgerHead, LedgerRow, GrantState, RunRecord, Store, UseRecord
+from .base import (
+    CallRecord,
+    GrantRecord,
+    GrantState,
+    LedgerHead,
+    LedgerRow,
+    RunRecord,
+    Store,
+    UseRecord,
+)
 from .sqlite import SqliteStore
 
 DEFAULT_STORE_URL = "sqlite:///.scopegraph/scopegraph.db"
@@ -30,6 +39,6 @@ def open_store(url: str | None = None) -> Store:
 
 
 __all__ = [
-    "CallRecord", "DEFAULT_STORE_URL", "GrantRecord", "LedgerHead", "LedgerRow", "GrantState", "RunRecord", "SqliteStore", "Store",
-    "UseRecord", "open_store",
+    "CallRecord", "DEFAULT_STORE_URL", "GrantRecord", "GrantState", "LedgerHead", "LedgerRow",
+    "RunRecord", "SqliteStore", "Store", "UseRecord", "open_store",
 ]

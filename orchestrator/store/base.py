@@ -6,9 +6,9 @@ nothing of LangGraph; the runtime asks it only for its URL and location.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 UseOutcome = Literal["ok", "denied", "error"]

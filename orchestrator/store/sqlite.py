@@ -10,7 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import CallRecord, GrantRecord, GrantState, LedgerHead, LedgerRow, RunRecord, UseRecord
+from .base import (
+    CallRecord,
+    GrantRecord,
+    GrantState,
+    LedgerHead,
+    LedgerRow,
+    RunRecord,
+    UseRecord,
+)
 
 SCHEMA_VERSION = 1
 
@@ -118,7 +126,7 @@ class SqliteStore:
     # keys ---------------------------------------------------------------------------
     def load_signing_key(self, name: str) -> bytes | None:
         rows = self._read("SELECT private_pem FROM sg_keys WHERE name = ?", (name,))
-        return bytes(rows[0][0]) if rows else None  # type: ignore[arg-type]
+        return bytes(rows[0][0]) if rows else None  # type: ignore[call-overload]
 
     def save_signing_key(self, name: str, private_pem: bytes, created_at: float) -> bytes:
         with self._tx() as c:
