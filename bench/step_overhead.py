@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
@@ -49,7 +50,7 @@ from orchestrator import Runtime, Workflow, tool
 
 WORKFLOW = "bench"
 TASK = "Read every key in order."
-CONFIG_EXTRA = {"recursion_limit": 10_000}
+RECURSION_LIMIT = 10_000  # as the runtime sets it, so long plans stay under the limit
 
 
 def read_value(key: str) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def build_plain_graph(plan: dict[str, Any]) -> StateGraph:
     graph = StateGraph(PlainState)
     graph.add_node("plan", plan_node)
     graph.add_node("schedule", lambda state: {})
-    graph.add_node("step", step_node)
+    graph.add_node("step", lambda payload: step_node(payload))  # as the runtime adds its nodes
     targets = ["step", "schedule", END]
     graph.add_edge(START, "plan")
     graph.add_conditional_edges("plan", route, targets)
@@ -185,13 +186,12 @@ class PlainArm:
 
     def run_once(self) -> None:
         run_id = uuid.uuid4().hex
-        initial = {
+        initial: dict[str, Any] = {
             "run_id": run_id, "workflow": WORKFLOW, "task": TASK, "initiator": "bench",
             "planner_id": f"planner:{run_id}", "steps": {}, "data_labels": [],
         }
-        final = self.graph.invoke(
-            initial, {"configurable": {"thread_id": run_id}, **CONFIG_EXTRA}, durability="sync"
-        )
+        config: RunnableConfig = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
+        final = self.graph.invoke(initial, config, durability="sync")
         statuses = [s["status"] for s in final["steps"].values()]
         if statuses.count("completed") != self.steps:
             raise SystemExit(f"plain run completed {statuses.count('completed')} of {self.steps} steps")
@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --runs must be at least 1, --warmup at least 0")
 
     with tempfile.TemporaryDirectory(prefix="sg-bench-") as tmp:
-        arms = [PlainArm(Path(tmp), args.steps), ScopegraphArm(Path(tmp), args.steps)]
+        arms: list[PlainArm | ScopegraphArm] = [PlainArm(Path(tmp), args.steps),
+                                                ScopegraphArm(Path(tmp), args.steps)]
         try:
             for _ in range(args.warmup):
                 for arm in arms:
