@@ -70,7 +70,7 @@ class Pattern(_Constraint):
         return isinstance(value, str) and re.fullmatch(self.regex, value) is not None
 
     def describe(self) -> str:
-        return f"matching {self.regex!r}"
+        return f"a string matching {self.regex!r}"
 
 
 class Prefix(_Constraint):
@@ -96,7 +96,7 @@ class Prefix(_Constraint):
         return self.prefix.endswith("/") or rest == "" or rest.startswith("/")
 
     def describe(self) -> str:
-        return f"starting with {self.prefix!r}"
+        return f"a string starting with {self.prefix!r}"
 
 
 class Range(_Constraint):
