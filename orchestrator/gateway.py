@@ -162,28 +162,36 @@ class Gateway:
         returns its recorded result instead of running again (crash recovery). An
         ``approval_id`` presents a human approval for exactly this call.
         """
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientToolError),
-            stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential(multiplier=self.retry.wait_initial, max=self.retry.wait_max),
-            reraise=False,
-            sleep=self.retry.sleep or time.sleep,
-        )
-        attempt_no = 0
+        # The common case is one attempt: the retry machinery is built only after a
+        # transient failure. Every retry goes through ``_attempt`` again: a new decision.
         try:
-            for attempt in retrying:
-                with attempt:
-                    attempt_no = attempt.retry_state.attempt_number
-                    return self._attempt(token, tool, arguments, ctx, attempt_no, call_key, approval_id)
-        except RetryError as exc:
-            last = exc.last_attempt.exception()
-            return CallResult(
-                tool=tool, arguments=dict(arguments), status="error",
-                decision=Decision(outcome="allow"), attempts=attempt_no,
-                error=f"tool {tool!r} failed after {attempt_no} attempts: {last}",
-                error_type=f"{type(last).__name__} after {attempt_no} attempts",
+            return self._attempt(token, tool, arguments, ctx, 1, call_key, approval_id)
+        except TransientToolError as exc:
+            last: BaseException | None = exc
+        attempt_no = 1
+        sleep = self.retry.sleep or time.sleep
+        if self.retry.attempts > 1:
+            sleep(self.retry.wait_initial)
+            retrying = Retrying(
+                retry=retry_if_exception_type(TransientToolError),
+                stop=stop_after_attempt(self.retry.attempts - 1),
+                wait=wait_exponential(multiplier=self.retry.wait_initial * 2, max=self.retry.wait_max),
+                reraise=False,
+                sleep=sleep,
             )
-        raise AssertionError("unreachable")  # pragma: no cover
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        attempt_no = attempt.retry_state.attempt_number + 1
+                        return self._attempt(token, tool, arguments, ctx, attempt_no, call_key, approval_id)
+            except RetryError as exc:
+                last = exc.last_attempt.exception()
+        return CallResult(
+            tool=tool, arguments=dict(arguments), status="error",
+            decision=Decision(outcome="allow"), attempts=attempt_no,
+            error=f"tool {tool!r} failed after {attempt_no} attempts: {last}",
+            error_type=f"{type(last).__name__} after {attempt_no} attempts",
+        )
 
     def _attempt(
         self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,

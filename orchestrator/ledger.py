@@ -10,13 +10,14 @@ cut off after the signed head.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import jwt
 
-from .canonical import canonical_json, sha256_hex
+from .canonical import canonical_json
 from .clock import Clock
 from .identity import TrustDomain, load_domain_public_key
 from .store import LedgerHead, Store
@@ -31,9 +32,9 @@ RecordKind = Literal[
 
 
 def record_hash(*, seq: int, run_id: str, kind: str, at: float, data: str, prev_hash: str) -> str:
-    return sha256_hex(canonical_json({
-        "seq": seq, "run_id": run_id, "kind": kind, "at": at, "data": data, "prev": prev_hash,
-    }))
+    """SHA-256 over the record's fields and its canonical JSON payload, hashed once as bytes."""
+    header = f"scopegraph-ledger-v1\n{seq}\n{run_id}\n{kind}\n{at!r}\n{prev_hash}\n"
+    return hashlib.sha256(header.encode() + data.encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ records the facts policy needs: how risky the tool is and what its output carrie
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ class ToolRegistry(Mapping[str, Tool]):
 
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        self._catalogue: list[dict[str, Any]] | None = None
         for t in tools:
             self.register(t)
 
@@ -152,6 +154,7 @@ class ToolRegistry(Mapping[str, Tool]):
         if t.name in self._tools:
             raise ToolError(f"tool {t.name!r} is registered twice")
         self._tools[t.name] = t
+        self._catalogue = None
 
     def get_tool(self, name: str) -> Tool:
         """Raises:
@@ -173,6 +176,11 @@ class ToolRegistry(Mapping[str, Tool]):
 
     def catalogue(self) -> list[dict[str, Any]]:
         """What a planner may see: names, descriptions, schemas and risk tiers, no handles."""
+        if self._catalogue is None:
+            self._catalogue = self._build_catalogue()
+        return copy.deepcopy(self._catalogue)  # a planner may mutate what it is given
+
+    def _build_catalogue(self) -> list[dict[str, Any]]:
         return [
             {
                 "name": t.name,

@@ -15,7 +15,15 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACER_NAME = "scopegraph"
@@ -70,10 +78,19 @@ def tracer() -> trace.Tracer:
     return _TRACER
 
 
+def enabled() -> bool:
+    """Whether an application installed a tracer provider: without one, spans are skipped
+    outright (building attributes for a no-op span is most of a span's cost)."""
+    return not isinstance(trace.get_tracer_provider(), (ProxyTracerProvider, NoOpTracerProvider))
+
+
 @contextmanager
 def span(name: str, attributes: Mapping[str, Any] | None = None, *,
          context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
     """A span that records an exception as an error status and re-raises it."""
+    if not enabled():
+        yield INVALID_SPAN
+        return
     with _TRACER.start_as_current_span(name, context=context, kind=kind,
                                         attributes=_clean(attributes or {}),
                                         record_exception=False, set_status_on_exception=False) as s:

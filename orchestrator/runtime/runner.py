@@ -234,7 +234,7 @@ class Runtime:
                 graph_input["trace"] = tr.inject_traceparent()
             try:
                 final = self.graph.invoke(graph_input, config, durability="sync")
-                if self.graph.get_state(config).interrupts:
+                if final.get("__interrupt__"):
                     status = "paused"
                 else:
                     status = final_status(final)
