@@ -121,8 +121,16 @@ def _dispatch(step_ids: list[str]) -> dict[str, Any]:
 
 
 def _landed(payload: StepInput) -> dict[str, Any]:
+    """The write that reports this task's landing; none for a batch of one (nothing to join)."""
     batch = payload["dispatch"]
-    return {batch["id"]: {"members": batch["members"], "landed": [payload["step_id"]]}}
+    if len(batch["members"]) < 2:
+        return {}
+    return {"batches": {batch["id"]: {"members": batch["members"], "landed": [payload["step_id"]]}}}
+
+
+def _with_labels(update: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    # Written only when there are some: every channel write is a row in the checkpoint store.
+    return {**update, "data_labels": labels} if labels else update
 
 
 def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any]) -> StepInput:
@@ -221,7 +229,7 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     with _tool_span(rt, payload, step, identity) as s:
         update = _run_step(rt, payload, plan, step, identity)  # records the outcome as it revokes
         _close_step_span(s, update["steps"][step.id])
-    return {**update, "batches": _landed(payload)}
+    return {**update, **_landed(payload)}
 
 
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
@@ -252,7 +260,7 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
         _revoke(rt, payload["run_id"], step, grant, ended=record)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
-    return {"steps": {step.id: record}, "data_labels": _labels(handle.calls)}
+    return _with_labels({"steps": {step.id: record}}, _labels(handle.calls))
 
 
 def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId,
@@ -291,7 +299,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     approval = rt.approvals.get(pending_id)
     state = approval.effective_status(rt.clock.now())
     if state == "pending":
-        return {"batches": _landed(payload)}  # e.g. one of two approvers so far: ask again
+        return _landed(payload)  # e.g. one of two approvers so far: ask again
     plan = rt.plan_for(payload["run_id"], payload["plan"])
     step = plan.step(payload["step_id"])
     identity = _step_identity(rt, payload["run_id"], step.id)
@@ -303,7 +311,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         update = _answer(rt, payload, plan, step, identity, approval, state, record)
         _close_step_span(s, update["steps"][step.id])
     _step_ended(rt, payload["run_id"], update["steps"][step.id])
-    return {**update, "batches": _landed(payload)}
+    return {**update, **_landed(payload)}
 
 
 def _step_ended(rt: Runtime, run_id: str, record: dict[str, Any]) -> None:
@@ -365,7 +373,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
                       approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
     else:
         record.update(_outcome([result], step.tool))
-    return {"steps": {step.id: record}, "data_labels": _labels([result])}
+    return _with_labels({"steps": {step.id: record}}, _labels([result]))
 
 
 def _labels(calls: list[CallResult]) -> list[str]:

@@ -123,17 +123,18 @@ class Runtime:
         run_id = run_id or uuid.uuid4().hex
         if not _RUN_ID.match(run_id):
             raise ConfigError(f"invalid run id {run_id!r}")
-        if self.store.get_run(run_id) is not None:
-            raise ConfigError(f"run {run_id!r} exists already; use resume")
-        now = self.clock.now()
-        self.store.upsert_run(RunRecord(
-            run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=initiator,
-            status="running", created_at=now, updated_at=now,
-        ))
         planner_id = self.domain.id("wf", self.workflow.name, "run", run_id, "planner")
-        self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
-                           initiator=initiator, task_digest=sha256_hex(task),
-                           planner=str(planner_id), policy_version=self.policy.version)
+        with self.store.atomic():  # the run and its first audit record land together
+            if self.store.get_run(run_id) is not None:
+                raise ConfigError(f"run {run_id!r} exists already; use resume")
+            now = self.clock.now()
+            self.store.upsert_run(RunRecord(
+                run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=initiator,
+                status="running", created_at=now, updated_at=now,
+            ))
+            self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
+                               initiator=initiator, task_digest=sha256_hex(task),
+                               planner=str(planner_id), policy_version=self.policy.version)
         initial = {
             "run_id": run_id, "workflow": self.workflow.name, "task": task, "initiator": initiator,
             "planner_id": str(planner_id), "steps": {}, "data_labels": [],
@@ -212,19 +213,25 @@ class Runtime:
 
     def _drive(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
         now = self.clock.now()
-        holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
-                                        now=now, owner_alive=_owner_alive)
+        with self.store.atomic():
+            holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
+                                            now=now, owner_alive=_owner_alive)
+            if holder is None:
+                self.store.set_run_status(run_id, "running", at=now)
         if holder is not None:
             raise RunBusyError(f"run {run_id!r} is being driven by another runtime ({holder})")
+        leased = [True]
         try:
-            return self._drive_leased(run_id, graph_input, parent)
+            return self._drive_leased(run_id, graph_input, parent, leased)
         finally:
-            self.store.release_run(run_id, owner=self._owner)
+            if leased[0]:  # only if ``_drive_leased`` did not get to release it itself
+                self.store.release_run(run_id, owner=self._owner)
 
-    def _drive_leased(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
+    def _drive_leased(self, run_id: str, graph_input: Any, parent: Context | None,
+                      leased: list[bool]) -> RunReport:
         config = self._config(run_id)
         status, error = "failed", None
-        self._set_status(run_id, "running")
+        final: dict[str, Any] | None = None
         with tr.span(f"{tr.INVOKE_WORKFLOW} {self.workflow.name}", {
             tr.GEN_AI_OPERATION: "invoke_workflow", tr.WORKFLOW: self.workflow.name, tr.RUN_ID: run_id,
             "scopegraph.resumed": parent is not None,
@@ -245,25 +252,30 @@ class Runtime:
                 if not isinstance(exc, Exception):
                     raise
             finally:
-                # Whatever happened above, no grant of this run outlives it.
-                self.revoke_run(run_id, reason=f"run {status}")
-                self._set_status(run_id, status)
                 awaiting = [a.id for a in self.approvals.list(run_id=run_id, status="pending")] \
                     if status == "paused" else []
-                self.ledger.append("run_paused" if status == "paused" else "run_ended", run_id,
-                                   status=status, error=error, awaiting=awaiting)
-                self.ledger.sign_head(self.domain)
+                # Whatever happened above, no grant of this run outlives it; the revocations,
+                # the outcome, its audit record and the signed head land in one write.
+                with self.store.atomic():
+                    self.revoke_run(run_id, reason=f"run {status}")
+                    self.store.set_run_status(run_id, status, at=self.clock.now())
+                    self.ledger.append("run_paused" if status == "paused" else "run_ended", run_id,
+                                       status=status, error=error, awaiting=awaiting)
+                    self.ledger.sign_head(self.domain)
+                    self.store.release_run(run_id, owner=self._owner)
+                    leased[0] = False
                 self._trace_contexts.pop(run_id, None)
                 self._plans.pop(run_id, None)
                 root.set_attribute(tr.RUN_STATUS, status)
                 if status not in ("completed", "paused"):
                     tr.set_error(root, status)
-        return self.report(run_id, error=error)
+        return self.report(run_id, error=error, state=final)
 
-    def report(self, run_id: str, *, error: str | None = None) -> RunReport:
-        """Build the run record from the last checkpoint and the store."""
-        snapshot = self.graph.get_state({"configurable": {"thread_id": run_id}})
-        state: dict[str, Any] = dict(snapshot.values or {})
+    def report(self, run_id: str, *, error: str | None = None,
+               state: dict[str, Any] | None = None) -> RunReport:
+        """Build the run record from the last checkpoint (or ``state``) and the store."""
+        if state is None:
+            state = dict(self.graph.get_state(self._config(run_id)).values or {})
         record = self.store.get_run(run_id)
         if record is None and not state:
             raise ConfigError(f"unknown run {run_id!r}")
@@ -302,15 +314,6 @@ class Runtime:
             grants_revoked=sum(1 for g in grants if g.revoked_at is not None),
             approvals=approvals,
         )
-
-    def _set_status(self, run_id: str, status: str) -> None:
-        record = self.store.get_run(run_id)
-        if record is not None:
-            self.store.upsert_run(RunRecord(
-                run_id=run_id, workflow=record.workflow, target=record.target,
-                initiator=record.initiator, status=status, created_at=record.created_at,
-                updated_at=self.clock.now(),
-            ))
 
 
 def _checkpointer_for(store: Store) -> tuple[sqlite3.Connection, SqliteSaver]:

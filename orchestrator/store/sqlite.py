@@ -339,6 +339,10 @@ class SqliteStore:
                       (owner, until, run_id))
             return None
 
+    def set_run_status(self, run_id: str, status: str, *, at: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE sg_runs SET status = ?, updated_at = ? WHERE run_id = ?", (status, at, run_id))
+
     def release_run(self, run_id: str, *, owner: str) -> None:
         with self._tx() as c:
             c.execute("UPDATE sg_runs SET lease_owner = NULL, lease_until = NULL "
