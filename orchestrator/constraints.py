@@ -9,20 +9,23 @@ which is how sub-scopes are checked rather than assumed.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Constraint(BaseModel):
+class _Constraint(BaseModel, ABC):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def allows(self, value: Any) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def allows(self, value: Any) -> bool:
+        """Whether ``value`` lies inside the constraint."""
 
-    def describe(self) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> str:
+        """The constraint in words, for denial reasons (never the offending value)."""
 
 
 class Exact(_Constraint):
