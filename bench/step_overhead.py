@@ -47,6 +47,7 @@ from langgraph.types import Send
 
 from agents import DirectExecutor, ScriptedPlanner
 from orchestrator import Runtime, Workflow, tool
+from orchestrator.telemetry import configure
 
 WORKFLOW = "bench"
 TASK = "Read every key in order."
@@ -236,11 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="plan steps per run (default 20)")
     parser.add_argument("--runs", type=int, default=15, help="timed runs per arm (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per arm first (default 2)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="install the OpenTelemetry SDK as the CLI does (batch export of every span "
+                             "to a JSONL file), so the scopegraph arm pays for recording its spans")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.runs < 1 or args.warmup < 0:
         parser.error("--steps and --runs must be at least 1, --warmup at least 0")
 
     with tempfile.TemporaryDirectory(prefix="sg-bench-") as tmp:
+        shutdown = configure(jsonl_path=Path(tmp) / "traces.jsonl") if args.tracing else (lambda: None)
         arms: list[PlainArm | ScopegraphArm] = [PlainArm(Path(tmp), args.steps),
                                                 ScopegraphArm(Path(tmp), args.steps)]
         try:
@@ -254,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for arm in arms:
                 arm.close()
+            shutdown()
 
-    print(f"steps={args.steps} runs={args.runs} warmup={args.warmup} (per-step time = run time / steps)")
+    tracing = "on (SDK, batch export to JSONL)" if args.tracing else "off (no SDK installed)"
+    print(f"steps={args.steps} runs={args.runs} warmup={args.warmup} tracing {tracing} "
+          "(per-step time = run time / steps)")
     medians = {}
     for name, samples in per_step.items():
         medians[name] = statistics.median(samples)

@@ -9,8 +9,8 @@ which is how sub-scopes are checked rather than assumed.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 import re
+from abc import ABC, abstractmethod
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator

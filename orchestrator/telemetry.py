@@ -9,7 +9,6 @@ without them spans go to a local JSONL file. ``OTEL_SDK_DISABLED=true`` turns it
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ class JsonLinesSpanExporter(SpanExporter):
             raise ConfigError(f"cannot write traces to {str(self.path)!r}: {exc.strerror}") from None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(json.loads(s.to_json()), separators=(",", ":")) for s in spans]
+        lines = [s.to_json(indent=None) for s in spans]
         try:
             with self._lock, self.path.open("a", encoding="utf-8") as fh:
                 fh.write("".join(line + "\n" for line in lines))
