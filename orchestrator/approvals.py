@@ -177,8 +177,9 @@ class ApprovalService:
                 "decided_at": now if done else None,
             })
 
-        updated = self._update(approval_id, mutate)
-        self._audit(updated, approver, "approve", reason)
+        with self.store.atomic():  # the answer and its signed audit record land together
+            updated = self._update(approval_id, mutate)
+            self._audit(updated, approver, "approve", reason)
         return updated
 
     def deny(self, approval_id: str, *, approver: str, reason: str,
@@ -200,8 +201,9 @@ class ApprovalService:
                 "proposed_arguments": dict(propose) if propose is not None else None,
             })
 
-        updated = self._update(approval_id, mutate)
-        self._audit(updated, approver, "deny", reason)
+        with self.store.atomic():
+            updated = self._update(approval_id, mutate)
+            self._audit(updated, approver, "deny", reason)
         return updated
 
     def consume(self, approval_id: str, *, digest: str, consumer: str) -> ApprovalRequest:

@@ -254,8 +254,9 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     except ScopegraphError as exc:
         record.update(status="failed", decision=None, policy_ids=[], reason=str(exc))
     except Exception as exc:  # an executor bug ends the step, never the run's bookkeeping
+        # The type only: the message may quote a tool's error, and with it secret arguments.
         record.update(status="failed", decision=None, policy_ids=[],
-                      reason=f"executor raised {type(exc).__name__}: {exc}")
+                      reason=f"executor raised {type(exc).__name__}")
     finally:
         _revoke(rt, payload["run_id"], step, grant, ended=record)
     record["revoked"] = True
@@ -308,9 +309,10 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         if approval.decided_at is not None:
             rt.metrics.approval_wait.record(approval.decided_at - approval.created_at,
                                             {"tool": approval.tool, "status": state})
-        update = _answer(rt, payload, plan, step, identity, approval, state, record)
+        update, recorded = _answer(rt, payload, plan, step, identity, approval, state, record)
         _close_step_span(s, update["steps"][step.id])
-    _step_ended(rt, payload["run_id"], update["steps"][step.id])
+    if not recorded:  # paths without a grant record the outcome here
+        _step_ended(rt, payload["run_id"], update["steps"][step.id])
     return {**update, **_landed(payload)}
 
 
@@ -334,18 +336,19 @@ def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:
 
 
 def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
-            approval: ApprovalRequest, state: str, record: dict[str, Any]) -> dict[str, Any]:
+            approval: ApprovalRequest, state: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The step's update after a human's answer, and whether its outcome is already audited."""
     pending_id = approval.id
     if state == "expired":
         record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
                       reason=f"approval {pending_id!r} expired before it was answered")
-        return {"steps": {step.id: record}}
+        return {"steps": {step.id: record}}, False
     if state == "denied" and approval.proposed_arguments is None:
         assert approval.denial is not None
         record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
                       reason=f"denied by {approval.denial.approver}: {approval.denial.reason}",
                       denied_by=approval.denial.approver)
-        return {"steps": {step.id: record}}
+        return {"steps": {step.id: record}}, False
     # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
     # new action, decided by policy from scratch (and usually needing their own approval).
     # A proposal names only what it changes; the rest of the call stays as requested.
@@ -356,6 +359,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
     ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
                       principal=identity, data_labels=frozenset(payload["data_labels"]))
+    ended: dict[str, Any] | None = None
     try:
         if state in ("approved", "consumed"):
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
@@ -363,17 +367,18 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
         else:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
                                      call_key=f"proposal:{approval.id}")
+        record["calls"] = [*record.get("calls", []), _call_summary(result)]
+        if result.status == "needs_approval":
+            request = _request_approval(rt, payload, step, identity, result)
+            record.update(status="awaiting_approval", decision="needs_approval",
+                          policy_ids=list(result.decision.policy_ids), reason=result.audit_reason,
+                          approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
+        else:
+            record.update(_outcome([result], step.tool))
+        ended = record
     finally:
-        _revoke(rt, payload["run_id"], step, grant)
-    record["calls"] = [*record.get("calls", []), _call_summary(result)]
-    if result.status == "needs_approval":
-        request = _request_approval(rt, payload, step, identity, result)
-        record.update(status="awaiting_approval", decision="needs_approval",
-                      policy_ids=list(result.decision.policy_ids), reason=result.audit_reason,
-                      approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
-    else:
-        record.update(_outcome([result], step.tool))
-    return _with_labels({"steps": {step.id: record}}, _labels([result]))
+        _revoke(rt, payload["run_id"], step, grant, ended=ended)
+    return _with_labels({"steps": {step.id: record}}, _labels([result])), True
 
 
 def _labels(calls: list[CallResult]) -> list[str]:

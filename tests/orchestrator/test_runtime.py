@@ -208,7 +208,8 @@ def test_an_executor_that_raises_fails_its_step_and_the_run(make_workflow: Calla
     steps = {s.step_id: s for s in report.steps}
     assert report.status == "failed" and report.exit_code == 1
     assert steps["doc"].status == "failed"
-    assert "executor raised RuntimeError: model returned nonsense" in steps["doc"].reason
+    assert steps["doc"].reason == "executor raised RuntimeError"
+    assert "nonsense" not in steps["doc"].reason  # messages may quote secrets: the type only
     assert steps["look"].status == "completed"          # independent work still finishes
     assert steps["after"].status == "not_started"       # dependents never start
     assert report.grants_minted == report.grants_revoked == 2
