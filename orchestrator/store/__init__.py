@@ -21,10 +21,11 @@ DEFAULT_STORE_URL = "sqlite:///.scopegraph/scopegraph.db"
 
 
 def open_store(url: str | None = None) -> Store:
-    """Open the store a URL names.
+    """Open the store a URL names: ``sqlite:///PATH``, or ``postgresql://`` (or ``postgres://``)
+    in libpq's URL form, e.g. ``postgresql://user@host:5432/db?options=-csearch_path%3Dscopegraph``.
 
     Raises:
-        ConfigError: the URL's scheme is not supported.
+        ConfigError: the URL's scheme is not supported, or it is not a valid libpq URL.
         StoreError: the store cannot be opened or created.
     """
     url = url or DEFAULT_STORE_URL
@@ -34,8 +35,12 @@ def open_store(url: str | None = None) -> Store:
             raise ConfigError(f"store URL {url!r} names no file")
         return SqliteStore(Path(path))
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"store URL {url!r}: the PostgreSQL store is not available yet")
-    raise ConfigError(f"unsupported store URL {url!r}: use sqlite:///PATH")
+        from .postgres import PostgresStore  # psycopg is loaded only when a PostgreSQL URL asks for it
+
+        return PostgresStore(url)
+    from .postgres import redact_url  # a URL of any scheme may carry a password
+
+    raise ConfigError(f"unsupported store URL {redact_url(url)!r}: use sqlite:///PATH or postgresql://…")
 
 
 __all__ = [
