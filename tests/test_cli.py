@@ -220,7 +220,8 @@ def test_a_store_file_that_is_not_a_database_exits_2(capsys: pytest.CaptureFixtu
     assert_one_line_error(err, url, "not a database")
 
 
-@pytest.mark.parametrize("url", ["postgresql://127.0.0.1/test", "mysql://db/x", "sqlite:///"])
+# port 1 on loopback: nothing listens, so a PostgreSQL URL fails at once and touches no shared database
+@pytest.mark.parametrize("url", ["postgresql://127.0.0.1:1/test", "mysql://db/x", "sqlite:///"])
 def test_unsupported_store_urls_exit_2(capsys: pytest.CaptureFixture[str], url: str) -> None:
     code, _, err = run_cli(capsys, "--store", url, "demo")
     assert code == 2

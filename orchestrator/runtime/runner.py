@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 from opentelemetry import trace as otel_trace
@@ -33,6 +34,7 @@ from ..ledger import Ledger
 from ..plan import Plan
 from ..policy import CedarPolicyEngine, PolicyEngine
 from ..store import RunRecord, SqliteStore, Store, open_store
+from ..store.postgres import PostgresStore, checkpointer_for_postgres
 from ..workflow import Workflow
 from .graph import build_graph, final_status
 from .report import CallReport, RunReport, StepReport
@@ -316,7 +318,10 @@ class Runtime:
         )
 
 
-def _checkpointer_for(store: Store) -> tuple[sqlite3.Connection, SqliteSaver]:
+def _checkpointer_for(store: Store) -> tuple[Any, BaseCheckpointSaver[Any]]:
+    """LangGraph's saver on the store's own database, and the connection (or pool) to close."""
+    if isinstance(store, PostgresStore):
+        return checkpointer_for_postgres(store)
     if not isinstance(store, SqliteStore):
         raise ConfigError(f"no checkpointer for store {store.url!r}")
     try:

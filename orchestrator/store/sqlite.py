@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tenacity import RetryError, retry, retry_if_exception, stop_after_delay, wait_random
+
 from ..errors import StoreError
 from .base import (
     CallRecord,
@@ -47,6 +49,8 @@ CREATE TABLE IF NOT EXISTS sg_ledger (
     seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, kind TEXT NOT NULL, at REAL NOT NULL,
     data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sg_ledger_run ON sg_ledger (run_id);
+CREATE TABLE IF NOT EXISTS sg_ledger_tip (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sg_ledger_head (
     id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL,
     domain TEXT NOT NULL, signature TEXT NOT NULL);
@@ -71,17 +75,33 @@ class SqliteStore:
             self._conn = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
             )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a commit survives a process crash; only an OS crash can
-            # lose the last transactions, the trade LangGraph's own saver makes.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+            self._set_up()
+        except RetryError as exc:
+            raise StoreError(f"cannot open store {self.url!r}: {exc.last_attempt.exception()}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open store {self.url!r}: {exc}") from exc
+
+    # Switching a fresh file to WAL while another process does the same can fail with
+    # "database is locked" without waiting on the busy timeout: retry that, briefly.
+    @retry(retry=retry_if_exception(lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)),
+           stop=stop_after_delay(10), wait=wait_random(0.005, 0.05))
+    def _set_up(self) -> None:
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit survives a process crash; only an OS crash can
+        # lose the last transactions, the trade LangGraph's own saver makes.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("BEGIN IMMEDIATE")  # waits on the busy timeout, unlike executescript
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._conn.execute(statement)
             self._conn.execute(
                 "INSERT OR IGNORE INTO sg_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open store {self.url!r}: {exc}") from exc
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
@@ -99,6 +119,8 @@ class SqliteStore:
                 self._depth += 1
                 try:
                     yield self._conn
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store {self.url!r} failed: {exc}") from exc
                 finally:
                     self._depth -= 1
                 return
@@ -275,13 +297,19 @@ class SqliteStore:
     def append_ledger(self, *, run_id: str, kind: str, at: float, data: str,
                       seal: Callable[[int, str], str]) -> int:
         with self._tx() as c:
-            last = c.execute("SELECT seq, hash FROM sg_ledger ORDER BY seq DESC LIMIT 1").fetchone()
+            # The tip, not the last row, says where the chain ends: deleting records from the
+            # end leaves a gap the next append cannot paper over.
+            last = c.execute("SELECT seq, hash FROM sg_ledger_tip WHERE id = 1").fetchone()
             seq, prev = (last[0] + 1, last[1]) if last else (1, "0" * 64)
+            digest = seal(seq, prev)
             c.execute(
                 "INSERT INTO sg_ledger (seq, run_id, kind, at, data, prev_hash, hash) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seq, run_id, kind, at, data, prev, seal(seq, prev)),
+                (seq, run_id, kind, at, data, prev, digest),
             )
+            c.execute("INSERT INTO sg_ledger_tip (id, seq, hash) VALUES (1, ?, ?) "
+                      "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                      (seq, digest))
             return int(seq)
 
     def ledger_rows(self, *, run_id: str | None = None) -> list[LedgerRow]:
@@ -292,7 +320,7 @@ class SqliteStore:
                           prev_hash=r[5], hash=r[6]) for r in rows]  # type: ignore[arg-type]
 
     def ledger_last(self) -> tuple[int, str] | None:
-        rows = self._read("SELECT seq, hash FROM sg_ledger ORDER BY seq DESC LIMIT 1")
+        rows = self._read("SELECT seq, hash FROM sg_ledger_tip WHERE id = 1")
         return (int(rows[0][0]), str(rows[0][1])) if rows else None  # type: ignore[call-overload]
 
     def save_ledger_head(self, head: LedgerHead) -> None:

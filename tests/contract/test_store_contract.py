@@ -610,10 +610,6 @@ def test_a_closed_store_raises_store_error(backend: Backend) -> None:
 
 
 def test_a_failed_write_inside_atomic_raises_store_error(backend: Backend, request: pytest.FixtureRequest) -> None:
-    if backend.name == "sqlite":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="SqliteStore._tx does not map driver errors in a joined transaction: "
-                                "callers inside atomic() see sqlite3.IntegrityError"))
     store = backend.open()
     store.add_grant(grant("g1"))
     inside: list[Exception] = []
