@@ -70,6 +70,7 @@ class SqliteStore:
         self._lock = threading.RLock()
         # Only the thread holding the (reentrant) lock touches this: no other guard needed.
         self._depth = 0
+        self._doomed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(
@@ -120,13 +121,16 @@ class SqliteStore:
                 try:
                     yield self._conn
                 except sqlite3.Error as exc:
+                    # A failed statement dooms the whole transaction, as on PostgreSQL,
+                    # even if the caller catches the error and carries on.
+                    self._doomed = True
                     raise StoreError(f"store {self.url!r} failed: {exc}") from exc
                 finally:
                     self._depth -= 1
                 return
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._depth = 1
+                self._depth, self._doomed = 1, False
                 try:
                     yield self._conn
                 except BaseException:
@@ -134,6 +138,10 @@ class SqliteStore:
                     raise
                 finally:
                     self._depth = 0
+                if self._doomed:
+                    self._conn.execute("ROLLBACK")
+                    raise StoreError(f"store {self.url!r}: a statement in this transaction failed; "
+                                     "nothing of it was written")
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.url!r} failed: {exc}") from exc

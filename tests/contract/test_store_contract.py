@@ -609,7 +609,7 @@ def test_a_closed_store_raises_store_error(backend: Backend) -> None:
             pass
 
 
-def test_a_failed_write_inside_atomic_raises_store_error(backend: Backend, request: pytest.FixtureRequest) -> None:
+def test_a_failed_write_inside_atomic_raises_store_error(backend: Backend) -> None:
     store = backend.open()
     store.add_grant(grant("g1"))
     inside: list[Exception] = []
@@ -640,3 +640,18 @@ def test_stores_opened_at_once_on_fresh_data_all_work(backend: Backend) -> None:
     for i, s in enumerate(opened):
         append(s, f"opener-{i}")
     assert_one_chain(opened[0].ledger_rows())
+
+
+def test_a_caught_failure_inside_atomic_still_writes_nothing(backend: Backend) -> None:
+    """A failed statement dooms its transaction on every store, even if the caller carries on."""
+    store = backend.open()
+    store.add_grant(grant("g1"))
+    with pytest.raises(StoreError):
+        with store.atomic():
+            store.add_grant(grant("g2"))
+            try:
+                store.add_grant(grant("g1"))  # a duplicate: this statement fails
+            except StoreError:
+                pass  # the caller ignores it; the transaction must not commit g2 anyway
+    assert store.grant_state("g2") == "unknown"
+    assert store.grant_state("g1") == "ok"
