@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--workflow", dest="target", help="MODULE:ATTR (default: the one the run started with)")
     resume.add_argument("--traces", metavar="PATH", help="JSONL file for spans (see run)")
 
+    submit = sub.add_parser("submit", help="queue a run for the workers (PostgreSQL store)")
+    submit.add_argument("target", help="MODULE:ATTR or FILE.py:ATTR naming a Workflow")
+    submit.add_argument("--task", required=True, help="the trusted task for the planner")
+    submit.add_argument("--as", dest="initiator", default=_default_user(), help="who starts the run")
+    submit.add_argument("--json", action="store_true", help='print {"run_id": ...}')
+
+    worker = sub.add_parser("worker", help="take queued runs and answered approvals (PostgreSQL store)")
+    worker.add_argument("--concurrency", type=int, default=1, help="runs driven at once (default 1)")
+    worker.add_argument("--once", action="store_true", help="drain the queue, then exit")
+    worker.add_argument("--stalled-after", type=float, default=30.0, metavar="SECONDS",
+                        help="requeue the jobs of a worker silent this long (default 30)")
+    worker.add_argument("--traces", metavar="PATH", help="JSONL file for spans (see run)")
+
     approvals = sub.add_parser("approvals", help="list or show approval requests")
     asub = approvals.add_subparsers(dest="approvals_command", required=True, parser_class=_Parser)
     alist = asub.add_parser("list", help="list approval requests")
@@ -164,6 +177,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _resume(args)
         finally:
             shutdown()
+    if args.command == "submit":
+        return _submit(args)
+    if args.command == "worker":
+        return _worker(args)
     if args.command == "approvals":
         return _approvals(args)
     if args.command in ("approve", "deny"):
@@ -283,6 +300,32 @@ def _approvals(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         store.close()
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from .workers import submit
+
+    run_id = submit(args.target, args.task, args.initiator, args.store)
+    print(json.dumps({"run_id": run_id}) if args.json else run_id)
+    return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .errors import StoreError
+    from .workers import Worker
+
+    if args.concurrency < 1:
+        raise UsageError("scopegraph worker: --concurrency must be at least 1")
+    worker = Worker(args.store, concurrency=args.concurrency, stalled_after=args.stalled_after)
+    shutdown = _telemetry(args)
+    try:
+        worker.run(once=args.once)
+    except StoreError as exc:  # fail closed: no store, no work
+        print(f"scopegraph: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        shutdown()
+    return EXIT_OK
 
 
 def _answer(args: argparse.Namespace) -> int:
