@@ -345,14 +345,28 @@ def _answer(args: argparse.Namespace) -> int:
             a = service.deny(args.approval_id, approver=args.approver, reason=args.reason, propose=propose)
     finally:
         store.close()
+    queued = a.status != "pending" and _queue_resume(args.store, a.run_id)
     if args.json:
         print(json.dumps({"id": a.id, "status": a.status, "digest": a.digest,
-                          "approvers": a.approvers, "run_id": a.run_id}))
+                          "approvers": a.approvers, "run_id": a.run_id, "resume_queued": queued}))
     else:
         left = a.required_approvals - len(a.approvers)
         more = f"; {left} more approver(s) needed" if a.status == "pending" else ""
-        print(f"{a.id} {a.status}{more}. Continue the run with: scopegraph resume {a.run_id}")
+        then = "A worker will resume the run." if queued else f"Continue the run with: scopegraph resume {a.run_id}"
+        print(f"{a.id} {a.status}{more}. {then}")
     return EXIT_OK
+
+
+def _queue_resume(store_url: str, run_id: str) -> bool:
+    """On a PostgreSQL store served by workers, queue the run's resume; the answer stands either way."""
+    from .errors import StoreError
+    from .workers import enqueue_resume
+
+    try:
+        return enqueue_resume(store_url, run_id)
+    except StoreError as exc:  # workers also find answered runs by polling the store
+        print(f"scopegraph: warning: the resume was not queued ({exc})", file=sys.stderr)
+        return False
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

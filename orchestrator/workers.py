@@ -136,6 +136,34 @@ def _defer(store_url: str, jobs: list[dict[str, Any]], *, dedupe: bool = False) 
     return asyncio.run(go())
 
 
+def enqueue_resume(store_url: str, run_id: str) -> bool:
+    """Queue a resume job for ``run_id`` if workers serve this store; return whether one was queued.
+
+    Nothing is queued when the queue was never installed (nobody runs workers here), when the
+    run is unknown, or when a job for the run is already waiting.
+
+    Raises:
+        StoreError: the database cannot be reached.
+    """
+    if not store_url.startswith(("postgresql://", "postgres://")):
+        return False
+    try:
+        with psycopg.connect(store_url, connect_timeout=5) as conn:
+            row = conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL").fetchone()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot reach the queue's database: {_first_line(exc)}") from exc
+    if not (row and row[0]):
+        return False
+    store = open_store(store_url)
+    try:
+        record = store.get_run(run_id)
+    finally:
+        store.close()
+    if record is None:
+        return False
+    return _defer(store_url, [dict(run_id=run_id, target=record.target)], dedupe=True) == 1
+
+
 def resumable_runs(store_url: str) -> list[tuple[str, str]]:
     """``(run_id, target)`` of every paused run with an approval answered since it paused.
 
@@ -259,5 +287,5 @@ class Worker:
                 pass
 
 
-__all__ = ["Worker", "enqueue_resumable", "install_queue", "require_postgres", "resumable_runs", "submit",
-           "submit_many"]
+__all__ = ["Worker", "enqueue_resumable", "enqueue_resume", "install_queue", "require_postgres", "resumable_runs",
+           "submit", "submit_many"]

@@ -71,6 +71,7 @@ def test_run_approved_from_another_process_is_resumed_by_a_worker(cluster: Clust
     [pending] = approvals_of(cluster, run_id)
     answer = cluster.cli("approve", pending.id, "--as", "bob", "--reason", "checked")
     assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip().endswith("approved. A worker will resume the run.")
     cluster.work()
     assert cluster.status(run_id) == "completed"
     assert cluster.lines() == ["file_expense e-17 4250", "read_part confirm"]
@@ -82,10 +83,15 @@ def test_workers_racing_for_one_approval_execute_the_call_once(cluster: Cluster)
     cluster.work()
     [pending] = approvals_of(cluster, run_id)
     assert cluster.cli("approve", pending.id, "--as", "carol").returncode == 0
-    racers = [cluster.start("worker", "--once", "--concurrency", "2") for _ in range(4)]
-    for racer in racers:
+    # Four workers, and two operators resuming by hand, all after the same approved call.
+    workers = [cluster.start("worker", "--once", "--concurrency", "2") for _ in range(4)]
+    by_hand = [cluster.start("resume", run_id, "--json") for _ in range(2)]
+    for racer in workers:
         _, err = racer.communicate(timeout=90)
         assert racer.returncode == 0, err
+    for racer in by_hand:
+        _, err = racer.communicate(timeout=90)
+        assert racer.returncode == 0 or "is being driven by another runtime" in err, err
     assert cluster.status(run_id) == "completed"
     assert cluster.lines().count("file_expense e-17 4250") == 1
     [used] = approvals_of(cluster, run_id)
@@ -124,6 +130,8 @@ def test_a_killed_worker_run_is_resumed_by_another(cluster: Cluster) -> None:
     while cluster.status(run_id) not in TERMINAL:  # until the dead worker's job counts as stalled
         assert time.monotonic() < deadline, "no worker picked the stalled run up"
         cluster.work("--stalled-after", "0.2")
+    # The call cut off by the kill is reported, not repeated, so the run ends failed.
+    assert cluster.status(run_id) == "failed"
     lines = cluster.lines()
     assert lines.count("read_part a") == 1  # a completed call is not run again
     assert lines.count("crash_once b") == 1  # nor is a call cut off mid-flight
