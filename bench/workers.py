@@ -4,15 +4,17 @@ Each arm gets a fresh schema, starts its worker processes (``scopegraph worker``
 concurrency 1 each), warms them up with one run per worker, then submits the same batch
 (default 40 runs of a 3-step read workflow: three grants, three Cedar decisions, three
 tool calls, every ledger record) in one go and times until the last run has completed.
-The last line printed is ``ratio=<2-worker/1-worker>``.
+Arms are interleaved over ``--rounds`` rounds and the median of each is reported. The last line
+printed is ``ratio=<2-worker/1-worker>`` (of the medians).
 
-    python bench/workers.py [--runs 40] [--workers 1,2,4]
+    python bench/workers.py [--runs 40] [--workers 1,2,4] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -92,12 +94,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
-    rates = {}
+    samples: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(args.rounds):
+        for n in counts:
+            samples[n].append(arm(n, args.runs))
+    rates = {n: statistics.median(xs) for n, xs in samples.items()}
     for n in counts:
-        rates[n] = arm(n, args.runs)
-        print(f"workers={n} runs={args.runs} runs_per_second={rates[n]:.1f}", flush=True)
+        each = " ".join(f"{x:.1f}" for x in samples[n])
+        print(f"workers={n} runs={args.runs} runs_per_second={rates[n]:.1f} (rounds: {each})", flush=True)
     if 1 in rates and 2 in rates:
         print(f"ratio={rates[2] / rates[1]:.2f}")
 
