@@ -206,20 +206,30 @@ class Gateway:
                                  tr.APPROVAL_ID: approval_id}) as decide_span:
             # One transaction for the use taken, the approval consumed, the decision's
             # records and the idempotency key: they land together or not at all.
-            with self.store.atomic():
-                try:
-                    tool, grant, normalized, decision = self._authorize(
-                        token, tool_name, arguments, ctx, attempt, approval_id, key)
-                except _Denied as denied:
-                    self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, denied.decision,
-                                  None, arguments)
-                    return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
-                                      decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
-                self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
-                earlier = None
-                if decision.outcome == "allow" and key is not None:
-                    earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
-                                                    tool=tool_name, at=self.clock.now())
+            try:
+                with self.store.atomic():
+                    try:
+                        tool, grant, normalized, decision = self._authorize(
+                            token, tool_name, arguments, ctx, attempt, approval_id, key)
+                    except _Denied as denied:
+                        self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, denied.decision,
+                                      None, arguments)
+                        return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
+                                          decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
+                    self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
+                    earlier = None
+                    if decision.outcome == "allow" and key is not None:
+                        earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
+                                                        tool=tool_name, at=self.clock.now())
+            except StoreError as exc:
+                # No store, no verified grant and no record of the call: fail closed.
+                outage = Decision.deny(f"the store is unavailable, so the call is denied: {exc}",
+                                       STORE_POLICY_ID)
+                decide_span.set_attribute(tr.DECISION, "deny")
+                tr.set_error(decide_span, "store unavailable")
+                self.metrics.denials.add(1, {"reason": STORE_POLICY_ID, "tool": tool_name})
+                return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
+                                  decision=outage, attempts=attempt)
         if decision.outcome == "needs_approval":
             return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
                               decision=decision, attempts=attempt, grant_id=grant.jti)

@@ -12,7 +12,6 @@ import pytest
 
 from orchestrator import Runtime
 from orchestrator.approvals import ApprovalRequest
-from orchestrator.errors import StoreError
 from orchestrator.loader import load_workflow
 from tests.contract.conftest import closed_port
 from tests.helpers import mint_grant
@@ -163,9 +162,10 @@ def test_a_call_during_a_store_outage_is_refused_and_calls_work_again_after(
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                           "WHERE application_name = %s AND pid <> pg_backend_pid()", (postgres_schema,))
-        with pytest.raises(StoreError) as caught:  # fail closed: no decision, no call
-            rt.gateway.call(token, "read_part", {"part": "a"}, ctx)
-        assert "\n" not in str(caught.value) and "couldn't get a connection" in str(caught.value)
+        refused = rt.gateway.call(token, "read_part", {"part": "a"}, ctx)  # fail closed: a denial
+        assert refused.status == "denied"
+        assert refused.decision.policy_ids == ("scopegraph:store",)
+        assert "\n" not in refused.reason and "couldn't get a connection" in refused.reason
         assert cluster.lines() == []  # no store, no call
         monkeypatch.setattr(pool, "conninfo", cluster.url)
         monkeypatch.setattr(pool, "timeout", 30.0)
