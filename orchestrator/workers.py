@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .approvals import ApprovalRequest
 from .errors import ConfigError, RunBusyError, StoreError
 from .loader import load_workflow
 from .runtime import Runtime
-from .store import open_store
+from .store import RunRecord, open_store
 
 DRIVE_TASK = "scopegraph.drive_run"
 QUEUE = "scopegraph_runs"
@@ -85,7 +86,7 @@ def submit(workflow_target: str, task: str, initiator: str, store_url: str) -> s
     """Queue a new run of ``workflow_target`` for ``task``; return its run id.
 
     The workflow is loaded here too, so a bad target fails now rather than on a worker.
-    Until a worker starts it, the queued job is the run's only record.
+    The run is recorded with status ``queued`` until a worker starts it.
 
     Raises:
         ConfigError: not a PostgreSQL store, bad target, or empty task.
@@ -104,9 +105,19 @@ def submit_many(workflow_target: str, tasks: list[str], initiator: str, store_ur
     require_postgres(store_url)
     if any(not task or not task.strip() for task in tasks):
         raise ConfigError("the task is empty")
-    load_workflow(workflow_target)
+    workflow = load_workflow(workflow_target)
     install_queue(store_url)
     run_ids = [uuid.uuid4().hex for _ in tasks]
+    store = open_store(store_url)
+    try:  # the run exists, as "queued", from the moment it is submitted
+        now = time.time()
+        with store.atomic():
+            for run_id in run_ids:
+                store.upsert_run(RunRecord(run_id=run_id, workflow=workflow.name, target=workflow_target,
+                                           initiator=initiator, status="queued", created_at=now,
+                                           updated_at=now))
+    finally:
+        store.close()
     _defer(store_url, [dict(run_id=r, target=workflow_target, task=t, initiator=initiator)
                        for r, t in zip(run_ids, tasks, strict=True)])
     return run_ids
@@ -271,7 +282,8 @@ class Worker:
 
     def _drive(self, *, run_id: str, target: str, task: str | None = None, initiator: str = "anonymous") -> str:
         rt = self._runtime(target)
-        if task is not None and rt.store.get_run(run_id) is None:
+        record = rt.store.get_run(run_id)
+        if task is not None and (record is None or record.status == "queued"):
             report = rt.run(task, initiator=initiator, run_id=run_id)
         else:  # an answered approval, or a job retried after its worker died
             report = rt.resume(run_id)

@@ -127,7 +127,9 @@ class Runtime:
             raise ConfigError(f"invalid run id {run_id!r}")
         planner_id = self.domain.id("wf", self.workflow.name, "run", run_id, "planner")
         with self.store.atomic():  # the run and its first audit record land together
-            if self.store.get_run(run_id) is not None:
+            existing = self.store.get_run(run_id)
+            # A run submitted to the workers waits as "queued": starting it is its first drive.
+            if existing is not None and (existing.status != "queued" or existing.workflow != self.workflow.name):
                 raise ConfigError(f"run {run_id!r} exists already; use resume")
             now = self.clock.now()
             self.store.upsert_run(RunRecord(

@@ -139,12 +139,13 @@ def test_a_killed_worker_run_is_resumed_by_another(cluster: Cluster) -> None:
 
 def test_worker_fails_closed_while_the_store_is_down_and_work_resumes_after(cluster: Cluster) -> None:
     run_id = cluster.submit("reads")
+    assert cluster.status(run_id) == "queued"  # recorded from the moment it is submitted
     down = f"postgresql://postgres@127.0.0.1:{closed_port()}/test"
     outage = cluster.cli("worker", "--once", store=down)
     assert outage.returncode == 1
     [line] = outage.stderr.strip().splitlines()
     assert line.startswith("scopegraph: error: cannot reach the queue's database")
-    assert cluster.lines() == [] and cluster.status(run_id) is None
+    assert cluster.lines() == [] and cluster.status(run_id) == "queued"
     cluster.work()
     assert cluster.status(run_id) == "completed"
 
