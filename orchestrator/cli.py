@@ -318,8 +318,12 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError("scopegraph worker: --concurrency must be at least 1")
     worker = Worker(args.store, concurrency=args.concurrency, stalled_after=args.stalled_after)
     shutdown = _telemetry(args)
+    def outage(exc: StoreError, wait: float) -> None:
+        print(f"scopegraph: worker: {exc}; no work until it is back, retrying in {wait:.1f} s",
+              file=sys.stderr, flush=True)
+
     try:
-        worker.run(once=args.once)
+        worker.run(once=args.once, on_outage=outage)
     except StoreError as exc:  # fail closed: no store, no work
         print(f"scopegraph: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -27,6 +27,7 @@ import procrastinate
 import psycopg
 from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.schema import SchemaManager
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from .approvals import ApprovalRequest
 from .errors import ConfigError, RunBusyError, StoreError
@@ -225,14 +226,32 @@ class Worker:
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, not {self.concurrency!r}")
 
-    def run(self, *, once: bool = False) -> None:
+    def run(self, *, once: bool = False,
+            on_outage: Callable[[StoreError, float], None] | None = None) -> None:
         """Work until stopped; with ``once``, until nothing is left to do.
 
+        A long-running worker (not ``once``) outlives an outage: while the database is
+        unreachable it does nothing (no store, no work) and tries again with back-off,
+        telling ``on_outage(error, seconds_until_retry)``; work resumes when it is back.
+
         Raises:
-            StoreError: the database cannot be reached (the worker fails closed and stops).
+            StoreError: with ``once``, the database cannot be reached (fail closed, stop).
         """
-        install_queue(self.store_url)
+        if once:
+            self._run_connected(once=True)
+            return
+        for attempt in Retrying(
+            retry=retry_if_exception_type(StoreError),
+            wait=wait_exponential(multiplier=0.5, max=30.0),
+            before_sleep=lambda state: on_outage(state.outcome.exception(), state.upcoming_sleep)  # type: ignore[arg-type, union-attr]
+            if on_outage is not None else None,
+        ):
+            with attempt:
+                self._run_connected(once=False)
+
+    def _run_connected(self, *, once: bool) -> None:
         try:
+            install_queue(self.store_url)
             asyncio.run(self._run(once))
         except (OSError, psycopg.Error, procrastinate.exceptions.ConnectorException) as exc:
             raise StoreError(f"cannot reach the queue's database: {_first_line(exc)}") from exc

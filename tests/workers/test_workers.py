@@ -172,3 +172,20 @@ def test_a_call_during_a_store_outage_is_refused_and_calls_work_again_after(
         monkeypatch.setattr(pool, "timeout", 30.0)
         assert rt.gateway.call(token, "read_part", {"part": "b"}, ctx).status == "ok"
     assert cluster.lines() == ["read_part b"]
+
+
+def test_a_long_running_worker_waits_out_an_outage_instead_of_exiting(cluster: Cluster) -> None:
+    """No store, no work: but a worker meant to run forever keeps trying, saying so on stderr."""
+    down = f"postgresql://postgres@127.0.0.1:{closed_port()}/test"
+    with subprocess.Popen(cluster.argv("worker", store=down), cwd=ROOT, env=cluster.env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            first = proc.stderr.readline()  # blocks until the first failed attempt is reported
+            second = proc.stderr.readline()
+            assert "cannot reach the queue's database" in first and "retrying in" in first
+            assert "retrying in" in second  # it tried again rather than exiting
+            assert proc.poll() is None
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
