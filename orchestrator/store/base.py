@@ -6,7 +6,7 @@ nothing of LangGraph; the runtime asks it only for its URL and location.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -178,3 +178,38 @@ class Store(Protocol):
     def list_runs(self, *, workflow: str | None = None) -> list[RunRecord]:
         """Every run, oldest first; only ``workflow``'s runs when it is given."""
         ...
+
+
+# --- shared by the SQL stores: one meaning for a row, whatever the driver ---------------
+
+GRANT_COLUMNS = ("jti, run_id, step_id, tool, subject, issued_at, expires_at, max_uses, uses, "
+                 "revoked_at, revoke_reason")
+RUN_COLUMNS = "run_id, workflow, target, initiator, status, created_at, updated_at"
+
+
+def grant_from_row(r: Sequence[Any]) -> GrantRecord:
+    """A row of ``GRANT_COLUMNS``."""
+    return GrantRecord(jti=r[0], run_id=r[1], step_id=r[2], tool=r[3], subject=r[4], issued_at=r[5],
+                       expires_at=r[6], max_uses=r[7], uses=r[8], revoked_at=r[9], revoke_reason=r[10])
+
+
+def run_from_row(r: Sequence[Any]) -> RunRecord:
+    """A row of ``RUN_COLUMNS``."""
+    return RunRecord(run_id=r[0], workflow=r[1], target=r[2], initiator=r[3], status=r[4],
+                     created_at=r[5], updated_at=r[6])
+
+
+def refused_grant_state(row: Sequence[Any] | None) -> GrantState:
+    """Why a use was refused, from ``(revoked_at, uses, max_uses)`` (``None``: no such grant)."""
+    if row is None:
+        return "unknown"
+    return "revoked" if row[0] is not None else "exhausted"
+
+
+def lease_holder(row: Sequence[Any], *, owner: str, now: float,
+                 owner_alive: Callable[[str], bool]) -> str | None:
+    """Who holds a run's lease against ``owner``, from ``(lease_owner, lease_until)``; ``None`` if free."""
+    holder, held_until = row
+    if holder and holder != owner and held_until is not None and held_until > now and owner_alive(holder):
+        return str(holder)
+    return None

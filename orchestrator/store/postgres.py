@@ -41,6 +41,8 @@ from psycopg_pool import ConnectionPool
 
 from ..errors import ConfigError, StoreError
 from .base import (
+    GRANT_COLUMNS,
+    RUN_COLUMNS,
     CallRecord,
     GrantRecord,
     GrantState,
@@ -48,6 +50,10 @@ from .base import (
     LedgerRow,
     RunRecord,
     UseRecord,
+    grant_from_row,
+    lease_holder,
+    refused_grant_state,
+    run_from_row,
 )
 
 if TYPE_CHECKING:
@@ -113,9 +119,6 @@ CREATE INDEX sg_runs_workflow ON sg_runs (workflow, created_at);
 """),
 )
 
-_GRANT_COLUMNS = ("jti, run_id, step_id, tool, subject, issued_at, expires_at, max_uses, uses, "
-                  "revoked_at, revoke_reason")
-_RUN_COLUMNS = "run_id, workflow, target, initiator, status, created_at, updated_at"
 _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
 
 
@@ -287,7 +290,7 @@ class PostgresStore:
             )
             if cur.rowcount == 1:
                 return "ok"
-            return _state(c.execute(
+            return refused_grant_state(c.execute(
                 "SELECT revoked_at, uses, max_uses FROM sg_grants WHERE jti = %s", (jti,)
             ).fetchone())
 
@@ -295,7 +298,7 @@ class PostgresStore:
         rows = self._read("SELECT revoked_at, uses, max_uses FROM sg_grants WHERE jti = %s", (jti,))
         if rows and rows[0][0] is None and rows[0][1] < rows[0][2]:
             return "ok"
-        return _state(rows[0] if rows else None)
+        return refused_grant_state(rows[0] if rows else None)
 
     def revoke_grant(self, jti: str, *, reason: str, at: float) -> bool:
         with self._tx() as c:
@@ -317,12 +320,8 @@ class PostgresStore:
 
     def grants_for_run(self, run_id: str) -> list[GrantRecord]:
         rows = self._read(
-            f"SELECT {_GRANT_COLUMNS} FROM sg_grants WHERE run_id = %s ORDER BY issued_at, jti", (run_id,))
-        return [
-            GrantRecord(jti=r[0], run_id=r[1], step_id=r[2], tool=r[3], subject=r[4], issued_at=r[5],
-                        expires_at=r[6], max_uses=r[7], uses=r[8], revoked_at=r[9], revoke_reason=r[10])
-            for r in rows
-        ]
+            f"SELECT {GRANT_COLUMNS} FROM sg_grants WHERE run_id = %s ORDER BY issued_at, jti", (run_id,))
+        return [grant_from_row(r) for r in rows]
 
     # uses ---------------------------------------------------------------------------
     def record_use(self, use: UseRecord) -> None:
@@ -455,7 +454,7 @@ class PostgresStore:
     def upsert_run(self, run: RunRecord) -> None:
         with self._tx() as c:
             c.execute(
-                f"INSERT INTO sg_runs ({_RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO sg_runs ({RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
                 (run.run_id, run.workflow, run.target, run.initiator, run.status,
                  run.created_at, run.updated_at),
@@ -468,10 +467,9 @@ class PostgresStore:
                             (run_id,)).fetchone()
             if row is None:
                 return None  # no record: nothing to guard
-            holder, held_until = row
-            if holder and holder != owner and held_until is not None and held_until > now \
-                    and owner_alive(holder):
-                return str(holder)
+            holder = lease_holder(row, owner=owner, now=now, owner_alive=owner_alive)
+            if holder is not None:
+                return holder
             c.execute("UPDATE sg_runs SET lease_owner = %s, lease_until = %s WHERE run_id = %s",
                       (owner, until, run_id))
             return None
@@ -486,8 +484,8 @@ class PostgresStore:
                       "WHERE run_id = %s AND lease_owner = %s", (run_id, owner))
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM sg_runs WHERE run_id = %s", (run_id,))
-        return _run(rows[0]) if rows else None
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM sg_runs WHERE run_id = %s", (run_id,))
+        return run_from_row(rows[0]) if rows else None
 
     def close(self) -> None:
         self._pool.close()
@@ -497,10 +495,10 @@ class PostgresStore:
 
     # operator views (read-only queries for ``trace_view`` and ``usage_report``) ----------
     def list_runs(self, *, workflow: str | None = None) -> list[RunRecord]:
-        sql = f"SELECT {_RUN_COLUMNS} FROM sg_runs"
+        sql = f"SELECT {RUN_COLUMNS} FROM sg_runs"
         rows = (self._read(sql + " WHERE workflow = %s ORDER BY created_at, run_id", (workflow,))
                 if workflow is not None else self._read(sql + " ORDER BY created_at, run_id"))
-        return [_run(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
 
 # migrations -----------------------------------------------------------------------------
@@ -669,14 +667,7 @@ def _rollback_quietly(conn: psycopg.Connection[Any]) -> None:
         pass  # a broken connection has no transaction left; the pool discards it
 
 
-def _state(row: TupleRow | None) -> GrantState:
-    if row is None:
-        return "unknown"
-    if row[0] is not None:
-        return "revoked"
-    return "exhausted"
 
 
 def _run(r: TupleRow) -> RunRecord:
-    return RunRecord(run_id=r[0], workflow=r[1], target=r[2], initiator=r[3], status=r[4],
-                     created_at=r[5], updated_at=r[6])
+    return run_from_row(r)

@@ -13,6 +13,8 @@ from tenacity import RetryError, retry, retry_if_exception, stop_after_delay, wa
 
 from ..errors import StoreError
 from .base import (
+    GRANT_COLUMNS,
+    RUN_COLUMNS,
     CallRecord,
     GrantRecord,
     GrantState,
@@ -20,6 +22,10 @@ from .base import (
     LedgerRow,
     RunRecord,
     UseRecord,
+    grant_from_row,
+    lease_holder,
+    refused_grant_state,
+    run_from_row,
 )
 
 SCHEMA_VERSION = 1
@@ -186,7 +192,7 @@ class SqliteStore:
             )
             if cur.rowcount == 1:
                 return "ok"
-            return _state(c.execute(
+            return refused_grant_state(c.execute(
                 "SELECT revoked_at, uses, max_uses FROM sg_grants WHERE jti = ?", (jti,)
             ).fetchone())
 
@@ -194,7 +200,7 @@ class SqliteStore:
         rows = self._read("SELECT revoked_at, uses, max_uses FROM sg_grants WHERE jti = ?", (jti,))
         if rows and rows[0][0] is None and rows[0][1] < rows[0][2]:  # type: ignore[operator]
             return "ok"
-        return _state(rows[0] if rows else None)
+        return refused_grant_state(rows[0] if rows else None)
 
     def revoke_grant(self, jti: str, *, reason: str, at: float) -> bool:
         with self._tx() as c:
@@ -216,16 +222,10 @@ class SqliteStore:
 
     def grants_for_run(self, run_id: str) -> list[GrantRecord]:
         rows = self._read(
-            "SELECT jti, run_id, step_id, tool, subject, issued_at, expires_at, max_uses, uses, "
-            "revoked_at, revoke_reason FROM sg_grants WHERE run_id = ? ORDER BY issued_at, jti",
+            f"SELECT {GRANT_COLUMNS} FROM sg_grants WHERE run_id = ? ORDER BY issued_at, jti",
             (run_id,),
         )
-        return [
-            GrantRecord(jti=r[0], run_id=r[1], step_id=r[2], tool=r[3], subject=r[4],  # type: ignore[arg-type]
-                        issued_at=r[5], expires_at=r[6], max_uses=r[7], uses=r[8],  # type: ignore[arg-type]
-                        revoked_at=r[9], revoke_reason=r[10])  # type: ignore[arg-type]
-            for r in rows
-        ]
+        return [grant_from_row(r) for r in rows]
 
     # uses ---------------------------------------------------------------------------
     def record_use(self, use: UseRecord) -> None:
@@ -367,10 +367,9 @@ class SqliteStore:
                             (run_id,)).fetchone()
             if row is None:
                 return None  # no record: nothing to guard
-            holder, held_until = row
-            if holder and holder != owner and held_until is not None and held_until > now \
-                    and owner_alive(holder):
-                return str(holder)
+            holder = lease_holder(row, owner=owner, now=now, owner_alive=owner_alive)
+            if holder is not None:
+                return holder
             c.execute("UPDATE sg_runs SET lease_owner = ?, lease_until = ? WHERE run_id = ?",
                       (owner, until, run_id))
             return None
@@ -385,16 +384,8 @@ class SqliteStore:
                       "WHERE run_id = ? AND lease_owner = ?", (run_id, owner))
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        rows = self._read(
-            "SELECT run_id, workflow, target, initiator, status, created_at, updated_at "
-            "FROM sg_runs WHERE run_id = ?",
-            (run_id,),
-        )
-        if not rows:
-            return None
-        r = rows[0]
-        return RunRecord(run_id=r[0], workflow=r[1], target=r[2], initiator=r[3],  # type: ignore[arg-type]
-                         status=r[4], created_at=r[5], updated_at=r[6])  # type: ignore[arg-type]
+        rows = self._read(f"SELECT {RUN_COLUMNS} FROM sg_runs WHERE run_id = ?", (run_id,))
+        return run_from_row(rows[0]) if rows else None
 
     def close(self) -> None:
         with self._lock:
@@ -405,18 +396,9 @@ class SqliteStore:
 
     # operator views (read-only queries for ``trace_view`` and ``usage_report``) ----------
     def list_runs(self, *, workflow: str | None = None) -> list[RunRecord]:
-        sql = ("SELECT run_id, workflow, target, initiator, status, created_at, updated_at "
-               "FROM sg_runs")
+        sql = f"SELECT {RUN_COLUMNS} FROM sg_runs"
         rows = (self._read(sql + " WHERE workflow = ? ORDER BY created_at, run_id", (workflow,))
                 if workflow is not None else self._read(sql + " ORDER BY created_at, run_id"))
-        return [RunRecord(run_id=r[0], workflow=r[1], target=r[2], initiator=r[3],  # type: ignore[arg-type]
-                          status=r[4], created_at=r[5], updated_at=r[6])  # type: ignore[arg-type]
-                for r in rows]
+        return [run_from_row(r) for r in rows]
 
 
-def _state(row: tuple[object, ...] | None) -> GrantState:
-    if row is None:
-        return "unknown"
-    if row[0] is not None:
-        return "revoked"
-    return "exhausted"
