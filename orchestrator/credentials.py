@@ -20,13 +20,14 @@ import jwt
 from pydantic import TypeAdapter, ValidationError
 
 from .clock import Clock
-from .constraints import Constraint
+from .constraints import Constraint, narrows
 from .errors import (
     ConfigError,
     GrantError,
     GrantExhaustedError,
     GrantExpiredError,
     GrantRevokedError,
+    GrantScopeError,
 )
 from .identity import SpiffeId, TrustDomain
 from .store import GrantRecord, Store
@@ -106,9 +107,25 @@ class GrantIssuer:
         workflow: str,
         constraints: Mapping[str, Any],
         act: Mapping[str, Any],
+        parent: Grant | None = None,
     ) -> Grant:
-        """Sign a grant for one step and record it; the store learns its facts, not its token."""
+        """Sign a grant for one step and record it; the store learns its facts, not its token.
+
+        With ``parent`` (delegation), the new grant must lie inside the parent's scope:
+        same tool, every constraint narrowing the parent's, no argument the parent does
+        not allow, and no life beyond the parent's. This is checked here, at the only
+        place grants are made, not trusted to the caller.
+
+        Raises:
+            GrantScopeError: the delegated scope is wider than the parent's.
+        """
         now = self.clock.now()
+        expires_at = now + self.ttl
+        if parent is not None:
+            _check_subscope(tool, constraints, parent)
+            expires_at = min(expires_at, parent.expires_at)
+            if expires_at <= now:
+                raise GrantScopeError(f"parent grant {parent.jti!r} has expired: nothing to delegate")
         jti = uuid.uuid4().hex
         serial = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in constraints.items()}
         claims = {
@@ -117,7 +134,7 @@ class GrantIssuer:
             "aud": audience_for(tool),
             "iat": now,
             "nbf": now,
-            "exp": now + self.ttl,
+            "exp": expires_at,
             "jti": jti,
             "act": dict(act),
             "scope": {"tool": tool, "constraints": serial, "max_uses": self.max_uses},
@@ -128,12 +145,12 @@ class GrantIssuer:
         token = self.domain.sign(claims)
         self.store.add_grant(GrantRecord(
             jti=jti, run_id=run_id, step_id=step_id, tool=tool, subject=str(subject),
-            issued_at=now, expires_at=now + self.ttl, max_uses=self.max_uses,
+            issued_at=now, expires_at=expires_at, max_uses=self.max_uses,
         ))
         grant = Grant(
             jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
             constraints=_CONSTRAINTS.validate_python(serial) if _needs_parse(constraints) else dict(constraints),
-            issued_at=now, expires_at=now + self.ttl,
+            issued_at=now, expires_at=expires_at,
             max_uses=self.max_uses, act=dict(act), _token=token,
         )
         with self._signed_lock:
@@ -237,3 +254,18 @@ class GrantIssuer:
             for token in [t for t, g in self._signed.items() if g.run_id == run_id]:
                 del self._signed[token]
         return self.store.revoke_run(run_id, reason=reason, at=self.clock.now())
+
+
+def _check_subscope(tool: str, constraints: Mapping[str, Any], parent: Grant) -> None:
+    if tool != parent.tool:
+        raise GrantScopeError(f"delegated grant for tool {tool!r} is outside its parent's scope "
+                              f"(tool {parent.tool!r})")
+    child = _CONSTRAINTS.validate_python(
+        {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in constraints.items()})
+    for name, constraint in child.items():
+        if name not in parent.constraints:
+            raise GrantScopeError(f"delegated grant constrains argument {name!r}, which its parent "
+                                  "grant does not allow")
+        if not narrows(constraint, parent.constraints[name]):
+            raise GrantScopeError(f"delegated grant lets argument {name!r} be {constraint.describe()}, "
+                                  f"wider than its parent's {parent.constraints[name].describe()}")

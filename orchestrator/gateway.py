@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tenacity import (
@@ -47,6 +47,7 @@ from .errors import (
 from .identity import SpiffeId
 from .ledger import Ledger
 from .policy import CallRequest, Decision, PolicyEngine
+from .provenance import Observation, trace_arguments
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
 
@@ -68,6 +69,18 @@ class CallContext:
     principal: SpiffeId
     role: str = "executor"
     data_labels: frozenset[str] = frozenset()
+    # Tool output the executor has been shown (its dependencies' results, its own earlier
+    # calls): what argument provenance is traced against.
+    observations: tuple[Observation, ...] = ()
+    widened: bool = False  # a re-plan added or loosened this step beyond the original plan
+
+    def after(self, result: CallResult) -> CallContext:
+        """The context for the next call of the same step, once the executor has seen ``result``."""
+        if not result.ok:
+            return self
+        seen = Observation(step_id=self.step_id, tool=result.tool, labels=result.labels, value=result.value)
+        return replace(self, data_labels=self.data_labels | result.labels,
+                       observations=(*self.observations, seen))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +267,7 @@ class Gateway:
                  ctx: CallContext, attempt: int, key: str | None) -> CallResult:
         started = time.perf_counter()
         try:
-            value = _run(tool, normalized)
+            value = _run(tool, normalized, grant.danger_token() if tool.takes_grant else None)
         except TransientToolError as exc:
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None,
                          error_type=type(exc).__name__)
@@ -375,6 +388,8 @@ class Gateway:
             principal=ctx.principal, role=ctx.role, workflow=ctx.workflow, run_id=ctx.run_id,
             step_id=ctx.step_id, tool=tool, arguments=normalized, data_labels=ctx.data_labels,
             in_plan=True, attempt=attempt, approved=approved, approval_count=approval_count,
+            provenance=trace_arguments(normalized, grant.constraints, ctx.observations),
+            widened=ctx.widened,
         )
         try:
             decision = self.policy.decide(request)
@@ -453,11 +468,11 @@ def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str
     return None
 
 
-def _run(tool: Tool, arguments: Mapping[str, Any]) -> Any:
+def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None) -> Any:
     if not tool.is_async:
-        return tool.invoke(arguments)
+        return tool.invoke(arguments, grant_token)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(tool.invoke(arguments))  # type: ignore[arg-type]
+        return asyncio.run(tool.invoke(arguments, grant_token))  # type: ignore[arg-type]
     raise ConfigError(f"async tool {tool.name!r} called from a running event loop; run the workflow in a thread")

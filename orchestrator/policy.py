@@ -27,6 +27,7 @@ import cedarpy
 
 from .errors import PolicyError
 from .identity import SpiffeId
+from .provenance import Origin
 from .tools import Tool, ToolRegistry
 
 Outcome = Literal["allow", "deny", "needs_approval"]
@@ -68,6 +69,10 @@ class CallRequest:
     attempt: int = 1
     approved: bool = False
     approval_count: int = 0
+    # Where each argument came from (see ``provenance``); an argument missing here is
+    # treated as chosen by the executor from everything the run has read.
+    provenance: Mapping[str, Origin] = field(default_factory=dict)
+    widened: bool = False  # the step was added or loosened by a re-plan
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -93,7 +98,8 @@ class CedarPolicyEngine:
     def __init__(self, sources: Sequence[tuple[str, str]], schema_text: str, tools: ToolRegistry) -> None:
         """``sources`` are ``(file name, Cedar text)`` pairs; names appear in errors."""
         self._argument_types, self._conflicts = _argument_types(tools)
-        self.schema_text = schema_text + "\n" + _arguments_schema(self._argument_types)
+        self._argument_names = sorted({a for name in tools for a in tools[name].argument_names()})
+        self.schema_text = schema_text + "\n" + _arguments_schema(self._argument_types, self._argument_names)
         try:
             self._schema = cedarpy.Schema.from_str(self.schema_text)
         except ValueError as exc:
@@ -236,7 +242,19 @@ class CedarPolicyEngine:
         return "unknown"
 
     def _context(self, request: CallRequest, approved: bool, approval_count: int) -> dict[str, Any]:
+        origins = {name: request.provenance.get(name) or Origin(source="executor", labels=request.data_labels)
+                   for name in request.arguments}
+        destinations = sorted(request.tool.destinations & set(request.arguments))
+        # Without declared destinations any argument may say where data goes: then the
+        # destination is "in the plan" only if the plan fixed every argument.
+        where = destinations or sorted(request.arguments)
         return {
+            "provenance": {name: o.as_context() for name, o in origins.items()},
+            "destinations": destinations,
+            "untrusted_destinations": [d for d in destinations if "untrusted" in origins[d].labels],
+            "untrusted_arguments": sorted(n for n, o in origins.items() if "untrusted" in o.labels),
+            "destinations_in_plan": all(origins[n].source == "plan" for n in where),
+            "widened": request.widened,
             "tool": request.tool.name,
             "risk": request.tool.risk.value,
             "role": request.role,
@@ -382,9 +400,11 @@ def _cedar_type(spec: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _arguments_schema(types: Mapping[str, str]) -> str:
+def _arguments_schema(types: Mapping[str, str], names: Sequence[str]) -> str:
     attrs = ", ".join(f'"{name}"?: {kind}' for name, kind in sorted(types.items()))
-    return "namespace Scopegraph::Generated {\n  type Arguments = {" + attrs + "};\n}\n"
+    origins = ", ".join(f'"{name}"?: Scopegraph::Origin' for name in names)
+    return ("namespace Scopegraph::Generated {\n  type Arguments = {" + attrs + "};\n"
+            "  type Provenance = {" + origins + "};\n}\n")
 
 
 def _read(path: Path) -> str:

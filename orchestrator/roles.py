@@ -62,6 +62,9 @@ class ToolHandle:
         key = _call_key(self._ctx, len(self.calls), tool, arguments)
         result = self._gateway.call(self.__token, tool, arguments, self._ctx, call_key=key)
         self.calls.append(result)
+        # What this call returned is now something the executor has seen: later calls of
+        # the step carry its labels, and their arguments are traced against it.
+        self._ctx = self._ctx.after(result)
         if result.status == "needs_approval":
             raise NeedsApproval(result)
         return result

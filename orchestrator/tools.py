@@ -1,8 +1,15 @@
-"""Declaring tools: name, argument schema, risk tier and output labels.
+"""Declaring tools: name, argument schema, risk tier, output labels, destinations.
 
 A tool is a plain Python function (sync or async). ``@tool`` derives a pydantic
 argument model from its signature so every call is validated before it runs, and
-records the facts policy needs: how risky the tool is and what its output carries.
+records the facts policy needs: how risky the tool is, what its output carries
+(``external`` tools bring in content from outside: their output is ``untrusted``), and
+which arguments say where data or money goes (``destinations``: a recipient, a URL, an
+account, a path), so policy can ask where those values came from.
+
+``Tool.from_schema`` declares a tool from a JSON Schema instead of a signature: that is
+how LangChain and MCP tools become scoped tools. A tool with ``takes_grant`` receives
+the step's grant as a bearer token (an MCP server verifies it against our JWKS).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -39,6 +46,8 @@ class Tool:
     fn: Callable[..., Any] = field(repr=False)
     is_async: bool
     accepts_confidential: bool = False
+    destinations: frozenset[str] = frozenset()
+    takes_grant: bool = False  # ``fn(arguments, grant_token)`` instead of ``fn(**arguments)``
 
     def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``arguments`` against the tool's schema and return them normalised.
@@ -62,9 +71,45 @@ class Tool:
     def json_schema(self) -> dict[str, Any]:
         return self.args_model.model_json_schema()
 
-    def invoke(self, arguments: Mapping[str, Any]) -> Any | Awaitable[Any]:
-        """Run the underlying function; returns an awaitable for async tools."""
+    def invoke(self, arguments: Mapping[str, Any], grant_token: str | None = None) -> Any | Awaitable[Any]:
+        """Run the underlying function; returns an awaitable for async tools.
+
+        Only the gateway calls this, and passes the grant only to a ``takes_grant`` tool.
+        """
+        if self.takes_grant:
+            return self.fn(dict(arguments), grant_token)
         return self.fn(**arguments)
+
+    @classmethod
+    def from_schema(
+        cls,
+        *,
+        name: str,
+        description: str,
+        parameters: Mapping[str, Any],
+        fn: Callable[..., Any],
+        risk: Risk | str,
+        labels: Iterable[str] = (),
+        external: bool = False,
+        destinations: Iterable[str] = (),
+        accepts_confidential: bool = False,
+        takes_grant: bool = False,
+    ) -> Tool:
+        """A tool whose arguments are described by a JSON Schema object (``parameters``).
+
+        ``fn`` is called as ``fn(**arguments)``, or as ``fn(arguments, grant_token)`` with
+        ``takes_grant``; it may be async.
+
+        Raises:
+            ToolError: bad name, risk tier or schema, or a destination the schema lacks.
+        """
+        _check_name(name)
+        model = _model_from_json_schema(name, parameters)
+        return _declare(
+            name=name, description=description, risk=_tier(risk), labels=labels, external=external,
+            destinations=destinations, accepts_confidential=accepts_confidential, model=model, fn=fn,
+            is_async=inspect.iscoroutinefunction(fn), takes_grant=takes_grant,
+        )
 
 
 def tool(
@@ -73,34 +118,53 @@ def tool(
     name: str | None = None,
     risk: Risk | str = Risk.READ,
     labels: Iterable[str] = (),
+    external: bool = False,
+    destinations: Iterable[str] = (),
     accepts_confidential: bool = False,
 ) -> Any:
     """Declare a function as a tool.
 
     Usable bare (``@tool``) or with options (``@tool(risk="write", labels=["confidential"])``).
     ``risk`` is ``read``, ``write`` or ``egress``; ``labels`` are the data labels the
-    tool's output carries; ``accepts_confidential`` marks an egress tool the organisation
-    trusts with confidential data (policy may use it).
+    tool's output carries; ``external`` says the output is content from outside the
+    organisation (an email, a web page): it is labelled ``untrusted``. ``destinations``
+    names the arguments that say where data or money goes (recipient, URL, account,
+    path); policy sees where their values came from. ``accepts_confidential`` marks an
+    egress tool the organisation trusts with confidential data (policy may use it).
     """
 
-    try:
-        tier = Risk(risk)
-    except ValueError:
-        raise ToolError(f"unknown risk tier {risk!r}: use 'read', 'write' or 'egress'") from None
+    tier = _tier(risk)
 
     def wrap(f: Callable[..., Any]) -> Tool:
         return _build_tool(
             f,
             name=name or f.__name__,
             risk=tier,
-            labels=frozenset(labels),
+            labels=labels,
+            external=external,
+            destinations=destinations,
             accepts_confidential=accepts_confidential,
         )
 
     return wrap(fn) if fn is not None else wrap
 
 
+UNTRUSTED = "untrusted"
+
+
+def _tier(risk: Risk | str) -> Risk:
+    try:
+        return Risk(risk)
+    except ValueError:
+        raise ToolError(f"unknown risk tier {risk!r}: use 'read', 'write' or 'egress'") from None
+
+
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _check_name(name: str) -> None:
+    if not name or not set(name) <= _NAME_OK:
+        raise ToolError(f"invalid tool name {name!r}: use letters, digits, '_', '-' or '.'")
 
 
 def _build_tool(
@@ -108,11 +172,12 @@ def _build_tool(
     *,
     name: str,
     risk: Risk,
-    labels: frozenset[str],
+    labels: Iterable[str],
+    external: bool,
+    destinations: Iterable[str],
     accepts_confidential: bool,
 ) -> Tool:
-    if not name or not set(name) <= _NAME_OK:
-        raise ToolError(f"invalid tool name {name!r}: use letters, digits, '_', '-' or '.'")
+    _check_name(name)
     signature = inspect.signature(f)
     hints = get_type_hints(f)
     fields: dict[str, Any] = {}
@@ -122,21 +187,84 @@ def _build_tool(
         annotation = hints.get(param.name, Any)
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (annotation, default)
-    model = create_model(
+    model = _arguments_model(name, fields)
+    return _declare(
+        name=name, description=inspect.getdoc(f) or "", risk=risk, labels=labels, external=external,
+        destinations=destinations, accepts_confidential=accepts_confidential, model=model, fn=f,
+        is_async=inspect.iscoroutinefunction(f), takes_grant=False,
+    )
+
+
+def _arguments_model(name: str, fields: Mapping[str, Any]) -> type[BaseModel]:
+    return create_model(  # type: ignore[call-overload, no-any-return]
         f"{name.replace('-', '_').replace('.', '_')}_arguments",
         __config__=ConfigDict(extra="forbid", strict=False),
         **fields,
     )
+
+
+def _declare(
+    *, name: str, description: str, risk: Risk, labels: Iterable[str], external: bool,
+    destinations: Iterable[str], accepts_confidential: bool, model: type[BaseModel],
+    fn: Callable[..., Any], is_async: bool, takes_grant: bool,
+) -> Tool:
+    if isinstance(labels, str) or isinstance(destinations, str):
+        raise ToolError(f"tool {name!r}: labels and destinations are lists of names, not one string")
+    label_set = frozenset(labels) | ({UNTRUSTED} if external else frozenset())
+    dest_set = frozenset(destinations)
+    unknown = sorted(dest_set - set(model.model_fields))
+    if unknown:
+        raise ToolError(f"tool {name!r} declares destination {unknown[0]!r}, which is not one of its arguments")
     return Tool(
-        name=name,
-        description=inspect.getdoc(f) or "",
-        risk=risk,
-        labels=labels,
-        args_model=model,
-        fn=f,
-        is_async=inspect.iscoroutinefunction(f),
-        accepts_confidential=accepts_confidential,
+        name=name, description=description, risk=risk, labels=label_set, args_model=model, fn=fn,
+        is_async=is_async, accepts_confidential=accepts_confidential, destinations=dest_set,
+        takes_grant=takes_grant,
     )
+
+
+_JSON_TYPES: dict[str, Any] = {
+    "string": str, "integer": int, "number": float, "boolean": bool, "object": dict[str, Any],
+}
+
+
+def _json_type(name: str, arg: str, spec: Mapping[str, Any]) -> Any:
+    """The Python type for one JSON Schema property (the subset tool schemas use)."""
+    if "anyOf" in spec or "oneOf" in spec:
+        options = [s for s in spec.get("anyOf", spec.get("oneOf", [])) if s.get("type") != "null"]
+        nullable = len(options) < len(spec.get("anyOf", spec.get("oneOf", [])))
+        inner = _json_type(name, arg, options[0]) if len(options) == 1 else Any
+        return inner | None if nullable and inner is not Any else inner
+    if "enum" in spec:
+        values = tuple(spec["enum"])
+        return Literal[values] if values else Any  # type: ignore[valid-type]
+    kind = spec.get("type")
+    if isinstance(kind, list):  # ["string", "null"]
+        kinds = [k for k in kind if k != "null"]
+        inner = _json_type(name, arg, {**spec, "type": kinds[0]}) if len(kinds) == 1 else Any
+        return inner | None if "null" in kind and inner is not Any else inner
+    if kind == "array":
+        items = spec.get("items") or {}
+        return list[_json_type(name, arg, items) if items else Any]  # type: ignore[misc]
+    if kind is None:
+        return Any
+    if kind not in _JSON_TYPES:
+        raise ToolError(f"tool {name!r}: argument {arg!r} has unsupported JSON Schema type {kind!r}")
+    return _JSON_TYPES[kind]
+
+
+def _model_from_json_schema(name: str, parameters: Mapping[str, Any]) -> type[BaseModel]:
+    if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
+        raise ToolError(f"tool {name!r}: its argument schema must be a JSON Schema object")
+    props = parameters.get("properties") or {}
+    required = set(parameters.get("required") or ())
+    fields: dict[str, Any] = {}
+    for arg, spec in props.items():
+        if not isinstance(arg, str) or not arg.isidentifier():
+            raise ToolError(f"tool {name!r}: argument name {arg!r} is not usable")
+        annotation = _json_type(name, arg, spec if isinstance(spec, Mapping) else {})
+        default = ... if arg in required else spec.get("default") if isinstance(spec, Mapping) else None
+        fields[arg] = (annotation if arg in required or default is not None else annotation | None, default)
+    return _arguments_model(name, fields)
 
 
 class ToolRegistry(Mapping[str, Tool]):
@@ -187,6 +315,7 @@ class ToolRegistry(Mapping[str, Tool]):
                 "description": t.description,
                 "risk": t.risk.value,
                 "labels": sorted(t.labels),
+                "destinations": sorted(t.destinations),
                 "arguments": t.json_schema(),
             }
             for t in self._tools.values()

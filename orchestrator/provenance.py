@@ -1,0 +1,115 @@
+"""Where each argument of a call came from, and what data it may carry.
+
+An agent that reads content from outside (an email, a web page) can be steered by
+instructions planted in it. The defence is to know, for every argument, whether the
+planner fixed it before any tool ran or whether it was chosen after the executor had
+seen tool output, and to let policy decide on that.
+
+For one call:
+
+- an argument the step's grant pins (``exact`` or ``one_of``) came from the **plan**:
+  the planner fixed it from the trusted task, before any tool ran;
+- any other argument was chosen by the executor. If its value appears in tool output
+  the executor was shown (a dependency's result, or an earlier call of this step), it
+  came from **tool_output**; otherwise from the **executor** itself.
+
+Taint is deliberately coarse: an argument not fixed by the plan carries the labels of
+*everything* the executor was shown, whether or not the value is found there. A model
+that read an untrusted page can paraphrase an address out of it; matching values would
+miss that, so matching only names the source, and never clears a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .constraints import Constraint, Exact, OneOf
+
+Source = Literal["plan", "tool_output", "executor"]
+_MIN_MATCH = 4  # shorter strings ("a", "yes", "10") are found everywhere and prove nothing
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observation:
+    """Tool output an executor was shown: which step and tool produced it, its labels."""
+
+    step_id: str
+    tool: str
+    labels: frozenset[str]
+    value: Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class Origin:
+    """One argument's provenance: where it came from, the labels it may carry, and from which steps."""
+
+    source: Source
+    labels: frozenset[str] = frozenset()
+    steps: tuple[str, ...] = ()  # the steps whose output holds the value (for ``tool_output``)
+
+    def as_context(self) -> dict[str, Any]:
+        return {"source": self.source, "labels": sorted(self.labels), "steps": list(self.steps)}
+
+
+def fixed_by_plan(constraint: Constraint | None) -> bool:
+    """Whether the planner chose the value itself, leaving the executor no choice but which pin."""
+    return isinstance(constraint, (Exact, OneOf))
+
+
+def trace_arguments(
+    arguments: Mapping[str, Any],
+    constraints: Mapping[str, Constraint],
+    observations: Iterable[Observation],
+) -> dict[str, Origin]:
+    """The provenance of each argument of one call."""
+    seen = tuple(observations)
+    shown = frozenset().union(*(o.labels for o in seen)) if seen else frozenset()
+    out: dict[str, Origin] = {}
+    for name, value in arguments.items():
+        if fixed_by_plan(constraints.get(name)):
+            out[name] = Origin(source="plan")
+            continue
+        steps = tuple(sorted({o.step_id for o in seen if _contains(o.value, value)}))
+        out[name] = Origin(source="tool_output" if steps else "executor", labels=shown, steps=steps)
+    return out
+
+
+def _contains(haystack: Any, needle: Any) -> bool:
+    """Whether ``needle`` occurs in ``haystack``: as a leaf value, or inside a string leaf."""
+    if needle is None or isinstance(needle, bool):
+        return False
+    if isinstance(needle, (list, tuple, set, frozenset)):
+        return any(_contains(haystack, n) for n in needle)
+    if isinstance(needle, Mapping):
+        return any(_contains(haystack, n) for n in needle.values())
+    for leaf in _leaves(haystack):
+        if isinstance(needle, str):
+            if len(needle) >= _MIN_MATCH and isinstance(leaf, str) and needle.casefold() in leaf.casefold():
+                return True
+        elif isinstance(needle, (int, float)) and not isinstance(leaf, bool):
+            if isinstance(leaf, (int, float)) and leaf == needle and abs(needle) >= 10:
+                return True
+            if isinstance(leaf, str) and abs(needle) >= 1000 and _number_in_text(needle, leaf):
+                return True
+    return False
+
+
+def _number_in_text(number: int | float, text: str) -> bool:
+    as_text = str(int(number)) if float(number).is_integer() else str(number)
+    return as_text in text
+
+
+def _leaves(value: Any, depth: int = 0) -> Iterator[Any]:
+    if depth > 32:  # pathological nesting: stop looking (matching only names the source)
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield k
+            yield from _leaves(v, depth + 1)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from _leaves(v, depth + 1)
+    else:
+        yield value
