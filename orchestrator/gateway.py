@@ -73,6 +73,18 @@ class CallContext:
     # calls): what argument provenance is traced against.
     observations: tuple[Observation, ...] = ()
     widened: bool = False  # a re-plan added or loosened this step beyond the original plan
+    # What the run's own plan fixed, when it differs from the grant's constraints: a
+    # delegated child's grant was shaped by a sub-planner working for an executor, so
+    # only what the parent step's plan pinned counts as coming from the plan.
+    planned: Mapping[str, Any] | None = None
+
+    def child(self, *, step_id: str, principal: SpiffeId, observations: tuple[Observation, ...],
+              planned: Mapping[str, Any]) -> CallContext:
+        """The context of a delegated child step: it inherits all its parent has seen."""
+        labels = self.data_labels.union(*(o.labels for o in observations))
+        return replace(self, step_id=step_id, principal=principal, data_labels=labels,
+                       observations=(*self.observations, *observations),
+                       planned=self.planned if self.planned is not None else planned)
 
     def after(self, result: CallResult) -> CallContext:
         """The context for the next call of the same step, once the executor has seen ``result``."""
@@ -388,7 +400,8 @@ class Gateway:
             principal=ctx.principal, role=ctx.role, workflow=ctx.workflow, run_id=ctx.run_id,
             step_id=ctx.step_id, tool=tool, arguments=normalized, data_labels=ctx.data_labels,
             in_plan=True, attempt=attempt, approved=approved, approval_count=approval_count,
-            provenance=trace_arguments(normalized, grant.constraints, ctx.observations),
+            provenance=trace_arguments(normalized, grant.constraints if ctx.planned is None else ctx.planned,
+                                       ctx.observations),
             widened=ctx.widened,
         )
         try:

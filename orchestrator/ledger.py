@@ -27,7 +27,7 @@ GENESIS = "0" * 64
 RecordKind = Literal[
     "run_started", "run_ended", "run_paused", "run_resumed", "plan", "grant_minted", "decision",
     "approval_requested", "approval_decided", "approval_consumed", "tool_call", "grant_revoked",
-    "step_ended",
+    "step_ended", "delegation_plan",
 ]
 
 

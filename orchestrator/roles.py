@@ -8,25 +8,83 @@ the tool catalogue: no grant, no tool handle. An executor receives one step and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from .canonical import canonical_json, sha256_hex
 from .gateway import CallContext, CallResult, Gateway
 from .identity import SpiffeId, Svid
-from .plan import Plan, Step
+from .plan import Plan, Step, parse_plan
+
+FailureKind = Literal["out_of_scope", "needs_other_tool", "denied", "tool_failed"]
+FAILURE_KINDS: tuple[FailureKind, ...] = ("out_of_scope", "needs_other_tool", "denied", "tool_failed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepFailure:
+    """Why a step could not be done inside its scope, for the planner: structure only.
+
+    Nothing here is text an executor or a tool wrote: the kind is from a fixed list,
+    ``argument`` and ``needs_tool`` are checked against the tool's arguments and the
+    catalogue, and ``policy_ids`` name the policies that refused. An executor that has
+    read injected instructions cannot pass them on to the planner through a failure.
+    """
+
+    step_id: str
+    tool: str
+    kind: FailureKind
+    argument: str | None = None  # the argument that needs a wider constraint
+    needs_tool: str | None = None  # a catalogue tool the step needs instead
+    policy_ids: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step_id": self.step_id, "tool": self.tool, "kind": self.kind, "argument": self.argument,
+                "needs_tool": self.needs_tool, "policy_ids": list(self.policy_ids)}
+
+
+class ReplanRequested(Exception):
+    """Raised by an executor: this step cannot be done inside its scope; ask for a new plan.
+
+    ``kind`` is one of ``FAILURE_KINDS``; ``argument`` names the argument whose
+    constraint is too narrow; ``needs_tool`` a tool the step needs instead. The runtime
+    checks both and hands the planner a ``StepFailure``, never free text.
+    """
+
+    def __init__(self, kind: FailureKind, *, argument: str | None = None, needs_tool: str | None = None) -> None:
+        super().__init__(f"step asks for a new plan ({kind})")
+        self.kind = kind
+        self.argument = argument
+        self.needs_tool = needs_tool
 
 
 @dataclass(frozen=True, kw_only=True)
 class PlanningContext:
-    """Everything a planner may see: the trusted task and the catalogue. No tool output."""
+    """Everything a planner may see: the trusted task and the catalogue. No tool output.
+
+    On a re-plan, also the plan so far, the ids of its completed steps (which a revision
+    must keep unchanged) and structured failures of the steps that could not be done.
+    """
 
     task: str
     workflow: str
     run_id: str
     identity: SpiffeId
     catalogue: Sequence[Mapping[str, Any]]
+    previous_plan: Plan | None = None
+    completed: tuple[str, ...] = ()
+    failures: tuple[StepFailure, ...] = ()
+    validator: Callable[[Any], Plan] | None = field(default=None, repr=False)
+
+    def validate(self, data: Plan | Mapping[str, Any] | str) -> Plan:
+        """Parse and check a plan as the runtime will, so a planner can re-ask on an error.
+
+        Raises:
+            PlanError: the plan is malformed or does not fit the workflow's tools.
+        """
+        if self.validator is None:
+            return parse_plan(data)
+        return self.validator(data)
 
 
 @runtime_checkable
@@ -69,6 +127,11 @@ class ToolHandle:
             raise NeedsApproval(result)
         return result
 
+    @property
+    def context(self) -> CallContext:
+        """Who calls and what they have seen so far (no token)."""
+        return self._ctx
+
     def __repr__(self) -> str:
         return f"ToolHandle(step={self._ctx.step_id!r}, token=<redacted>)"
 
@@ -93,6 +156,42 @@ class StepContext:
     dependencies: Mapping[str, Any]
     tools: ToolHandle = field(repr=False)
     data_labels: frozenset[str] = frozenset()
+    # The labels of each dependency's output: an LLM executor marks ``untrusted`` content.
+    dependency_labels: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # The step's tool as the catalogue describes it (name, description, risk, arguments
+    # JSON Schema, destinations): what an LLM executor binds.
+    tool_schema: Mapping[str, Any] = field(default_factory=dict)
+    delegator: Delegator | None = field(default=None, repr=False)
+
+    def delegate(self, task: str, *, planner: Planner, executor: Executor) -> DelegationResult:
+        """Hand this step to a sub-workflow: its own planner plans ``task`` inside this
+        step's scope, and its own executor carries out each child step under a child
+        identity and a grant checked to be a subset of this step's.
+
+        Raises:
+            ConfigError: the runtime offers no delegation here.
+            NeedsApproval: a child call needs a human approval: this step pauses on it.
+        """
+        if self.delegator is None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"step {self.step.id!r} cannot delegate here")
+        return self.delegator(task, planner, executor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DelegationResult:
+    """What a sub-workflow did: each child step's record, and the results of those that completed."""
+
+    steps: tuple[Mapping[str, Any], ...]
+    results: Mapping[str, Any]
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.steps) and all(s.get("status") == "completed" for s in self.steps)
+
+
+Delegator = Callable[[str, "Planner", "Executor"], DelegationResult]
 
 
 @runtime_checkable

@@ -196,7 +196,7 @@ def _build_tool(
 
 
 def _arguments_model(name: str, fields: Mapping[str, Any]) -> type[BaseModel]:
-    return create_model(  # type: ignore[call-overload, no-any-return]
+    return create_model(
         f"{name.replace('-', '_').replace('.', '_')}_arguments",
         __config__=ConfigDict(extra="forbid", strict=False),
         **fields,
@@ -236,7 +236,7 @@ def _json_type(name: str, arg: str, spec: Mapping[str, Any]) -> Any:
         return inner | None if nullable and inner is not Any else inner
     if "enum" in spec:
         values = tuple(spec["enum"])
-        return Literal[values] if values else Any  # type: ignore[valid-type]
+        return Literal[values] if values else Any
     kind = spec.get("type")
     if isinstance(kind, list):  # ["string", "null"]
         kinds = [k for k in kind if k != "null"]
@@ -307,6 +307,17 @@ class ToolRegistry(Mapping[str, Tool]):
         if self._catalogue is None:
             self._catalogue = self._build_catalogue()
         return copy.deepcopy(self._catalogue)  # a planner may mutate what it is given
+
+    def catalogue_entry(self, name: str) -> dict[str, Any]:
+        """One tool's catalogue entry (see ``catalogue``).
+
+        Raises:
+            UnknownToolError: no tool of that name is registered.
+        """
+        self.get_tool(name)
+        if self._catalogue is None:
+            self._catalogue = self._build_catalogue()
+        return copy.deepcopy(next(e for e in self._catalogue if e["name"] == name))
 
     def _build_catalogue(self) -> list[dict[str, Any]]:
         return [

@@ -29,6 +29,7 @@ class Workflow:
     ``on_denial``: when a human denies a call, ``fail`` ends the run as denied after the
     steps in flight; ``continue`` lets steps that do not depend on it run, and the run
     then ends ``denied`` as well, but having done everything else.
+    ``max_replans`` bounds how often an executor may send the run back to the planner.
     """
 
     name: str
@@ -44,6 +45,7 @@ class Workflow:
     approvers: Iterable[str] | ApproverRule = ()
     approval_ttl: float = DEFAULT_APPROVAL_TTL_SECONDS
     on_denial: Literal["fail", "continue"] = "fail"
+    max_replans: int = 2
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -61,6 +63,8 @@ class Workflow:
             raise ConfigError(f"approval_ttl {self.approval_ttl!r} must be above 0")
         if self.on_denial not in ("fail", "continue"):
             raise ConfigError(f"on_denial {self.on_denial!r} must be 'fail' or 'continue'")
+        if self.max_replans < 0:
+            raise ConfigError(f"max_replans {self.max_replans!r} must be 0 or more")
         if self.grant_max_uses < 1:
             raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
 

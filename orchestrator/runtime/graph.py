@@ -32,12 +32,24 @@ from langgraph.types import Send, interrupt
 from .. import tracing as tr
 from ..approvals import ApprovalRequest, approval_id
 from ..canonical import action_digest, canonical_json, sha256_hex
+from ..constraints import narrows
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
 from ..gateway import CallContext, CallResult
 from ..identity import SpiffeId, Svid
 from ..plan import Plan, Step, parse_plan, validate_plan
-from ..roles import NeedsApproval, PlanningContext, StepContext, ToolHandle
+from ..provenance import Observation
+from ..roles import (
+    FAILURE_KINDS,
+    NeedsApproval,
+    PlanningContext,
+    ReplanRequested,
+    StepContext,
+    StepFailure,
+    ToolHandle,
+)
+from .delegation import delegator_for
+from .outcome import step_outcome
 from .state import RunState, StepInput
 
 if TYPE_CHECKING:
@@ -50,7 +62,7 @@ def build_graph(rt: Runtime) -> StateGraph:
     graph.add_node("schedule", lambda state: {})
     graph.add_node("step", lambda payload: _step(rt, payload))
     graph.add_node("approval", lambda payload: _approval(rt, payload))
-    targets = ["step", "approval", "schedule", END]
+    targets = ["step", "approval", "schedule", "plan", END]
     graph.add_edge(START, "plan")
     graph.add_conditional_edges("plan", lambda state: _route(rt, state), targets)
     graph.add_conditional_edges("schedule", lambda state: _route(rt, state), targets)
@@ -60,32 +72,72 @@ def build_graph(rt: Runtime) -> StateGraph:
 
 
 def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
+    """Ask the planner for the run's plan, or, when steps asked for one, for a revision."""
     wf = rt.workflow
     run_id = state["run_id"]
+    steps = state.get("steps") or {}
+    previous = rt.plan_for(run_id, state["plan"]) if state.get("plan") else None
+    asking = sorted(sid for sid, rec in steps.items() if rec.get("status") == "replan")
+    completed = tuple(sorted(sid for sid, rec in steps.items() if rec.get("status") == "completed"))
     ctx = PlanningContext(
         task=state["task"], workflow=wf.name, run_id=run_id,
         identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
+        previous_plan=previous, completed=completed if previous else (),
+        failures=tuple(StepFailure(**steps[sid]["failure"]) for sid in asking),
+        validator=lambda data: validate_plan(parse_plan(data), wf.registry),
     )
+    revision = int(state.get("replans") or 0) + 1 if previous is not None else 0
     with tr.span(f"{tr.INVOKE_AGENT} planner", {
         tr.GEN_AI_OPERATION: "invoke_agent", tr.GEN_AI_AGENT_NAME: "planner",
         tr.GEN_AI_AGENT_ID: state["planner_id"], tr.SPIFFE_ID: state["planner_id"],
-        tr.RUN_ID: run_id, tr.WORKFLOW: wf.name,
+        tr.RUN_ID: run_id, tr.WORKFLOW: wf.name, "scopegraph.plan.revision": revision,
     }, context=rt.trace_context(run_id)) as s:
         try:
-            plan = validate_plan(parse_plan(wf.planner.plan(ctx)), wf.registry)
+            plan = ctx.validate(wf.planner.plan(ctx))
+            if previous is not None:
+                _check_revision(previous, plan, completed)
         except PlanError as exc:
             tr.set_error(s, "malformed plan")
-            rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=False, error=str(exc))
+            rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=False, error=str(exc),
+                             revision=revision)
             return {"status": "failed", "error": str(exc)}
         dumped = plan.model_dump(mode="json")
+        original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"]) \
+            if previous is not None else plan
+        widened = sorted(st.id for st in plan.steps if not _within(st, original))
         rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
-                         plan_digest=sha256_hex(canonical_json(dumped)),
+                         plan_digest=sha256_hex(canonical_json(dumped)), revision=revision,
+                         failures=[steps[sid]["failure"] for sid in asking], widened=widened,
                          steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on),
                                  "purpose": st.purpose,
                                  "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
                                 for st in plan.steps])
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
-    return {"plan": dumped, "steps": {}}
+    if previous is None:
+        return {"plan": dumped, "steps": {}}
+    # The steps that asked are replaced: their records go, so a step of the same id starts afresh.
+    return {"plan": dumped, "original_plan": state.get("original_plan") or state["plan"],
+            "replans": revision, "widened": widened, "steps": {sid: None for sid in asking}}
+
+
+def _check_revision(previous: Plan, revised: Plan, completed: tuple[str, ...]) -> None:
+    """A revision may change what is left to do, never what has been done."""
+    for sid in completed:
+        try:
+            same = revised.step(sid) == previous.step(sid)
+        except PlanError:
+            same = False
+        if not same:
+            raise PlanError(f"revised plan changes or drops completed step {sid!r}")
+
+
+def _within(step: Step, original: Plan) -> bool:
+    """Whether some step of the original plan already allowed everything ``step`` allows."""
+    return any(
+        o.tool == step.tool and all(
+            name in o.constraints and narrows(c, o.constraints[name]) for name, c in step.constraints.items())
+        for o in original.steps
+    )
 
 
 def _after_task(rt: Runtime, state: RunState) -> list[Send] | str:
@@ -102,6 +154,8 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
     human_denied = any(s.get("denied_by") for s in steps.values())
     if human_denied and state.get("on_denial", "fail") == "fail":
         return END
+    if "replan" in statuses.values():
+        return "plan"
     done = {sid for sid, st in statuses.items() if st == "completed"}
     ready = plan.ready_steps(done, started=steps.keys())
     if ready:
@@ -111,7 +165,8 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
     waiting = [sid for sid, st in statuses.items() if st == "awaiting_approval"]
     if waiting:
         batch = _dispatch(waiting)
-        return [Send("approval", _step_input(state, plan.step(sid), {}, batch)) for sid in waiting]
+        results = {sid: steps[sid].get("result") for sid in done}
+        return [Send("approval", _step_input(state, plan.step(sid), results, batch)) for sid in waiting]
     return END
 
 
@@ -134,14 +189,32 @@ def _with_labels(update: dict[str, Any], labels: list[str]) -> dict[str, Any]:
 
 
 def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any]) -> StepInput:
+    steps = state.get("steps") or {}
     return StepInput(
         run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
         planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
         dependencies={d: results[d] for d in step.depends_on if d in results},
+        dependency_labels={d: steps[d].get("labels") or [] for d in step.depends_on if d in results},
         data_labels=state.get("data_labels") or [],
-        record=(state.get("steps") or {}).get(step.id, {}),
+        widened=step.id in (state.get("widened") or ()),
+        replans=int(state.get("replans") or 0),
+        record=steps.get(step.id, {}),
         dispatch=batch,
     )
+
+
+def _observations(plan: Plan, payload: StepInput) -> tuple[Observation, ...]:
+    """The dependencies' outputs, as what the executor has been shown."""
+    labels = payload.get("dependency_labels") or {}
+    return tuple(Observation(step_id=d, tool=plan.step(d).tool, labels=frozenset(labels.get(d) or ()), value=v)
+                 for d, v in payload["dependencies"].items())
+
+
+def _call_context(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
+                  extra_labels: frozenset[str] = frozenset()) -> CallContext:
+    return CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
+                       principal=identity, data_labels=frozenset(payload["data_labels"]) | extra_labels,
+                       observations=_observations(plan, payload), widened=bool(payload.get("widened")))
 
 
 def final_status(state: dict[str, Any]) -> str:
@@ -234,18 +307,22 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
 
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
     svid, grant = _mint(rt, payload, step, identity)
-    labels = frozenset(payload["data_labels"])
-    ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
-                      principal=identity, data_labels=labels)
+    ctx = _call_context(rt, payload, plan, step, identity)
     handle = ToolHandle(rt.gateway, grant.danger_token(), ctx)
     record: dict[str, Any] = {"step_id": step.id, "tool": step.tool, "spiffe_id": str(identity),
                               "grant_id": grant.jti, "grant_ids": [grant.jti]}
+    children: list[dict[str, Any]] = []
     try:
         rt.workflow.executor.execute(StepContext(
             step=step, plan=plan, identity=identity, svid=svid, dependencies=payload["dependencies"],
-            tools=handle, data_labels=labels,
+            tools=handle, data_labels=ctx.data_labels,
+            dependency_labels={d: frozenset(v) for d, v in (payload.get("dependency_labels") or {}).items()},
+            tool_schema=rt.workflow.registry.catalogue_entry(step.tool),
+            delegator=delegator_for(rt, payload, step, identity, grant, handle, children),
         ))
-        record.update(_outcome(handle.calls, step.tool))
+        record.update(step_outcome(handle.calls, step.tool))
+    except ReplanRequested as ask:
+        record.update(_replan_record(rt, payload, step, ask, handle.calls))
     except NeedsApproval as pause:
         request = _request_approval(rt, payload, step, identity, pause.result)
         record.update(status="awaiting_approval", decision="needs_approval",
@@ -261,7 +338,33 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
         _revoke(rt, payload["run_id"], step, grant, ended=record)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
-    return _with_labels({"steps": {step.id: record}}, _labels(handle.calls))
+    if children:
+        record["children"] = children
+    labels = _labels(handle.calls)
+    if labels:
+        record["labels"] = labels  # what the step's output carries, for the steps that read it
+    return _with_labels({"steps": {step.id: record}}, labels)
+
+
+def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanRequested,
+                   calls: list[CallResult]) -> dict[str, Any]:
+    """The step's record when its executor asks for a new plan: a checked, structured failure."""
+    used = int(payload.get("replans") or 0)
+    if used >= rt.workflow.max_replans:
+        return {"status": "failed", "decision": None, "policy_ids": [],
+                "reason": f"asked for a new plan, but the run has used its {rt.workflow.max_replans} re-plans"}
+    tool = rt.workflow.registry.get_tool(step.tool)
+    refused = [c for c in calls if not c.ok]
+    failure = StepFailure(
+        step_id=step.id, tool=step.tool,
+        kind=ask.kind if ask.kind in FAILURE_KINDS else "denied",
+        argument=ask.argument if ask.argument in tool.argument_names() else None,
+        needs_tool=ask.needs_tool if ask.needs_tool in rt.workflow.registry else None,
+        policy_ids=tuple(refused[-1].decision.policy_ids) if refused else (),
+    )
+    return {"status": "replan", "decision": refused[-1].decision.outcome if refused else None,
+            "policy_ids": list(failure.policy_ids), "reason": f"asked for a new plan ({failure.kind})",
+            "failure": failure.as_dict()}
 
 
 def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId,
@@ -357,8 +460,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     _, grant = _mint(rt, payload, step, identity)
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
-    ctx = CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
-                      principal=identity, data_labels=frozenset(payload["data_labels"]))
+    ctx = _call_context(rt, payload, plan, step, identity, frozenset(record.get("labels") or ()))
     ended: dict[str, Any] | None = None
     try:
         if state in ("approved", "consumed"):
@@ -374,7 +476,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
                           policy_ids=list(result.decision.policy_ids), reason=result.audit_reason,
                           approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
         else:
-            record.update(_outcome([result], step.tool))
+            record.update(step_outcome([result], step.tool))
         ended = record
     finally:
         _revoke(rt, payload["run_id"], step, grant, ended=ended)
@@ -383,20 +485,6 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
 
 def _labels(calls: list[CallResult]) -> list[str]:
     return sorted(set().union(*(c.labels for c in calls if c.ok))) if calls else []
-
-
-def _outcome(calls: list[CallResult], planned_tool: str) -> dict[str, Any]:
-    """A step completes when its last call was an allowed, successful call of its tool."""
-    if not calls:
-        return {"status": "failed", "decision": None, "policy_ids": [], "reason": "executor made no call"}
-    last = calls[-1]
-    if last.ok and last.tool == planned_tool:
-        status = "completed"
-    else:
-        status = "denied" if last.status == "denied" else "failed"
-    return {"status": status, "decision": last.decision.outcome,
-            "policy_ids": list(last.decision.policy_ids), "reason": "" if last.ok else last.audit_reason,
-            "result": last.value if last.ok else None}
 
 
 def _call_summary(c: CallResult) -> dict[str, Any]:

@@ -6,8 +6,10 @@ from typing import Annotated, Any, TypedDict
 
 
 def merge_steps(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
-    """Parallel steps each write their own key; later writes of a key win."""
-    return {**(left or {}), **(right or {})}
+    """Parallel steps each write their own key; later writes of a key win; ``None`` removes
+    a key (a re-plan drops the records of the steps it replaces)."""
+    merged = {**(left or {}), **(right or {})}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def union_labels(left: list[str] | None, right: list[str] | None) -> list[str]:
@@ -35,6 +37,9 @@ class RunState(TypedDict, total=False):
     initiator: str
     planner_id: str
     plan: dict[str, Any]
+    original_plan: dict[str, Any]  # the first plan: what re-plans are checked against
+    replans: int
+    widened: list[str]  # steps a re-plan added or loosened beyond the original plan
     steps: Annotated[dict[str, Any], merge_steps]
     data_labels: Annotated[list[str], union_labels]
     batches: Annotated[dict[str, Any], merge_batches]
@@ -54,6 +59,9 @@ class StepInput(TypedDict):
     plan: dict[str, Any]
     step_id: str
     dependencies: dict[str, Any]
+    dependency_labels: dict[str, list[str]]
     data_labels: list[str]
+    widened: bool
+    replans: int
     record: dict[str, Any]  # the step's record so far (for an approval: the pending call)
     dispatch: dict[str, Any]  # the batch this task was sent in: {"id", "members"}

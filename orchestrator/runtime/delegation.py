@@ -1,0 +1,184 @@
+"""Delegation: a step handed to a sub-workflow with its own planner and executor.
+
+The child planner sees the sub-task and one tool: the parent step's. Each child step
+gets its own identity (``…/step/<parent>/sub/<child>/executor``) and its own grant, and
+that grant is minted *against the parent's grant*: the issuer refuses a child scope
+that is wider (another tool, a looser constraint, an argument the parent may not pass,
+a longer life). A child that asks for more is denied before its executor runs; a call
+beyond its grant is denied by the gateway as any other. The ``act`` chain nests:
+initiator → planner → executor → sub-planner → sub-executor.
+
+Children run inline, one after another in dependency order, inside the parent step.
+A child call that needs a human approval pauses the parent step on that exact call
+(``NeedsApproval`` propagates); the children after it do not run. One level deep: a
+child executor cannot delegate again.
+"""
+
+from __future__ import annotations
+
+import graphlib
+from typing import TYPE_CHECKING, Any
+
+from .. import tracing as tr
+from ..canonical import canonical_json, sha256_hex
+from ..credentials import Grant
+from ..errors import GrantError, PlanError, ScopegraphError
+from ..gateway import SCOPE_POLICY_ID
+from ..identity import SpiffeId
+from ..plan import Plan, Step, parse_plan, validate_plan
+from ..provenance import Observation
+from ..roles import (
+    DelegationResult,
+    Delegator,
+    Executor,
+    NeedsApproval,
+    Planner,
+    PlanningContext,
+    StepContext,
+    ToolHandle,
+)
+from .outcome import step_outcome
+from .state import StepInput
+
+if TYPE_CHECKING:
+    from .runner import Runtime
+
+CHILD_SEPARATOR = "."  # plan step ids never contain it, so "parent.child" cannot collide
+
+
+def delegator_for(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, grant: Grant,
+                  handle: ToolHandle, children: list[dict[str, Any]]) -> Delegator:
+    """The ``StepContext.delegate`` of one step: child records land in ``children`` and
+    child calls in the parent's ``handle`` (they are calls made under its authority)."""
+
+    def delegate(task: str, planner: Planner, executor: Executor) -> DelegationResult:
+        return _Delegation(rt, payload, step, identity, grant, handle, children).run(task, planner, executor)
+
+    return delegate
+
+
+class _Delegation:
+    def __init__(self, rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, grant: Grant,
+                 handle: ToolHandle, children: list[dict[str, Any]]) -> None:
+        self.rt, self.payload, self.step, self.identity = rt, payload, step, identity
+        self.grant, self.handle, self.children = grant, handle, children
+        self.run_id = payload["run_id"]
+        self.planner_id = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, "step", step.id, "sub",
+                                       "planner")
+
+    def run(self, task: str, planner: Planner, executor: Executor) -> DelegationResult:
+        plan = self._plan(task, planner)
+        results: dict[str, Any] = {}
+        records: list[dict[str, Any]] = []
+        order = graphlib.TopologicalSorter({s.id: set(s.depends_on) for s in plan.steps}).static_order()
+        for child_id in order:
+            child = plan.step(child_id)
+            if not set(child.depends_on) <= set(results):
+                record = self._record(child, None, "skipped", reason="a step it depends on did not complete")
+            else:
+                record = self._run_child(plan, child, {d: results[d] for d in child.depends_on}, executor)
+                if record["status"] == "completed":
+                    results[child.id] = record.pop("result", None)
+            records.append(record)
+        return DelegationResult(steps=tuple(records), results=results)
+
+    def _plan(self, task: str, planner: Planner) -> Plan:
+        wf = self.rt.workflow
+        ctx = PlanningContext(
+            task=task, workflow=wf.name, run_id=self.run_id, identity=self.planner_id,
+            catalogue=[wf.registry.catalogue_entry(self.step.tool)],
+            validator=lambda data: validate_plan(parse_plan(data), wf.registry),
+        )
+        with tr.span(f"{tr.INVOKE_AGENT} sub-planner", {
+            tr.GEN_AI_OPERATION: "invoke_agent", tr.GEN_AI_AGENT_NAME: "sub-planner",
+            tr.GEN_AI_AGENT_ID: str(self.planner_id), tr.SPIFFE_ID: str(self.planner_id),
+            tr.RUN_ID: self.run_id, tr.STEP_ID: self.step.id,
+        }) as s:
+            try:
+                plan = ctx.validate(planner.plan(ctx))
+            except PlanError as exc:
+                tr.set_error(s, "malformed plan")
+                self.rt.ledger.append("delegation_plan", self.run_id, step_id=self.step.id,
+                                      planner=str(self.planner_id), valid=False, error=str(exc))
+                raise
+            dumped = plan.model_dump(mode="json")
+            self.rt.ledger.append("delegation_plan", self.run_id, step_id=self.step.id,
+                                  planner=str(self.planner_id), valid=True,
+                                  plan_digest=sha256_hex(canonical_json(dumped)),
+                                  steps=[{"id": st.id, "tool": st.tool,
+                                          "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
+                                         for st in plan.steps])
+        return plan
+
+    def _run_child(self, plan: Plan, child: Step, dependencies: dict[str, Any], executor: Executor) -> dict[str, Any]:
+        rt = self.rt
+        path = f"{self.step.id}{CHILD_SEPARATOR}{child.id}"
+        identity = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, "step", self.step.id, "sub", child.id,
+                                "executor")
+        try:
+            grant = self._mint(child, path, identity)
+        except GrantError as exc:  # the child asked for more than its parent holds
+            rt.ledger.append("step_ended", self.run_id, step_id=path, status="denied", decision="deny",
+                             policy_ids=[SCOPE_POLICY_ID], reason=str(exc), approval_id=None)
+            return self._record(child, identity, "denied", decision="deny", policy_ids=[SCOPE_POLICY_ID],
+                                reason=str(exc))
+        labels = rt.workflow.registry.get_tool(child.tool).labels
+        seen = tuple(Observation(step_id=f"{self.step.id}{CHILD_SEPARATOR}{d}", tool=child.tool, labels=labels,
+                                 value=v) for d, v in dependencies.items())
+        ctx = self.handle.context.child(step_id=path, principal=identity, observations=seen,
+                                        planned=self.step.constraints)
+        handle = ToolHandle(rt.gateway, grant.danger_token(), ctx)
+        record = self._record(child, identity, "failed", grant_id=grant.jti)
+        try:
+            executor.execute(StepContext(
+                step=child, plan=plan, identity=identity,
+                svid=rt.domain.issue_svid(identity, ttl=rt.workflow.grant_ttl),
+                dependencies=dependencies, tools=handle, data_labels=ctx.data_labels,
+                tool_schema=rt.workflow.registry.catalogue_entry(child.tool),
+            ))
+            record.update(step_outcome(handle.calls, child.tool))
+        except NeedsApproval:
+            record.update(status="awaiting_approval", decision="needs_approval")
+            raise  # the parent step pauses on exactly this call
+        except ScopegraphError as exc:
+            record.update(status="failed", reason=str(exc))
+        except Exception as exc:  # an executor bug ends the child, never the bookkeeping
+            record.update(status="failed", reason=f"executor raised {type(exc).__name__}")
+        finally:
+            self.handle.calls.extend(handle.calls)
+            self._revoke(grant, path)
+            self.children.append({k: v for k, v in record.items() if k != "result"})
+        return record
+
+    def _mint(self, child: Step, path: str, identity: SpiffeId) -> Grant:
+        rt = self.rt
+        attributes = {tr.SPIFFE_ID: str(identity), tr.STEP_ID: path, tr.GEN_AI_TOOL_NAME: child.tool,
+                      "scopegraph.grant.parent": self.grant.jti}
+        with tr.span(tr.GRANT_MINT, attributes) as s, rt.store.atomic():
+            grant = rt.issuer.mint(
+                subject=identity, tool=child.tool, run_id=self.run_id, step_id=path, workflow=rt.workflow.name,
+                constraints=child.constraints, parent=self.grant,
+                act={"sub": str(self.planner_id), "act": {"sub": str(self.identity), "act": dict(self.grant.act)}},
+            )
+            rt.ledger.append("grant_minted", self.run_id, step_id=path, grant_id=grant.jti,
+                             spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
+                             expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=self.grant.jti,
+                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
+                             act=dict(grant.act))
+            s.set_attribute(tr.GRANT_ID, grant.jti)
+        rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": child.tool})
+        return grant
+
+    def _revoke(self, grant: Grant, path: str) -> None:
+        rt = self.rt
+        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: path}), rt.store.atomic():
+            if rt.issuer.revoke(grant.jti, reason="step ended"):
+                rt.ledger.append("grant_revoked", self.run_id, step_id=path, grant_id=grant.jti,
+                                 reason="step ended")
+                rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": grant.tool})
+
+    def _record(self, child: Step, identity: SpiffeId | None, status: str, **fields: Any) -> dict[str, Any]:
+        return {"step_id": f"{self.step.id}{CHILD_SEPARATOR}{child.id}", "tool": child.tool,
+                "spiffe_id": str(identity) if identity else None, "grant_id": None, "status": status,
+                "decision": None, "policy_ids": [], "reason": "", **fields}
+
