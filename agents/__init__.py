@@ -7,6 +7,9 @@ and are re-exported here.
 from orchestrator.roles import Executor, Planner, PlanningContext, StepContext
 
 from .direct import DirectExecutor
+from .llm_executor import LLMExecutor
+from .llm_planner import LLMPlanner
 from .scripted import ScriptedPlanner
 
-__all__ = ["DirectExecutor", "Executor", "Planner", "PlanningContext", "ScriptedPlanner", "StepContext"]
+__all__ = ["DirectExecutor", "Executor", "LLMExecutor", "LLMPlanner", "Planner", "PlanningContext",
+           "ScriptedPlanner", "StepContext"]
