@@ -18,10 +18,13 @@ taken effect.
 
 Server side: ``GrantVerifier`` checks a presented grant against the trust domain's JWKS
 (``scopegraph bundle --jwks``): EdDSA signature, issuer, audience ``tool:<name>`` and
-lifetime. It also serves as the MCP SDK's ``TokenVerifier``; inside a tool,
-``require_grant`` then insists the request's grant is for that very tool. Revocation and
-use counts live in the gateway's store, which a tool server cannot see: it relies on the
-grant's short lifetime for those.
+lifetime. Either each tool checks the request's grant itself
+(``verify_headers(ctx.headers, tool=...)``, leaving the listing open), or the verifier
+serves as the MCP SDK's ``TokenVerifier`` (every request needs a grant of the domain)
+and ``require_grant`` inside a tool insists the grant is for that very tool.
+``GrantClaims.check_arguments`` re-checks the call's arguments against the grant's
+constraints. Revocation and use counts live in the gateway's store, which a tool server
+cannot see: for those it relies on the grant's short lifetime.
 """
 
 from __future__ import annotations
