@@ -14,6 +14,8 @@ Any failure denies the call with a reason; nothing reaches the tool without an
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import json
 import time
 import uuid
@@ -36,7 +38,6 @@ from .clock import Clock
 from .credentials import Grant, GrantIssuer
 from .errors import (
     ApprovalError,
-    ConfigError,
     GrantError,
     ScopegraphError,
     StoreError,
@@ -488,4 +489,9 @@ def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None) -> A
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(tool.invoke(arguments, grant_token))  # type: ignore[arg-type]
-    raise ConfigError(f"async tool {tool.name!r} called from a running event loop; run the workflow in a thread")
+    # Called from inside an event loop (an async host, an async LangChain tool): this
+    # thread's loop is busy, so the coroutine gets a loop of its own in a worker thread,
+    # with this thread's context (the current span) carried over.
+    context = contextvars.copy_context()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scopegraph-tool") as pool:
+        return pool.submit(context.run, asyncio.run, tool.invoke(arguments, grant_token)).result()

@@ -6,6 +6,7 @@ included), 4 (plan-bound scope) and 6 (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,17 @@ def test_an_allowed_call_runs_and_is_recorded(runtime: Runtime, mint: Mint) -> N
 def test_async_tool_runs_through_the_gateway(runtime: Runtime, mint: Mint) -> None:
     grant, ctx = mint("aread")
     result = call(runtime, grant, "aread", ctx, key="k")
+    assert result.ok and result.value == "async k"
+
+
+def test_async_tool_runs_when_called_from_inside_an_event_loop(runtime: Runtime, mint: Mint) -> None:
+    # An async host calling a workflow: the tool's coroutine gets its own loop in a worker thread.
+    grant, ctx = mint("aread")
+
+    async def host() -> Any:
+        return call(runtime, grant, "aread", ctx, key="k")
+
+    result = asyncio.run(host())
     assert result.ok and result.value == "async k"
 
 
