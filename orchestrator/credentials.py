@@ -123,6 +123,9 @@ class GrantIssuer:
         expires_at = now + self.ttl
         if parent is not None:
             _check_subscope(tool, constraints, parent)
+            state = self.store.grant_state(parent.jti)
+            if state != "ok":  # a revoked or spent parent has nothing left to hand down
+                raise GrantScopeError(f"parent grant {parent.jti!r} is {state}: nothing to delegate")
             expires_at = min(expires_at, parent.expires_at)
             if expires_at <= now:
                 raise GrantScopeError(f"parent grant {parent.jti!r} has expired: nothing to delegate")

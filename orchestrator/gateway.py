@@ -89,9 +89,11 @@ class CallContext:
 
     def after(self, result: CallResult) -> CallContext:
         """The context for the next call of the same step, once the executor has seen ``result``."""
-        if not result.ok:
-            return self
-        seen = Observation(step_id=self.step_id, tool=result.tool, labels=result.labels, value=result.value)
+        if result.status not in ("ok", "error"):
+            return self  # a refused call returned nothing from the tool
+        # A failed tool's error message is tool output too: it may quote what it read.
+        value = result.value if result.ok else result.error
+        seen = Observation(step_id=self.step_id, tool=result.tool, labels=result.labels, value=value)
         return replace(self, data_labels=self.data_labels | result.labels,
                        observations=(*self.observations, seen))
 
@@ -217,6 +219,7 @@ class Gateway:
             decision=Decision(outcome="allow"), attempts=attempt_no,
             error=f"tool {tool!r} failed after {attempt_no} attempts: {last}",
             error_type=f"{type(last).__name__} after {attempt_no} attempts",
+            labels=self.tools[tool].labels if tool in self.tools else frozenset(),
         )
 
     def _attempt(
@@ -291,7 +294,7 @@ class Gateway:
                          started, key, None, error_type=type(exc).__name__)
             return CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
                               error=error, attempts=attempt, grant_id=grant.jti,
-                              error_type=type(exc).__name__)
+                              error_type=type(exc).__name__, labels=tool.labels)
         result_json = json.dumps(value, default=str, sort_keys=True)
         self._called(ctx, tool, grant, decision, attempt, normalized, "ok", result_json, started, key,
                      result_json)
@@ -357,7 +360,8 @@ class Gateway:
                 "it may or may not have taken effect"), error_type="interrupted by a crash, not repeated",
                 **base)
         error = json.loads(earlier.result) if earlier.result else f"tool {tool.name!r} failed"
-        return CallResult(status="error", error=str(error), error_type="failed before a crash", **base)
+        return CallResult(status="error", error=str(error), error_type="failed before a crash",
+                          labels=tool.labels, **base)
 
     def _finish(self, key: str | None, status: str, result: str | None) -> None:
         if key is not None:
@@ -402,7 +406,7 @@ class Gateway:
             step_id=ctx.step_id, tool=tool, arguments=normalized, data_labels=ctx.data_labels,
             in_plan=True, attempt=attempt, approved=approved, approval_count=approval_count,
             provenance=trace_arguments(normalized, grant.constraints if ctx.planned is None else ctx.planned,
-                                       ctx.observations),
+                                       ctx.observations, passed=arguments),
             widened=ctx.widened,
         )
         try:
@@ -493,5 +497,10 @@ def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None) -> A
     # thread's loop is busy, so the coroutine gets a loop of its own in a worker thread,
     # with this thread's context (the current span) carried over.
     context = contextvars.copy_context()
+    coroutine = tool.invoke(arguments, grant_token)
+
+    def run_in_own_loop() -> Any:
+        return asyncio.run(coroutine)  # type: ignore[arg-type]
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scopegraph-tool") as pool:
-        return pool.submit(context.run, asyncio.run, tool.invoke(arguments, grant_token)).result()
+        return pool.submit(context.run, run_in_own_loop).result()

@@ -27,7 +27,7 @@ import cedarpy
 
 from .errors import PolicyError
 from .identity import SpiffeId
-from .provenance import Origin
+from .provenance import FIXED_SOURCES, Origin
 from .tools import Tool, ToolRegistry
 
 Outcome = Literal["allow", "deny", "needs_approval"]
@@ -251,9 +251,9 @@ class CedarPolicyEngine:
         return {
             "provenance": {name: o.as_context() for name, o in origins.items()},
             "destinations": destinations,
-            "untrusted_destinations": [d for d in destinations if "untrusted" in origins[d].labels],
+            "untrusted_destinations": [d for d in where if "untrusted" in origins[d].labels],
             "untrusted_arguments": sorted(n for n, o in origins.items() if "untrusted" in o.labels),
-            "destinations_in_plan": all(origins[n].source == "plan" for n in where),
+            "destinations_in_plan": all(origins[n].source in FIXED_SOURCES for n in where),
             "widened": request.widened,
             "tool": request.tool.name,
             "risk": request.tool.risk.value,

@@ -9,6 +9,7 @@ For one call:
 
 - an argument the step's grant pins (``exact`` or ``one_of``) came from the **plan**:
   the planner fixed it from the trusted task, before any tool ran;
+- an argument the executor did not pass takes the tool's **default**;
 - any other argument was chosen by the executor. If its value appears in tool output
   the executor was shown (a dependency's result, or an earlier call of this step), it
   came from **tool_output**; otherwise from the **executor** itself.
@@ -27,7 +28,8 @@ from typing import Any, Literal
 
 from .constraints import Constraint, Exact, OneOf
 
-Source = Literal["plan", "tool_output", "executor"]
+Source = Literal["plan", "default", "tool_output", "executor"]
+FIXED_SOURCES = frozenset({"plan", "default"})  # chosen before any tool ran, by the plan or the tool's author
 _MIN_MATCH = 4  # shorter strings ("a", "yes", "10") are found everywhere and prove nothing
 
 
@@ -62,14 +64,23 @@ def trace_arguments(
     arguments: Mapping[str, Any],
     constraints: Mapping[str, Constraint],
     observations: Iterable[Observation],
+    passed: Iterable[str] | None = None,
 ) -> dict[str, Origin]:
-    """The provenance of each argument of one call."""
+    """The provenance of each argument of one call.
+
+    ``arguments`` are the normalised arguments (defaults filled in); ``passed`` names
+    those the executor actually gave (``None``: all of them).
+    """
     seen = tuple(observations)
     shown = frozenset().union(*(o.labels for o in seen)) if seen else frozenset()
+    given = set(arguments) if passed is None else set(passed)
     out: dict[str, Origin] = {}
     for name, value in arguments.items():
         if fixed_by_plan(constraints.get(name)):
             out[name] = Origin(source="plan")
+            continue
+        if name not in given:
+            out[name] = Origin(source="default")
             continue
         steps = tuple(sorted({o.step_id for o in seen if _contains(o.value, value)}))
         out[name] = Origin(source="tool_output" if steps else "executor", labels=shown, steps=steps)

@@ -127,6 +127,13 @@ class ToolHandle:
             raise NeedsApproval(result)
         return result
 
+    def absorb(self, calls: Sequence[CallResult]) -> None:
+        """Take in calls made on this step's behalf (by delegated children): they count as
+        its calls, and what they returned counts as seen by its executor."""
+        for result in calls:
+            self.calls.append(result)
+            self._ctx = self._ctx.after(result)
+
     @property
     def context(self) -> CallContext:
         """Who calls and what they have seen so far (no token)."""

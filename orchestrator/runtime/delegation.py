@@ -145,8 +145,11 @@ class _Delegation:
         except Exception as exc:  # an executor bug ends the child, never the bookkeeping
             record.update(status="failed", reason=f"executor raised {type(exc).__name__}")
         finally:
-            self.handle.calls.extend(handle.calls)
+            self.handle.absorb(handle.calls)
             self._revoke(grant, path)
+            rt.ledger.append("step_ended", self.run_id, step_id=path, status=record["status"],
+                             decision=record.get("decision"), policy_ids=list(record.get("policy_ids") or []),
+                             reason=record.get("reason") or "", approval_id=None)
             self.children.append({k: v for k, v in record.items() if k != "result"})
         return record
 
@@ -155,9 +158,13 @@ class _Delegation:
         attributes = {tr.SPIFFE_ID: str(identity), tr.STEP_ID: path, tr.GEN_AI_TOOL_NAME: child.tool,
                       "scopegraph.grant.parent": self.grant.jti}
         with tr.span(tr.GRANT_MINT, attributes) as s, rt.store.atomic():
+            # An argument the child leaves out keeps the parent's constraint: otherwise the
+            # tool's default would run unchecked, though the parent's grant may refuse it.
+            constraints = {**{k: v for k, v in self.grant.constraints.items() if k not in child.constraints},
+                           **child.constraints}
             grant = rt.issuer.mint(
                 subject=identity, tool=child.tool, run_id=self.run_id, step_id=path, workflow=rt.workflow.name,
-                constraints=child.constraints, parent=self.grant,
+                constraints=constraints, parent=self.grant,
                 act={"sub": str(self.planner_id), "act": {"sub": str(self.identity), "act": dict(self.grant.act)}},
             )
             rt.ledger.append("grant_minted", self.run_id, step_id=path, grant_id=grant.jti,

@@ -48,6 +48,7 @@ from ..roles import (
     StepFailure,
     ToolHandle,
 )
+from ..tools import ToolRegistry
 from .delegation import delegator_for
 from .outcome import step_outcome
 from .state import RunState, StepInput
@@ -83,7 +84,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
         task=state["task"], workflow=wf.name, run_id=run_id,
         identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
         previous_plan=previous, completed=completed if previous else (),
-        failures=tuple(StepFailure(**steps[sid]["failure"]) for sid in asking),
+        failures=tuple(_failure(steps[sid]["failure"]) for sid in asking),
         validator=lambda data: validate_plan(parse_plan(data), wf.registry),
     )
     revision = int(state.get("replans") or 0) + 1 if previous is not None else 0
@@ -95,16 +96,20 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
         try:
             plan = ctx.validate(wf.planner.plan(ctx))
             if previous is not None:
-                _check_revision(previous, plan, completed)
+                kept = tuple(sorted(sid for sid, rec in steps.items() if rec.get("status") != "replan"))
+                _check_revision(previous, plan, kept)
         except PlanError as exc:
             tr.set_error(s, "malformed plan")
             rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=False, error=str(exc),
                              revision=revision)
-            return {"status": "failed", "error": str(exc)}
+            # The steps that asked end failed: the run has no plan to give them.
+            ended = {sid: {**steps[sid], "status": "failed", "reason": "the re-plan they asked for was refused"}
+                     for sid in asking}
+            return {"status": "failed", "error": str(exc), **({"steps": ended} if ended else {})}
         dumped = plan.model_dump(mode="json")
         original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"]) \
             if previous is not None else plan
-        widened = sorted(st.id for st in plan.steps if not _within(st, original))
+        widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
         rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
                          plan_digest=sha256_hex(canonical_json(dumped)), revision=revision,
                          failures=[steps[sid]["failure"] for sid in asking], widened=widened,
@@ -120,24 +125,44 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
             "replans": revision, "widened": widened, "steps": {sid: None for sid in asking}}
 
 
-def _check_revision(previous: Plan, revised: Plan, completed: tuple[str, ...]) -> None:
-    """A revision may change what is left to do, never what has been done."""
-    for sid in completed:
+def _check_revision(previous: Plan, revised: Plan, kept: tuple[str, ...]) -> None:
+    """A revision may change what is left to do, never a step that has run or is running:
+    completed steps, steps waiting for a human, steps that failed or were denied."""
+    for sid in kept:
         try:
             same = revised.step(sid) == previous.step(sid)
         except PlanError:
             same = False
         if not same:
-            raise PlanError(f"revised plan changes or drops completed step {sid!r}")
+            raise PlanError(f"revised plan changes or drops step {sid!r}, which has already run")
 
 
-def _within(step: Step, original: Plan) -> bool:
-    """Whether some step of the original plan already allowed everything ``step`` allows."""
-    return any(
-        o.tool == step.tool and all(
-            name in o.constraints and narrows(c, o.constraints[name]) for name, c in step.constraints.items())
-        for o in original.steps
-    )
+def _within(step: Step, original: Plan, tools: ToolRegistry) -> bool:
+    """Whether some step of the original plan already allowed everything ``step`` allows.
+
+    An argument the original constrained and ``step`` leaves out runs with the tool's
+    default: that default must lie inside the original constraint.
+    """
+    fields = tools.get_tool(step.tool).args_model.model_fields
+
+    def inside(o: Step) -> bool:
+        if o.tool != step.tool:
+            return False
+        for name, c in step.constraints.items():
+            if name not in o.constraints or not narrows(c, o.constraints[name]):
+                return False
+        for name, c in o.constraints.items():
+            if name not in step.constraints:
+                field = fields.get(name)
+                if field is None or field.is_required() or not c.allows(field.get_default(call_default_factory=True)):
+                    return False
+        return True
+
+    return any(inside(o) for o in original.steps)
+
+
+def _failure(data: dict[str, Any]) -> StepFailure:
+    return StepFailure(**{**data, "policy_ids": tuple(data.get("policy_ids") or ())})
 
 
 def _after_task(rt: Runtime, state: RunState) -> list[Send] | str:
@@ -340,9 +365,11 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     record["calls"] = [_call_summary(c) for c in handle.calls]
     if children:
         record["children"] = children
-    labels = _labels(handle.calls)
+    # What the step's output may carry: its calls' labels and everything its executor was
+    # shown, so taint survives a detour through a step whose tool adds no label.
+    labels = sorted(set(_labels(handle.calls)).union(*(payload.get("dependency_labels") or {}).values()))
     if labels:
-        record["labels"] = labels  # what the step's output carries, for the steps that read it
+        record["labels"] = labels
     return _with_labels({"steps": {step.id: record}}, labels)
 
 
@@ -355,11 +382,13 @@ def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanReque
                 "reason": f"asked for a new plan, but the run has used its {rt.workflow.max_replans} re-plans"}
     tool = rt.workflow.registry.get_tool(step.tool)
     refused = [c for c in calls if not c.ok]
+    # What the executor said is checked against fixed lists; anything else is dropped.
+    kind, argument, needs_tool = (v if isinstance(v, str) else None for v in (ask.kind, ask.argument, ask.needs_tool))
     failure = StepFailure(
         step_id=step.id, tool=step.tool,
-        kind=ask.kind if ask.kind in FAILURE_KINDS else "denied",
-        argument=ask.argument if ask.argument in tool.argument_names() else None,
-        needs_tool=ask.needs_tool if ask.needs_tool in rt.workflow.registry else None,
+        kind=kind if kind in FAILURE_KINDS else "denied",
+        argument=argument if argument in tool.argument_names() else None,
+        needs_tool=needs_tool if needs_tool is not None and needs_tool in rt.workflow.registry else None,
         policy_ids=tuple(refused[-1].decision.policy_ids) if refused else (),
     )
     return {"status": "replan", "decision": refused[-1].decision.outcome if refused else None,
@@ -457,6 +486,13 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     # A proposal names only what it changes; the rest of the call stays as requested.
     arguments = approval.arguments if state in ("approved", "consumed") \
         else {**approval.arguments, **(approval.proposed_arguments or {})}
+    # The request holds the normalised call, defaults filled in. Defaults of arguments the
+    # step's scope does not name are left out (normalisation fills them in again, so the
+    # digest is the same); anything else is passed, and checked against the scope.
+    fields = rt.workflow.registry.get_tool(approval.tool).args_model.model_fields
+    arguments = {k: v for k, v in (arguments or {}).items()
+                 if k in step.constraints or k not in fields or fields[k].is_required()
+                 or v != fields[k].get_default(call_default_factory=True)}
     _, grant = _mint(rt, payload, step, identity)
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
@@ -484,7 +520,8 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
 
 
 def _labels(calls: list[CallResult]) -> list[str]:
-    return sorted(set().union(*(c.labels for c in calls if c.ok))) if calls else []
+    """Labels of what the executor got back: outputs, and error messages (they may quote them)."""
+    return sorted(set().union(*(c.labels for c in calls if c.status in ("ok", "error")))) if calls else []
 
 
 def _call_summary(c: CallResult) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 RunStatus = Literal["running", "completed", "paused", "denied", "failed", "cancelled"]
-StepStatus = Literal["completed", "awaiting_approval", "denied", "failed", "not_started"]
+StepStatus = Literal["completed", "awaiting_approval", "denied", "failed", "not_started", "skipped"]
 
 
 class CallReport(BaseModel):
@@ -35,6 +35,8 @@ class StepReport(BaseModel):
     revoked: bool = False
     approval_id: str | None = None
     calls: list[CallReport] = []
+    widened: bool = False  # a re-plan added or loosened it beyond the original plan
+    children: list[StepReport] = []  # the steps of a sub-workflow it delegated to
 
 
 class RunReport(BaseModel):
@@ -49,6 +51,7 @@ class RunReport(BaseModel):
     grants_minted: int = 0
     grants_revoked: int = 0
     approvals: list[dict[str, Any]] = []
+    replans: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -58,14 +61,10 @@ class RunReport(BaseModel):
         lines = [f"run {self.run_id}  workflow={self.workflow}  status={self.status}"]
         if self.planner_spiffe_id:
             lines.append(f"  planner   {self.planner_spiffe_id}  (no tool access)")
+        if self.replans:
+            lines.append(f"  re-planned {self.replans} time(s)")
         for s in self.steps:
-            lines.append(f"  step {s.step_id:<12} {s.tool:<16} {s.status}")
-            if s.spiffe_id:
-                lines.append(f"    identity  {s.spiffe_id}")
-                lines.append(f"    grant     {s.grant_id}  revoked={'yes' if s.revoked else 'NO'}")
-            for c in s.calls:
-                ids = ",".join(c.policy_ids) or "-"
-                lines.append(f"    call {c.tool:<16} {c.decision:<15} [{ids}] {c.reason}")
+            lines.extend(_step_lines(s, "  "))
         for a in self.approvals:
             who = f" by {a['approver']}" if a.get("approver") else ""
             lines.append(f"  approval {a['id']}  {a['tool']}  {a['status']}{who}")
@@ -73,3 +72,17 @@ class RunReport(BaseModel):
             lines.append(f"  error: {self.error}")
         lines.append(f"  grants minted={self.grants_minted} revoked={self.grants_revoked}")
         return "\n".join(lines)
+
+
+def _step_lines(s: StepReport, indent: str) -> list[str]:
+    widened = "  (widened by a re-plan)" if s.widened else ""
+    lines = [f"{indent}step {s.step_id:<12} {s.tool:<16} {s.status}{widened}"]
+    if s.spiffe_id:
+        lines.append(f"{indent}  identity  {s.spiffe_id}")
+        lines.append(f"{indent}  grant     {s.grant_id}  revoked={'yes' if s.revoked else 'NO'}")
+    for c in s.calls:
+        ids = ",".join(c.policy_ids) or "-"
+        lines.append(f"{indent}  call {c.tool:<16} {c.decision:<15} [{ids}] {c.reason}")
+    for child in s.children:
+        lines.extend(_step_lines(child, indent + "  "))
+    return lines

@@ -302,22 +302,30 @@ class Runtime:
                 if s is None:
                     steps.append(StepReport(step_id=step.id, tool=step.tool, status="not_started"))
                     continue
-                steps.append(StepReport(
-                    step_id=step.id, tool=step.tool, status=s["status"], spiffe_id=s["spiffe_id"],
-                    grant_id=s["grant_id"], decision=s.get("decision"),
-                    policy_ids=s.get("policy_ids") or [], reason=s.get("reason") or "",
-                    revoked=all(g.revoked_at is not None for g in grants if g.step_id == step.id),
-                    approval_id=s.get("approval_id"),
-                    calls=[CallReport(**c) for c in s.get("calls") or []],
-                ))
+                widened = step.id in (state.get("widened") or ())
+                steps.append(_step_report(s, step.tool, grants, widened))
         status = record.status if record else state.get("status", "failed")
         return RunReport(
             run_id=run_id, workflow=self.workflow.name, status=status,  # type: ignore[arg-type]
             error=error or state.get("error"), planner_spiffe_id=state.get("planner_id"),
             steps=steps, grants_minted=len(grants),
             grants_revoked=sum(1 for g in grants if g.revoked_at is not None),
-            approvals=approvals,
+            approvals=approvals, replans=int(state.get("replans") or 0),
         )
+
+
+def _step_report(s: dict[str, Any], tool: str, grants: list[Any], widened: bool = False) -> StepReport:
+    sid = s["step_id"]
+    return StepReport(
+        step_id=sid, tool=s.get("tool") or tool, status=s["status"], spiffe_id=s.get("spiffe_id"),
+        grant_id=s.get("grant_id"), decision=s.get("decision"),
+        policy_ids=s.get("policy_ids") or [], reason=s.get("reason") or "",
+        revoked=all(g.revoked_at is not None for g in grants if g.step_id == sid),
+        approval_id=s.get("approval_id"),
+        calls=[CallReport(**c) for c in s.get("calls") or []],
+        widened=widened,
+        children=[_step_report(c, c.get("tool") or tool, grants) for c in s.get("children") or []],
+    )
 
 
 def _checkpointer_for(store: Store) -> tuple[Any, BaseCheckpointSaver[Any]]:
