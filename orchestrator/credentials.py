@@ -113,8 +113,9 @@ class GrantIssuer:
 
         With ``parent`` (delegation), the new grant must lie inside the parent's scope:
         same tool, every constraint narrowing the parent's, no argument the parent does
-        not allow, and no life beyond the parent's. This is checked here, at the only
-        place grants are made, not trusted to the caller.
+        not allow, and no life beyond the parent's; minting spends one of the parent's
+        uses. This is checked here, at the only place grants are made, not trusted to the
+        caller.
 
         Raises:
             GrantScopeError: the delegated scope is wider than the parent's.
@@ -123,8 +124,11 @@ class GrantIssuer:
         expires_at = now + self.ttl
         if parent is not None:
             _check_subscope(tool, constraints, parent)
-            state = self.store.grant_state(parent.jti)
-            if state != "ok":  # a revoked or spent parent has nothing left to hand down
+            # Each delegation spends one use of the parent, atomically with the revocation
+            # check: a revoked or spent parent has nothing to hand down, and a parent cannot
+            # multiply its uses by delegating.
+            state = self.store.consume_grant_use(parent.jti)
+            if state != "ok":
                 raise GrantScopeError(f"parent grant {parent.jti!r} is {state}: nothing to delegate")
             expires_at = min(expires_at, parent.expires_at)
             if expires_at <= now:

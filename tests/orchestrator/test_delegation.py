@@ -642,3 +642,16 @@ def test_constraints_of_a_child_grant_survive_the_token_round_trip(issuing: Runt
     assert verified.constraints == grant.constraints
     assert json.loads(json.dumps(verified.act)) == {"sub": "sub-planner", "act": parent_grant.act}
     assert not any(isinstance(c, AnyValue) for c in verified.constraints.values())
+
+
+def test_each_delegation_spends_a_use_of_the_parent_so_children_cannot_multiply_them(
+        issuing: Runtime, parent_grant: Grant) -> None:
+    [record] = [g for g in issuing.store.grants_for_run("m1") if g.jti == parent_grant.jti]
+    with pytest.raises(GrantScopeError):  # a refused, wider child spends nothing
+        mint_child(issuing, parent_grant, key=exact("delta"))
+    for _ in range(record.max_uses):
+        mint_child(issuing, parent_grant, key=exact("alpha"))
+    with pytest.raises(GrantScopeError) as refused:
+        mint_child(issuing, parent_grant, key=exact("alpha"))
+    assert str(refused.value) == f"parent grant {parent_grant.jti!r} is exhausted: nothing to delegate"
+    assert issuing.store.grant_state(parent_grant.jti) == "exhausted"
