@@ -12,6 +12,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -162,7 +163,16 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _escapes(path: str) -> bool:
-    return any(part == ".." for part in path.replace("\\", "/").split("/"))
+    """Whether ``path`` has a ``..`` segment, also once percent-decoded (``%2e%2e``, even
+    twice encoded): a URL a server normalises must not climb out of its prefix either."""
+    for _ in range(3):
+        if any(part == ".." for part in path.replace("\\", "/").split("/")):
+            return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # still encoded after three rounds: refuse rather than guess
 
 
 def narrows(child: _Constraint, parent: _Constraint) -> bool:

@@ -269,7 +269,8 @@ def test_policy_validate_with_workflow_argument_types(capsys: pytest.CaptureFixt
     policy = tmp_path / "amounts.cedar"
     policy.write_text('@id("big")\nforbid (principal, action, resource)\n'
                       'when { context.arguments has amount && context.arguments.amount > 5000 };\n')
-    code, _, err = run_cli(capsys, "policy", "validate", str(BASELINE), str(policy), "--workflow", "agents.demo:workflow")
+    code, _, err = run_cli(capsys, "policy", "validate", str(BASELINE), str(policy),
+                           "--workflow", "agents.demo:workflow")
     assert code == 0, err
     # the demo's tools make 'amount' a Long: treating it as a string is caught
     typo = tmp_path / "typo.cedar"

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from orchestrator.approvals import ApprovalService
-from orchestrator.clock import SystemClock
 from orchestrator.cli import main
+from orchestrator.clock import SystemClock
 from orchestrator.prompt import prompt_for
 from orchestrator.store import open_store
 

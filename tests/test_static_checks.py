@@ -17,6 +17,6 @@ def test_mypy_finds_no_type_errors() -> None:
 
 def test_ruff_finds_no_lint_errors() -> None:
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or "ruff"
-    done = subprocess.run([ruff, "check", "orchestrator", "agents", "policies"], cwd=ROOT,
+    done = subprocess.run([ruff, "check", "orchestrator", "agents", "policies", "examples", "tests", "bench"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -486,13 +486,12 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     # A proposal names only what it changes; the rest of the call stays as requested.
     arguments = approval.arguments if state in ("approved", "consumed") \
         else {**approval.arguments, **(approval.proposed_arguments or {})}
-    # The request holds the normalised call, defaults filled in. Defaults of arguments the
-    # step's scope does not name are left out (normalisation fills them in again, so the
-    # digest is the same); anything else is passed, and checked against the scope.
+    # The request holds the normalised call, defaults filled in. Arguments still at their
+    # default are left out, as the executor left them out (normalisation fills them in
+    # again, so the digest is the same, and they are decided as defaults again).
     fields = rt.workflow.registry.get_tool(approval.tool).args_model.model_fields
     arguments = {k: v for k, v in (arguments or {}).items()
-                 if k in step.constraints or k not in fields or fields[k].is_required()
-                 or v != fields[k].get_default(call_default_factory=True)}
+                 if k not in fields or fields[k].is_required() or not _is_default(v, fields[k])}
     _, grant = _mint(rt, payload, step, identity)
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
@@ -517,6 +516,11 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     finally:
         _revoke(rt, payload["run_id"], step, grant, ended=ended)
     return _with_labels({"steps": {step.id: record}}, _labels([result])), True
+
+
+def _is_default(value: Any, field: Any) -> bool:
+    default = field.get_default(call_default_factory=True)
+    return type(value) is type(default) and bool(value == default)
 
 
 def _labels(calls: list[CallResult]) -> list[str]:

@@ -11,12 +11,6 @@ from langchain_core.messages import HumanMessage, ToolMessage
 
 from agents import Executor, LLMExecutor, LLMPlanner
 from agents.llm_executor import REPLAN_FUNCTION
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.errors import ConfigError, ScopegraphError
-from orchestrator.plan import Plan, Step
-from orchestrator.roles import NeedsApproval, ReplanRequested, StepContext, ToolHandle
-
-from ..helpers import READ_PLAN, assert_all_revoked, mint_grant
 from agents.testing import (
     CompromisedChatModel,
     ScriptedChatModel,
@@ -25,6 +19,12 @@ from agents.testing import (
     plan_call,
     tool_call,
 )
+from orchestrator import Runtime, Workflow, tool
+from orchestrator.errors import ConfigError, ScopegraphError
+from orchestrator.plan import Plan, Step
+from orchestrator.roles import NeedsApproval, ReplanRequested, StepContext, ToolHandle
+
+from ..helpers import READ_PLAN, assert_all_revoked, mint_grant
 
 LOOK = {"id": "look", "tool": "lookup", "purpose": "look the key up",
         "constraints": {"key": {"kind": "one_of", "values": ["alpha", "beta"]}}}

@@ -12,6 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 from agents import LLMPlanner, Planner
 from agents.llm_planner import PLAN_FUNCTION, plan_schema, planning_messages
+from agents.testing import ScriptedChatModel, TextOnlyChatModel, plan_call, tool_call
 from orchestrator import Runtime, Workflow
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.identity import SpiffeId
@@ -20,7 +21,6 @@ from orchestrator.roles import FAILURE_KINDS, PlanningContext, StepFailure
 from orchestrator.tools import ToolRegistry
 
 from ..helpers import READ_PLAN, STANDARD_TOOLS
-from agents.testing import ScriptedChatModel, TextOnlyChatModel, plan_call, tool_call
 
 REGISTRY = ToolRegistry(STANDARD_TOOLS)
 UNKNOWN_TOOL_PLAN: dict[str, Any] = {"steps": [{"id": "x", "tool": "rm_rf", "constraints": {}}]}

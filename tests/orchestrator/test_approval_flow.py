@@ -440,8 +440,9 @@ def test_a_second_resume_while_the_approved_call_is_in_flight_does_not_report_a_
 
     def workflow() -> Workflow:
         return Workflow(name="wire", tools=[wire_transfer], approvers=["bob"],
-                        planner=ScriptedPlanner({"steps": [{"id": "pay", "tool": "wire_transfer",
-                                                            "constraints": {"amount": {"kind": "exact", "value": 5}}}]}),
+                        planner=ScriptedPlanner({"steps": [{
+                            "id": "pay", "tool": "wire_transfer",
+                            "constraints": {"amount": {"kind": "exact", "value": 5}}}]}),
                         executor=DirectExecutor())
 
     first = open_runtime(workflow())

@@ -126,6 +126,10 @@ def test_pattern_that_does_not_compile_is_refused() -> None:
     "/receipts/2026/a/../../../etc/passwd",
     "/receipts/2026\\..\\..\\hr",
     "/receipts/2026/..\\secret",
+    "/receipts/2026/%2e%2e/hr/salaries.csv",        # a URL a server would normalise to '..'
+    "/receipts/2026/%2E%2e%2Fhr",
+    "/receipts/2026/%252e%252e/hr",                 # encoded twice
+    "/receipts/2026/%25252525252e%25252525252e/hr",  # encoded past any sane depth: refused, not guessed
 ])
 def test_prefix_refuses_path_traversal(value: str) -> None:
     assert value.startswith("/receipts/2026")

@@ -265,7 +265,8 @@ def test_grant_repr_never_shows_the_token(mint: Mint) -> None:
 
 # constraints survive the trip through a signed grant -----------------------------------------
 constraint_data = st.one_of(
-    st.builds(lambda v: {"kind": "exact", "value": v}, st.one_of(st.integers(-5, 5), st.text(max_size=5), st.booleans())),
+    st.builds(lambda v: {"kind": "exact", "value": v},
+              st.one_of(st.integers(-5, 5), st.text(max_size=5), st.booleans())),
     st.builds(lambda p: {"kind": "prefix", "prefix": p}, st.sampled_from(["/docs/", "/", "x"])),
     st.builds(lambda lo, hi: {"kind": "range", "min": min(lo, hi), "max": max(lo, hi)},
               st.integers(-50, 50), st.integers(-50, 50)),

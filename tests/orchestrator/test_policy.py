@@ -215,7 +215,8 @@ when { context.attempt > 1 && context.attempt * 9223372036854775807 > 0 };
 
 
 def test_version_tracks_policy_text(tmp_path: Path) -> None:
-    extra = write_policy(tmp_path, "extra.cedar", '@id("nothing")\nforbid (principal, action, resource) when { false };\n')
+    extra = write_policy(tmp_path, "extra.cedar",
+                         '@id("nothing")\nforbid (principal, action, resource) when { false };\n')
     a = CedarPolicyEngine.from_paths(None, TOOLS)
     b = CedarPolicyEngine.from_paths([BASELINE], TOOLS)
     c = CedarPolicyEngine.from_paths([BASELINE, extra], TOOLS)
@@ -287,7 +288,8 @@ def test_invalid_schema_is_refused(tmp_path: Path) -> None:
 def test_a_runtime_does_not_start_with_an_invalid_policy(
     tmp_path: Path, make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]
 ) -> None:
-    bad = write_policy(tmp_path, "typo.cedar", '@id("t")\npermit (principal, action, resource) when { context.in_plam };')
+    bad = write_policy(tmp_path, "typo.cedar",
+                       '@id("t")\npermit (principal, action, resource) when { context.in_plam };')
     with pytest.raises(PolicyError) as err:
         make_runtime(make_workflow(policies=[BASELINE, bad]))
     assert str(bad) in str(err.value) and "in_plam" in str(err.value)

@@ -20,8 +20,8 @@ import pytest
 from agents import DirectExecutor
 from orchestrator import Runtime, Workflow, tool
 from orchestrator.clock import FixedClock
-from orchestrator.errors import ConfigError
 from orchestrator.credentials import Grant, GrantIssuer
+from orchestrator.errors import ConfigError
 from orchestrator.gateway import Gateway
 from orchestrator.roles import PlanningContext, StepContext, ToolHandle
 
