@@ -51,7 +51,9 @@ def build_trace(store: Store, run_id: str, *, now: float | None = None) -> dict[
     grants = {g.jti: g for g in store.grants_for_run(run_id)}
     approvals = {a.id: a for a in (ApprovalRequest.model_validate_json(p)
                                    for p in store.list_approvals(run_id=run_id))}
-    plan = next((r for r in records if r["kind"] == "plan"), None)
+    plans = [r for r in records if r["kind"] == "plan"]
+    # The plan the run ended on: the last valid one (a re-plan revises it), else the first.
+    plan = next((r for r in reversed(plans) if r.get("valid")), plans[0] if plans else None)
     lifecycle = [r for r in records if r["kind"] in ("run_paused", "run_resumed", "run_ended")]
     status = run.status if run else (lifecycle[-1]["status"] if lifecycle and "status" in lifecycle[-1]
                                      else "unknown")
@@ -81,6 +83,10 @@ def build_trace(store: Store, run_id: str, *, now: float | None = None) -> dict[
                 "steps": [{"id": s["id"], "tool": s["tool"], "depends_on": list(s.get("depends_on") or [])}
                           for s in plan.get("steps") or []],
             },
+            "revisions": [{"revision": r.get("revision"), "at_ms": ms(r["at"]), "valid": bool(r.get("valid")),
+                           "error": r.get("error"), "failures": list(r.get("failures") or []),
+                           "widened": list(r.get("widened") or [])}
+                          for r in plans if r.get("revision")],
         },
         "steps": _steps(records, plan, grants, approvals, ms, now),
         "run_events": [_run_event(r, ms) for r in records
@@ -330,6 +336,12 @@ def _render_planner(planner: Mapping[str, Any]) -> Tree:
                              for s in plan["steps"]]
         kids.append((f"{offset(plan['at_ms'])}  plan  {len(plan['steps'])} step(s)  digest {_short(plan['digest'])}",
                      steps))
+    for r in planner.get("revisions") or []:
+        asked = ", ".join(f"{f['step_id']} ({f['kind']}{', ' + f['argument'] if f.get('argument') else ''})"
+                          for f in r["failures"]) or "-"
+        outcome = (f"widened {', '.join(r['widened'])}" if r["widened"] else "within the original scope") \
+            if r["valid"] else f"rejected: {r['error']}"
+        kids.append((f"{offset(r['at_ms'])}  re-plan {r['revision']}  asked by {asked}  {outcome}", []))
     return (f"planner  {planner.get('spiffe_id') or '?'}  (no tool access)", kids)
 
 

@@ -467,3 +467,22 @@ def test_every_attempt_of_a_re_planned_step_has_a_fresh_grant(
     assert len({g.jti for g in grants}) == 3 and all(g.revoked_at is not None for g in grants)
     assert len(seen) == 3
     assert_clean(rt, "b2")
+
+
+def test_the_trace_shows_the_revised_plan_and_each_re_plan(
+        start: Callable[..., tuple[Runtime, Replanner]]) -> None:
+    from orchestrator.trace_view import build_trace, render_trace
+
+    original = {"steps": [look(depends_on=(), key=exact("alpha"))]}
+    loose = {"steps": [look("look2", depends_on=(), key=one_of("alpha", "gamma"))]}
+    executor = Scripted(look=ask("out_of_scope", argument="key"),
+                        look2=lambda ctx: ctx.tools.call("lookup", key="gamma"))
+    rt, _ = start(original, loose, executor=executor)
+    rt.run("look", initiator="alice", run_id="t1")
+    trace = build_trace(rt.store, "t1", now=rt.clock.now())
+    assert [s["id"] for s in trace["planner"]["plan"]["steps"]] == ["look2"]  # the plan the run ended on
+    [revision] = trace["planner"]["revisions"]
+    assert (revision["revision"], revision["valid"], revision["widened"]) == (1, True, ["look2"])
+    assert revision["failures"] == [{"step_id": "look", "tool": "lookup", "kind": "out_of_scope",
+                                     "argument": "key", "needs_tool": None, "policy_ids": []}]
+    assert "re-plan 1  asked by look (out_of_scope, key)  widened look2" in render_trace(trace)
