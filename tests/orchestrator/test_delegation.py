@@ -655,3 +655,20 @@ def test_each_delegation_spends_a_use_of_the_parent_so_children_cannot_multiply_
         mint_child(issuing, parent_grant, key=exact("alpha"))
     assert str(refused.value) == f"parent grant {parent_grant.jti!r} is exhausted: nothing to delegate"
     assert issuing.store.grant_state(parent_grant.jti) == "exhausted"
+
+
+def test_trace_and_usage_report_show_a_delegated_run(start: Callable[..., Runtime]) -> None:
+    from orchestrator.trace_view import build_trace, render_trace
+    from orchestrator.usage_report import build_report
+
+    sub = SubPlanner({"steps": [child("c1", key=exact("alpha"), limit=span(1, 10))]})
+    rt = start(PARENT_LOOK, Parent("look", sub, Children()))
+    assert rt.run("look up alpha", initiator="alice", run_id="d9").status == "completed"
+    trace = build_trace(rt.store, "d9", now=rt.clock.now())
+    by_id = {s["step_id"]: s for s in trace["steps"]}
+    assert {"look", "look.c1"} <= set(by_id)
+    assert by_id["look.c1"]["spiffe_id"].endswith("/step/look/sub/c1/executor")
+    assert "look.c1" in render_trace(trace)
+    report = build_report(rt.store, "deleg", now=rt.clock.now())
+    assert report  # builds over child grants without tripping on their step ids
+    assert rt.report("d9").steps[0].children[0].step_id == "look.c1"
