@@ -112,6 +112,7 @@ def mcp_tools(
     external: bool = True,
     accepts_confidential: Iterable[str] = (),
     list_token: str | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> list[Tool]:
     """List an MCP server's tools once and declare them as scoped tools.
 
@@ -127,6 +128,7 @@ def mcp_tools(
         return asyncio.run(mcp_tools_async(
             endpoint, risks=risks, include=include, labels=labels, destinations=destinations,
             external=external, accepts_confidential=accepts_confidential, list_token=list_token,
+            descriptions=descriptions,
         ))
     raise ConfigError("mcp_tools() was called inside a running event loop; await mcp_tools_async() instead")
 
@@ -141,6 +143,7 @@ async def mcp_tools_async(
     external: bool = True,
     accepts_confidential: Iterable[str] = (),
     list_token: str | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> list[Tool]:
     """List an MCP server's tools once and declare them as scoped tools.
 
@@ -152,6 +155,9 @@ async def mcp_tools_async(
     keep the server's names, since a grant's audience (``tool:<name>``) is what the
     server checks. ``list_token`` is sent as the bearer token for the listing only, for
     servers that guard their catalogue; without it the listing carries no credential.
+    ``descriptions`` replaces a server's tool descriptions with your own. A description
+    reaches the planner, which fixes the run's scope, so a server you do not control can
+    use it to steer planning ("tool poisoning"): give your own for such servers.
 
     Raises:
         ToolError: the server cannot be listed; a tool has no declared or an unknown
@@ -162,10 +168,11 @@ async def mcp_tools_async(
     endpoint = _endpoint(endpoint)
     listed = {t.name: t for t in await _list(endpoint, list_token)}
     wanted = list(listed) if include is None else list(dict.fromkeys(include))
-    labels, destinations = labels or {}, destinations or {}
+    labels, destinations, descriptions = labels or {}, destinations or {}, descriptions or {}
     confidential = set(accepts_confidential)
     for what, names in (("include", wanted), ("risks", risks), ("labels", labels),
-                        ("destinations", destinations), ("accepts_confidential", confidential)):
+                        ("destinations", destinations), ("accepts_confidential", confidential),
+                        ("descriptions", descriptions)):
         unknown = sorted(set(names) - set(listed))
         if unknown:
             raise ToolError(f"MCP server {endpoint.url!r} offers no tool {unknown[0]!r} (named in {what})")
@@ -175,7 +182,8 @@ async def mcp_tools_async(
                         "or leave it out with include=")
     return [
         mcp_tool(endpoint, listed[name], risk=risks[name], labels=labels.get(name, ()), external=external,
-                 destinations=destinations.get(name, ()), accepts_confidential=name in confidential)
+                 destinations=destinations.get(name, ()), accepts_confidential=name in confidential,
+                 description=descriptions.get(name))
         for name in wanted
     ]
 
@@ -189,8 +197,11 @@ def mcp_tool(
     external: bool = True,
     destinations: Iterable[str] = (),
     accepts_confidential: bool = False,
+    description: str | None = None,
 ) -> Tool:
     """Declare one tool from a server's listing (``mcp_types.Tool``) without connecting.
+
+    ``description`` replaces the server's (see ``mcp_tools_async`` on tool poisoning).
 
     Raises:
         ToolError: unknown risk tier, unusable name or schema, or a destination that is
@@ -218,7 +229,8 @@ def mcp_tool(
         return _result_value(name, result)
 
     return Tool.from_schema(
-        name=name, description=listed.description or "", parameters=listed.input_schema, fn=call, risk=risk,
+        name=name, description=listed.description or "" if description is None else description,
+        parameters=listed.input_schema, fn=call, risk=risk,
         labels=labels, external=external, destinations=destinations,
         accepts_confidential=accepts_confidential, takes_grant=True,
     )

@@ -269,6 +269,17 @@ def test_output_labels_can_be_declared(servers: Servers) -> None:
     assert tools["write_note"].destinations == frozenset({"title"}) and tools["write_note"].accepts_confidential
 
 
+def test_your_own_descriptions_replace_the_servers_in_what_the_planner_sees(servers: Servers) -> None:
+    # A description reaches the planner, which fixes the run's scope: for a server you do not
+    # control, your words, not the server's, should describe its tools.
+    tools = mcp_tools(servers.open.url, risks=RISKS, descriptions={"lookup": "Look a customer key up."})
+    registry = ToolRegistry(tools)
+    assert registry.catalogue_entry("lookup")["description"] == "Look a customer key up."
+    assert registry.catalogue_entry("broken")["description"] == by_name(servers.tools)["broken"].description
+    with pytest.raises(ToolError, match="offers no tool 'nope' \\(named in descriptions\\)"):
+        mcp_tools(servers.open.url, risks=RISKS, descriptions={"nope": "x"})
+
+
 def test_a_url_with_credentials_or_another_scheme_is_refused() -> None:
     with pytest.raises(ToolError, match="must not carry credentials"):
         MCPEndpoint(url="http://user:secret@127.0.0.1:1/mcp")
