@@ -37,8 +37,12 @@ from .store import RunRecord, open_store
 
 DRIVE_TASK = "scopegraph.drive_run"
 QUEUE = "scopegraph_runs"
-# Retried: a run another worker drives, and a store outage. Anything else ends the job.
-RETRY = procrastinate.RetryStrategy(max_attempts=20, exponential_wait=1, retry_exceptions={RunBusyError, StoreError})
+# Retried: a store outage. Anything else ends the job. A run another driver holds is not
+# retried in place: a retried job goes back to "todo" under its queueing lock, which a
+# resume job queued meanwhile may hold (a unique violation that would stop the worker);
+# it is queued again, later, as a new job instead (see ``Worker._drive``).
+RETRY = procrastinate.RetryStrategy(max_attempts=20, exponential_wait=1, retry_exceptions={StoreError})
+BUSY_RETRIES = 20
 # Installing the queue's tables is serialised across processes with this advisory lock key.
 _SCHEMA_LOCK = 0x5C09E6A
 
@@ -124,8 +128,9 @@ def submit_many(workflow_target: str, tasks: list[str], initiator: str, store_ur
     return run_ids
 
 
-def _defer(store_url: str, jobs: list[dict[str, Any]], *, dedupe: bool = False) -> int:
-    """Queue drive jobs; with ``dedupe``, a run with a job already waiting gets no second one."""
+def _defer(store_url: str, jobs: list[dict[str, Any]], *, dedupe: bool = False, delay: float = 0.0) -> int:
+    """Queue drive jobs; with ``dedupe``, a run with a job already waiting gets no second one;
+    with ``delay`` (seconds), the jobs wait that long before a worker may take them."""
 
     async def go() -> int:
         app = _app(store_url)
@@ -135,7 +140,8 @@ def _defer(store_url: str, jobs: list[dict[str, Any]], *, dedupe: bool = False) 
                 task = app.tasks[DRIVE_TASK]
                 for job in jobs:
                     lock = job["run_id"]
-                    deferrer = task.configure(lock=lock, queueing_lock=lock if dedupe else None)
+                    deferrer = task.configure(lock=lock, queueing_lock=lock if dedupe else None,
+                                              schedule_in={"seconds": int(delay)} if delay > 0 else None)
                     try:
                         await deferrer.defer_async(**job)
                         queued += 1
@@ -299,13 +305,24 @@ class Worker:
                 self._opened.append(cache[target])
         return cache[target]
 
-    def _drive(self, *, run_id: str, target: str, task: str | None = None, initiator: str = "anonymous") -> str:
+    def _drive(self, *, run_id: str, target: str, task: str | None = None, initiator: str = "anonymous",
+               busy: int = 0) -> str:
         rt = self._runtime(target)
         record = rt.store.get_run(run_id)
-        if task is not None and (record is None or record.status == "queued"):
-            report = rt.run(task, initiator=initiator, run_id=run_id)
-        else:  # an answered approval, or a job retried after its worker died
-            report = rt.resume(run_id)
+        try:
+            if task is not None and (record is None or record.status == "queued"):
+                report = rt.run(task, initiator=initiator, run_id=run_id)
+            else:  # an answered approval, or a job retried after its worker died
+                report = rt.resume(run_id)
+        except RunBusyError:
+            # Another driver holds the run and takes it to its next stop. Look again later,
+            # in case that driver dies: a new job, unless one for the run already waits.
+            if busy + 1 < BUSY_RETRIES:
+                job: dict[str, Any] = {"run_id": run_id, "target": target, "busy": busy + 1}
+                if task is not None:
+                    job.update(task=task, initiator=initiator)
+                _defer(self.store_url, [job], dedupe=True, delay=min(60.0, 2.0 ** busy))
+            return "busy"
         return str(report.status)
 
     def _close_runtimes(self) -> None:

@@ -119,7 +119,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
                                 for st in plan.steps])
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
     if previous is None:
-        return {"plan": dumped, "steps": {}}
+        return {"plan": dumped}
     # The steps that asked are replaced: their records go, so a step of the same id starts afresh.
     return {"plan": dumped, "original_plan": state.get("original_plan") or state["plan"],
             "replans": revision, "widened": widened, "steps": {sid: None for sid in asking}}

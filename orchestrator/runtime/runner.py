@@ -13,6 +13,8 @@ import re
 import socket
 import sqlite3
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -139,11 +141,14 @@ class Runtime:
             self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
                                initiator=initiator, task_digest=sha256_hex(task),
                                planner=str(planner_id), policy_version=self.policy.version)
+        # Only what the run needs from the start: every channel written is a row per checkpoint
+        # (``steps`` and ``data_labels`` start empty; ``on_denial`` defaults to "fail").
         initial = {
             "run_id": run_id, "workflow": self.workflow.name, "task": task, "initiator": initiator,
-            "planner_id": str(planner_id), "steps": {}, "data_labels": [],
-            "on_denial": self.workflow.on_denial,
+            "planner_id": str(planner_id),
         }
+        if self.workflow.on_denial != "fail":
+            initial["on_denial"] = self.workflow.on_denial
         return self._drive(run_id, initial, None)
 
     def resume(self, run_id: str) -> RunReport:
@@ -161,25 +166,31 @@ class Runtime:
             raise ConfigError(f"unknown run {run_id!r}")
         if record.workflow != self.workflow.name:
             raise ConfigError(f"run {run_id!r} belongs to workflow {record.workflow!r}, not {self.workflow.name!r}")
-        snapshot = self.graph.get_state(self._config(run_id))
-        if not snapshot.next:
-            return self.report(run_id)  # already finished: nothing to resume
-        # Grants a crashed process left behind are revoked before anything new is minted.
-        self.revoke_run(run_id, reason="resumed after interruption")
-        self.ledger.append("run_resumed", run_id,
-                           reason="approval answered" if snapshot.interrupts else "crash recovery")
-        parent = tr.extract_context(snapshot.values.get("trace"))
-        if snapshot.interrupts:
-            now = self.clock.now()
-            waiting = {intr.id: self.approvals.get(intr.value["approval_id"]) for intr in snapshot.interrupts}
-            if all(a.effective_status(now) == "pending" for a in waiting.values()):
-                return self.report(run_id)  # still waiting: nothing answered yet
-            # Every interrupt is resumed by its own id. An approval node whose request is
-            # still pending returns unchanged, so steps that do not depend on it can run
-            # before the run pauses again for it.
-            answers = {intr_id: a.id for intr_id, a in waiting.items()}
-            return self._drive(run_id, Command(resume=answers), parent)
-        return self._drive(run_id, None, parent)
+        # The lease first: the checkpoint is read, and grants revoked, only by the one driver.
+        # (Read before it, another driver could finish the run meanwhile, or have its live
+        # grants revoked under it.)
+        with self._lease(run_id) as leased:
+            snapshot = self.graph.get_state(self._config(run_id))
+            if not snapshot.next:
+                return self.report(run_id)  # already finished: nothing to resume
+            graph_input: Any = None
+            if snapshot.interrupts:
+                now = self.clock.now()
+                waiting = {intr.id: self.approvals.get(intr.value["approval_id"]) for intr in snapshot.interrupts}
+                if all(a.effective_status(now) == "pending" for a in waiting.values()):
+                    return self.report(run_id)  # still waiting: nothing answered yet, nothing changes
+                # Every interrupt is resumed by its own id. An approval node whose request is
+                # still pending returns unchanged, so steps that do not depend on it can run
+                # before the run pauses again for it.
+                graph_input = Command(resume={intr_id: a.id for intr_id, a in waiting.items()})
+            # Grants a crashed process left behind are revoked before anything new is minted.
+            with self.store.atomic():
+                self.store.set_run_status(run_id, "running", at=self.clock.now())
+                self.revoke_run(run_id, reason="resumed after interruption")
+                self.ledger.append("run_resumed", run_id,
+                                   reason="approval answered" if snapshot.interrupts else "crash recovery")
+            parent = tr.extract_context(snapshot.values.get("trace"))
+            return self._drive_leased(run_id, graph_input, parent, leased)
 
     def plan_for(self, run_id: str, data: dict[str, Any]) -> Plan:
         """The validated plan of a run, parsed once per plan object rather than once per step.
@@ -216,17 +227,28 @@ class Runtime:
         return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
 
     def _drive(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
+        with self._lease(run_id, status="running") as leased:
+            return self._drive_leased(run_id, graph_input, parent, leased)
+
+    @contextmanager
+    def _lease(self, run_id: str, *, status: str | None = None) -> Iterator[list[bool]]:
+        """Hold the run's lease (setting ``status`` as it is taken); release it at the end
+        unless the drive released it already (``leased[0]`` false).
+
+        Raises:
+            RunBusyError: another runtime holds the lease.
+        """
         now = self.clock.now()
         with self.store.atomic():
             holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
                                             now=now, owner_alive=_owner_alive)
-            if holder is None:
-                self.store.set_run_status(run_id, "running", at=now)
+            if holder is None and status is not None:
+                self.store.set_run_status(run_id, status, at=now)
         if holder is not None:
             raise RunBusyError(f"run {run_id!r} is being driven by another runtime ({holder})")
         leased = [True]
         try:
-            return self._drive_leased(run_id, graph_input, parent, leased)
+            yield leased
         finally:
             if leased[0]:  # only if ``_drive_leased`` did not get to release it itself
                 self.store.release_run(run_id, owner=self._owner)
@@ -242,7 +264,9 @@ class Runtime:
         }, context=parent) as root:
             self._trace_contexts[run_id] = otel_trace.set_span_in_context(root)
             if isinstance(graph_input, dict):
-                graph_input["trace"] = tr.inject_traceparent()
+                carrier = tr.inject_traceparent()
+                if carrier:  # nothing to carry when tracing is off
+                    graph_input["trace"] = carrier
             try:
                 final = self.graph.invoke(graph_input, config, durability="sync")
                 if final.get("__interrupt__"):

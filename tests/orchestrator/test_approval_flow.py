@@ -20,7 +20,7 @@ from agents import DirectExecutor, ScriptedPlanner
 from orchestrator import RunReport, Runtime, ScopegraphError, Workflow, tool
 from orchestrator.canonical import action_digest
 from orchestrator.clock import FixedClock
-from orchestrator.errors import ApprovalError, TransientToolError
+from orchestrator.errors import ApprovalError, RunBusyError, TransientToolError
 from orchestrator.gateway import RetrySettings
 
 INITIATOR = "alice"
@@ -470,3 +470,43 @@ def test_a_second_resume_while_the_approved_call_is_in_flight_does_not_report_a_
         assert "interrupted by a crash" not in pay.reason, (
             "a resume racing a live call reported a crash that did not happen: " + pay.reason)
         assert concurrent.status != "failed"
+
+
+def test_a_resume_refused_for_a_busy_run_touches_nothing_of_the_driver(open_runtime: Any) -> None:
+    """A second resume must take the run's lease before it reads the checkpoint or revokes
+    anything: refused, it leaves the driver's live grant and the ledger as they were."""
+    started, release = threading.Event(), threading.Event()
+
+    @tool(risk="write")
+    def wire_transfer(amount: int) -> dict[str, Any]:
+        """Send money; blocks until the test lets it finish."""
+        started.set()
+        assert release.wait(timeout=60), "the test never released the call"
+        return {"sent": amount}
+
+    def workflow() -> Workflow:
+        return Workflow(name="wire", tools=[wire_transfer], approvers=["bob"],
+                        planner=ScriptedPlanner({"steps": [{
+                            "id": "pay", "tool": "wire_transfer",
+                            "constraints": {"amount": {"kind": "exact", "value": 5}}}]}),
+                        executor=DirectExecutor())
+
+    first = open_runtime(workflow())
+    report = first.run("pay", initiator=INITIATOR)
+    first.approvals.approve(step(report, "pay").approval_id, approver="bob")
+    second = open_runtime(workflow())
+    outcome: list[RunReport] = []
+    in_flight = threading.Thread(target=lambda: outcome.append(first.resume(report.run_id)))
+    in_flight.start()
+    try:
+        assert started.wait(timeout=60), "the approved call never started"
+        live = [g.jti for g in first.store.grants_for_run(report.run_id) if g.revoked_at is None]
+        records = len(first.ledger.records(report.run_id))
+        with pytest.raises(RunBusyError):
+            second.resume(report.run_id)
+        assert [g.jti for g in first.store.grants_for_run(report.run_id) if g.revoked_at is None] == live != []
+        assert len(first.ledger.records(report.run_id)) == records
+    finally:
+        release.set()
+        in_flight.join(timeout=60)
+    assert outcome and outcome[0].status == "completed", outcome
