@@ -47,6 +47,7 @@ from langgraph.types import Send
 
 from agents import DirectExecutor, ScriptedPlanner
 from orchestrator import Runtime, Workflow, tool
+from orchestrator.runtime.state import merge_batches, merge_steps, union_labels
 from orchestrator.telemetry import configure
 
 WORKFLOW = "bench"
@@ -74,20 +75,7 @@ def make_plan(n: int) -> dict[str, Any]:
 # same nodes, edges, reducers and Send payloads, so LangGraph does the same work in both
 # arms. A step routes straight on when it ran alone; ``schedule`` joins sibling batches.
 
-def merge_steps(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
-    return {**(left or {}), **(right or {})}
-
-
-def union_labels(left: list[str] | None, right: list[str] | None) -> list[str]:
-    return sorted(set(left or ()) | set(right or ()))
-
-
-def merge_batches(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
-    merged = {k: dict(v) for k, v in (left or {}).items()}
-    for batch_id, entry in (right or {}).items():
-        current = merged.setdefault(batch_id, {"members": entry["members"], "landed": []})
-        current["landed"] = sorted(set(current["landed"]) | set(entry["landed"]))
-    return {k: v for k, v in merged.items() if not set(v["members"]) <= set(v["landed"])}
+# The reducers are the runtime's own: both arms merge state with the very same functions.
 
 
 class PlainState(TypedDict, total=False):

@@ -89,8 +89,8 @@ class CallContext:
 
     def after(self, result: CallResult) -> CallContext:
         """The context for the next call of the same step, once the executor has seen ``result``."""
-        if result.status not in ("ok", "error"):
-            return self  # a refused call returned nothing from the tool
+        if not result.returned:
+            return self
         # A failed tool's error message is tool output too: it may quote what it read.
         value = result.value if result.ok else result.error
         seen = Observation(step_id=self.step_id, tool=result.tool, labels=result.labels, value=value)
@@ -115,6 +115,12 @@ class CallResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def returned(self) -> bool:
+        """Whether the tool sent something back to the executor: a value, or an error
+        message (which may quote what the tool read). A refused call returned nothing."""
+        return self.status in ("ok", "error")
 
     error_type: str | None = None  # the exception class of a failed tool, safe to record
 

@@ -14,8 +14,8 @@ the step's grant as a bearer token (an MCP server verifies it against our JWKS).
 
 from __future__ import annotations
 
-import copy
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -272,7 +272,7 @@ class ToolRegistry(Mapping[str, Tool]):
 
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         self._tools: dict[str, Tool] = {}
-        self._catalogue: list[dict[str, Any]] | None = None
+        self._catalogue: dict[str, str] | None = None  # JSON text of each tool's entry
         for t in tools:
             self.register(t)
 
@@ -304,9 +304,7 @@ class ToolRegistry(Mapping[str, Tool]):
 
     def catalogue(self) -> list[dict[str, Any]]:
         """What a planner may see: names, descriptions, schemas and risk tiers, no handles."""
-        if self._catalogue is None:
-            self._catalogue = self._build_catalogue()
-        return copy.deepcopy(self._catalogue)  # a planner may mutate what it is given
+        return [json.loads(text) for text in self._catalogue_text().values()]
 
     def catalogue_entry(self, name: str) -> dict[str, Any]:
         """One tool's catalogue entry (see ``catalogue``).
@@ -315,19 +313,23 @@ class ToolRegistry(Mapping[str, Tool]):
             UnknownToolError: no tool of that name is registered.
         """
         self.get_tool(name)
-        if self._catalogue is None:
-            self._catalogue = self._build_catalogue()
-        return copy.deepcopy(next(e for e in self._catalogue if e["name"] == name))
+        entry: dict[str, Any] = json.loads(self._catalogue_text()[name])
+        return entry
 
-    def _build_catalogue(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": t.name,
-                "description": t.description,
-                "risk": t.risk.value,
-                "labels": sorted(t.labels),
-                "destinations": sorted(t.destinations),
-                "arguments": t.json_schema(),
-            }
-            for t in self._tools.values()
-        ]
+    def _catalogue_text(self) -> dict[str, str]:
+        # Kept as JSON text: each reader gets a fresh copy it may mutate (a planner, an
+        # executor per step), and parsing it is cheaper than a deep copy.
+        if self._catalogue is None:
+            self._catalogue = {t.name: json.dumps(_catalogue_entry(t)) for t in self._tools.values()}
+        return self._catalogue
+
+
+def _catalogue_entry(t: Tool) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "description": t.description,
+        "risk": t.risk.value,
+        "labels": sorted(t.labels),
+        "destinations": sorted(t.destinations),
+        "arguments": t.json_schema(),
+    }

@@ -525,7 +525,7 @@ def _is_default(value: Any, field: Any) -> bool:
 
 def _labels(calls: list[CallResult]) -> list[str]:
     """Labels of what the executor got back: outputs, and error messages (they may quote them)."""
-    return sorted(set().union(*(c.labels for c in calls if c.status in ("ok", "error")))) if calls else []
+    return sorted(set().union(*(c.labels for c in calls if c.returned))) if calls else []
 
 
 def _call_summary(c: CallResult) -> dict[str, Any]:

@@ -423,6 +423,26 @@ def test_a_transient_failure_of_an_approved_call_does_not_strand_the_run(
 
 
 # two resumes of one run at once ------------------------------------------------------------------
+def blocking_wire_workflow(started: threading.Event, release: threading.Event,
+                           runs: list[int] | None = None) -> Workflow:
+    """One approved write whose tool signals ``started`` and blocks until ``release``."""
+
+    @tool(risk="write")
+    def wire_transfer(amount: int) -> dict[str, Any]:
+        """Send money; blocks until the test lets it finish."""
+        if runs is not None:
+            runs.append(amount)
+        started.set()
+        assert release.wait(timeout=60), "the test never released the call"
+        return {"sent": amount}
+
+    return Workflow(name="wire", tools=[wire_transfer], approvers=["bob"],
+                    planner=ScriptedPlanner({"steps": [{
+                        "id": "pay", "tool": "wire_transfer",
+                        "constraints": {"amount": {"kind": "exact", "value": 5}}}]}),
+                    executor=DirectExecutor())
+
+
 def test_a_second_resume_while_the_approved_call_is_in_flight_does_not_report_a_crash(
         open_runtime: Any) -> None:
     """Two operators resume the same run at the same moment: the call runs once, and the
@@ -430,20 +450,8 @@ def test_a_second_resume_while_the_approved_call_is_in_flight_does_not_report_a_
     started, release = threading.Event(), threading.Event()
     runs: list[int] = []
 
-    @tool(risk="write")
-    def wire_transfer(amount: int) -> dict[str, Any]:
-        """Send money; blocks until the test lets it finish."""
-        runs.append(amount)
-        started.set()
-        assert release.wait(timeout=60), "the test never released the call"
-        return {"sent": amount}
-
     def workflow() -> Workflow:
-        return Workflow(name="wire", tools=[wire_transfer], approvers=["bob"],
-                        planner=ScriptedPlanner({"steps": [{
-                            "id": "pay", "tool": "wire_transfer",
-                            "constraints": {"amount": {"kind": "exact", "value": 5}}}]}),
-                        executor=DirectExecutor())
+        return blocking_wire_workflow(started, release, runs)
 
     first = open_runtime(workflow())
     report = first.run("pay", initiator=INITIATOR)
@@ -477,19 +485,8 @@ def test_a_resume_refused_for_a_busy_run_touches_nothing_of_the_driver(open_runt
     anything: refused, it leaves the driver's live grant and the ledger as they were."""
     started, release = threading.Event(), threading.Event()
 
-    @tool(risk="write")
-    def wire_transfer(amount: int) -> dict[str, Any]:
-        """Send money; blocks until the test lets it finish."""
-        started.set()
-        assert release.wait(timeout=60), "the test never released the call"
-        return {"sent": amount}
-
     def workflow() -> Workflow:
-        return Workflow(name="wire", tools=[wire_transfer], approvers=["bob"],
-                        planner=ScriptedPlanner({"steps": [{
-                            "id": "pay", "tool": "wire_transfer",
-                            "constraints": {"amount": {"kind": "exact", "value": 5}}}]}),
-                        executor=DirectExecutor())
+        return blocking_wire_workflow(started, release)
 
     first = open_runtime(workflow())
     report = first.run("pay", initiator=INITIATOR)
