@@ -1,10 +1,10 @@
 """Planner and executor implementations for scopegraph workflows.
 
-The protocols they satisfy (``Planner``, ``Executor``) live in ``orchestrator.roles``
+The protocols they satisfy (``Planner``, ``Executor``) live in ``scopegraph.roles``
 and are re-exported here.
 """
 
-from orchestrator.roles import Executor, Planner, PlanningContext, StepContext
+from scopegraph.roles import Executor, Planner, PlanningContext, StepContext
 
 from .direct import DirectExecutor
 from .llm_executor import LLMExecutor

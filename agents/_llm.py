@@ -15,7 +15,7 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from orchestrator.errors import PlanError
+from scopegraph.errors import PlanError
 
 UNTRUSTED = "untrusted"
 

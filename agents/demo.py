@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Workflow, tool
-from orchestrator.roles import StepContext
+from scopegraph import Workflow, tool
+from scopegraph.roles import StepContext
 
 from .direct import DirectExecutor
 from .scripted import ScriptedPlanner

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.constraints import Exact, OneOf
-from orchestrator.errors import ToolArgumentsError
-from orchestrator.roles import StepContext
+from scopegraph.constraints import Exact, OneOf
+from scopegraph.errors import ToolArgumentsError
+from scopegraph.roles import StepContext
 
 ArgumentBuilder = Callable[[StepContext], Mapping[str, Any]]
 

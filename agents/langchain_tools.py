@@ -1,7 +1,7 @@
 """LangChain tools as scoped tools.
 
 A LangChain ``BaseTool`` (``@langchain_core.tools.tool`` functions, ``StructuredTool``,
-subclasses) becomes an ``orchestrator.tools.Tool``: its argument schema is the one the
+subclasses) becomes an ``scopegraph.tools.Tool``: its argument schema is the one the
 model sees (``tool_call_schema``), so the gateway validates every call and checks it
 against the step's grant *before* LangChain runs anything. The LangChain tool then
 validates again with its own model, which costs little and keeps its behaviour intact.
@@ -18,8 +18,8 @@ from typing import Any
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel
 
-from orchestrator.errors import ToolError
-from orchestrator.tools import Risk, Tool
+from scopegraph.errors import ToolError
+from scopegraph.tools import Risk, Tool
 
 __all__ = ["from_langchain"]
 
@@ -37,7 +37,7 @@ def from_langchain(
     """Declare a LangChain tool as a scoped tool with an explicit risk tier.
 
     ``labels``, ``external``, ``destinations`` and ``accepts_confidential`` mean what they
-    mean for ``@orchestrator.tool``. ``name`` overrides the LangChain name (scopegraph
+    mean for ``@scopegraph.tool``. ``name`` overrides the LangChain name (scopegraph
     names use letters, digits, ``_``, ``-`` and ``.``). A tool with only an async
     implementation is called with ``ainvoke``; any other with ``invoke``.
 

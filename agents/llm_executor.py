@@ -15,10 +15,10 @@ from typing import Any, cast
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from orchestrator.constraints import AnyValue, Exact, OneOf, Pattern, Prefix, Range
-from orchestrator.errors import ConfigError, ScopegraphError
-from orchestrator.gateway import CallResult
-from orchestrator.roles import FAILURE_KINDS, FailureKind, ReplanRequested, StepContext
+from scopegraph.constraints import AnyValue, Exact, OneOf, Pattern, Prefix, Range
+from scopegraph.errors import ConfigError, ScopegraphError
+from scopegraph.gateway import CallResult
+from scopegraph.roles import FAILURE_KINDS, FailureKind, ReplanRequested, StepContext
 
 from ._llm import function_name, function_spec, quote_data
 

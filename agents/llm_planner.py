@@ -19,9 +19,9 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.utils.json_schema import dereference_refs
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from orchestrator.errors import ConfigError, PlanError, ScopegraphError
-from orchestrator.plan import Plan
-from orchestrator.roles import PlanningContext
+from scopegraph.errors import ConfigError, PlanError, ScopegraphError
+from scopegraph.plan import Plan
+from scopegraph.roles import PlanningContext
 
 from ._llm import function_spec, json_object_from_text, message_text, to_json
 

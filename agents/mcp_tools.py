@@ -1,7 +1,7 @@
 """MCP tools as scoped tools, and grant verification for MCP tool servers.
 
 Client side: ``mcp_tools`` lists a streamable-HTTP MCP server's tools once and declares
-each as an ``orchestrator.tools.Tool`` with a declared risk tier. Each call the gateway
+each as an ``scopegraph.tools.Tool`` with a declared risk tier. Each call the gateway
 allows opens a fresh client session carrying the step's grant as
 ``Authorization: Bearer <grant>``, so the server sees exactly one credential: a grant
 for that step and that tool, never a standing one. Listing is not a tool call and
@@ -49,10 +49,10 @@ from mcp_types import CallToolResult, TextContent
 from mcp_types import Tool as ListedTool
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from orchestrator.clock import Clock, SystemClock
-from orchestrator.constraints import Constraint
-from orchestrator.credentials import CLOCK_SKEW_SECONDS, audience_for
-from orchestrator.errors import (
+from scopegraph.clock import Clock, SystemClock
+from scopegraph.constraints import Constraint
+from scopegraph.credentials import CLOCK_SKEW_SECONDS, audience_for
+from scopegraph.errors import (
     ConfigError,
     GrantError,
     GrantExpiredError,
@@ -62,8 +62,8 @@ from orchestrator.errors import (
     ToolExecutionError,
     TransientToolError,
 )
-from orchestrator.identity import SpiffeId
-from orchestrator.tools import Risk, Tool
+from scopegraph.identity import SpiffeId
+from scopegraph.tools import Risk, Tool
 
 __all__ = [
     "GrantClaims", "GrantVerifier", "ListedTool", "MCPEndpoint", "mcp_tool", "mcp_tools", "mcp_tools_async",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 
 from langchain_core.language_models import BaseChatModel
 
-from orchestrator.errors import ConfigError
+from scopegraph.errors import ConfigError
 
 PROVIDER_VARIABLE = "SCOPEGRAPH_MODEL_PROVIDER"
 MODEL_VARIABLE = "SCOPEGRAPH_MODEL"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.plan import Plan
-from orchestrator.roles import PlanningContext
+from scopegraph.plan import Plan
+from scopegraph.roles import PlanningContext
 
 PlanSource = Plan | Mapping[str, Any] | str | Callable[[str], Plan | Mapping[str, Any] | str]
 

@@ -46,9 +46,9 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field, PrivateAttr
 
-from agents._llm import message_text
-from agents.llm_executor import REPLAN_FUNCTION
-from agents.llm_planner import PLAN_FUNCTION
+from scopegraph.agents._llm import message_text
+from scopegraph.agents.llm_executor import REPLAN_FUNCTION
+from scopegraph.agents.llm_planner import PLAN_FUNCTION
 
 Reply = AIMessage | str | Callable[["Invocation"], "AIMessage | str"]
 

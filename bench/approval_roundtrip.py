@@ -35,12 +35,12 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.approvals import ApprovalService
-from orchestrator.clock import SystemClock
-from orchestrator.ledger import Ledger
-from orchestrator.store import open_store
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.approvals import ApprovalService
+from scopegraph.clock import SystemClock
+from scopegraph.ledger import Ledger
+from scopegraph.store import open_store
 
 PAYMENTS: list[int] = []
 

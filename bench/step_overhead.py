@@ -45,10 +45,10 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.runtime.state import merge_batches, merge_steps, union_labels
-from orchestrator.telemetry import configure
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.runtime.state import merge_batches, merge_steps, union_labels
+from scopegraph.telemetry import configure
 
 WORKFLOW = "bench"
 TASK = "Read every key in order."

@@ -25,10 +25,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Workflow, tool
-from orchestrator.store import open_store
-from orchestrator.workers import submit_many
+from scopegraph import Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.store import open_store
+from scopegraph.workers import submit_many
 
 SERVER = os.environ.get("SCOPEGRAPH_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def arm(workers: int, runs: int) -> float:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         submit_many(TARGET, ["warm up"], "bench", url)  # installs the queue before workers start
-        procs = [subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--store", url, "worker",
+        procs = [subprocess.Popen([sys.executable, "-m", "scopegraph.cli", "--store", url, "worker",
                                    "--traces", os.devnull], cwd=ROOT, stdout=subprocess.DEVNULL)
                  for _ in range(workers)]
         _completed(url, submit_many(TARGET, ["warm up"] * workers, "bench", url), timeout=120)

@@ -13,7 +13,7 @@ out each step under its own short-lived grant.
    outside the step's grant and holds the payment to the attacker's account for a human,
    naming why; bob denies it. Nothing reaches the attacker (checked: exit 1 if it did).
 
-Run it offline, on fake chat models (``agents.testing``), in a few seconds:
+Run it offline, on fake chat models (``scopegraph.agents.testing``), in a few seconds:
 
     .venv/bin/python examples/expense_reimbursement.py [STORE_URL]
 
@@ -34,12 +34,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agents import LLMExecutor, LLMPlanner
-from agents.llm_planner import PLAN_FUNCTION
-from agents.models import chat_model_from_env, describe_model
-from agents.testing import CompromisedChatModel, Invocation, ScriptedChatModel, by_tool, plan_call
-from orchestrator import RunReport, Runtime, Workflow, tool
-from orchestrator.errors import ApprovalError
+from scopegraph import RunReport, Runtime, Workflow, tool
+from scopegraph.agents import LLMExecutor, LLMPlanner
+from scopegraph.agents.llm_planner import PLAN_FUNCTION
+from scopegraph.agents.models import chat_model_from_env, describe_model
+from scopegraph.agents.testing import CompromisedChatModel, Invocation, ScriptedChatModel, by_tool, plan_call
+from scopegraph.errors import ApprovalError
 
 ON_FILE = "DE89370400440532013000"  # E-17's account in the HR system
 ATTACKER = "GB33BUKB20201555555555"

@@ -5,7 +5,7 @@ Run it from the repository root:
     .venv/bin/python examples/quickstart.py [STORE_URL]
 
 It uses only the public API: ``orchestrator`` for tools, workflows and the runtime,
-``agents`` for a planner and an executor.
+``scopegraph.agents`` for a planner and an executor.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
 
 INVOICES = {"INV-7": {"vendor": "acme", "amount": 1200}}
 PAID: list[tuple[str, int]] = []

@@ -15,7 +15,7 @@ executor carries out each step under its own short-lived grant. Three runs:
 
 Nothing ever reaches the attacker (checked: exit 1 if it does).
 
-Run it offline, on fake chat models (``agents.testing``), in a few seconds:
+Run it offline, on fake chat models (``scopegraph.agents.testing``), in a few seconds:
 
     .venv/bin/python examples/support_triage.py [STORE_URL]
 
@@ -36,11 +36,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agents import LLMExecutor, LLMPlanner
-from agents.llm_planner import PLAN_FUNCTION
-from agents.models import chat_model_from_env, describe_model
-from agents.testing import CompromisedChatModel, Invocation, ScriptedChatModel, by_tool, plan_call
-from orchestrator import RunReport, Runtime, Workflow, tool
+from scopegraph import RunReport, Runtime, Workflow, tool
+from scopegraph.agents import LLMExecutor, LLMPlanner
+from scopegraph.agents.llm_planner import PLAN_FUNCTION
+from scopegraph.agents.models import chat_model_from_env, describe_model
+from scopegraph.agents.testing import CompromisedChatModel, Invocation, ScriptedChatModel, by_tool, plan_call
 
 CUSTOMER = "carol@customer.example"
 ATTACKER = "attacker@evil.example"

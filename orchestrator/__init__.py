@@ -2,7 +2,7 @@
 
 Public API::
 
-    from orchestrator import Workflow, Runtime, tool, Risk, Plan, Step
+    from scopegraph import Workflow, Runtime, tool, Risk, Plan, Step
 """
 
 from .errors import ScopegraphError

@@ -19,8 +19,8 @@ from .errors import ScopegraphError
 from .loader import load_object, load_workflow
 from .store import DEFAULT_STORE_URL
 
-DEMO_TARGET = "agents.demo:workflow"
-DEMO_TASK = "agents.demo:TASK"
+DEMO_TARGET = "scopegraph.agents.demo:workflow"
+DEMO_TASK = "scopegraph.agents.demo:TASK"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
 
 
@@ -209,7 +209,7 @@ def _telemetry(args: argparse.Namespace) -> Any:
 
 
 def _demo_task() -> str:
-    # Loaded by name like any user workflow: the runtime never imports ``agents``.
+    # Loaded by name like any user workflow: the runtime never imports ``scopegraph.agents``.
     return str(load_object(DEMO_TASK))
 
 

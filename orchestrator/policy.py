@@ -166,7 +166,7 @@ class CedarPolicyEngine:
         """
         sources: list[tuple[str, str]] = []
         if paths is None:
-            base = resources.files("policies")
+            base = resources.files("scopegraph.policies")
             sources.append(("baseline.cedar", base.joinpath("baseline.cedar").read_text()))
             schema_text = base.joinpath(SCHEMA_FILE).read_text() if schema is None else _read(Path(schema))
         else:
@@ -182,7 +182,7 @@ class CedarPolicyEngine:
             if schema is not None:
                 schema_text = _read(Path(schema))
             else:
-                schema_text = resources.files("policies").joinpath(SCHEMA_FILE).read_text()
+                schema_text = resources.files("scopegraph.policies").joinpath(SCHEMA_FILE).read_text()
         return cls(sources, schema_text, tools)
 
     def decide(self, request: CallRequest) -> Decision:

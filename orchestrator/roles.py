@@ -1,7 +1,7 @@
 """What the runtime asks of planners and executors, and what it hands them.
 
-The protocols live here, below the runtime, so that ``agents`` implements them
-without the orchestrator ever importing ``agents``. A planner receives the task and
+The protocols live here, below the runtime, so that ``scopegraph.agents`` implements them
+without the orchestrator ever importing ``scopegraph.agents``. A planner receives the task and
 the tool catalogue: no grant, no tool handle. An executor receives one step and a
 ``ToolHandle`` bound to that step's grant; the token stays inside the handle.
 """

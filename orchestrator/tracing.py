@@ -1,7 +1,7 @@
 """Span names, attribute keys and metric instruments: the one place they are spelled.
 
 Library code uses the OpenTelemetry API only; applications (the CLI, examples, tests)
-configure the SDK and exporters (see ``orchestrator.telemetry``). Names follow the
+configure the SDK and exporters (see ``scopegraph.telemetry``). Names follow the
 GenAI semantic conventions where they exist; what they lack (decisions, grants,
 approvals) sits under ``scopegraph.*``. Tokens and keys never become attributes:
 grants appear by their ``jti`` only.

@@ -605,13 +605,13 @@ def _probe_registry(tool: str, argument: str | None, kind: str | None) -> ToolRe
 def _schema_text(path: str | Path | None) -> str:
     if path is not None:
         return Path(path).read_text()
-    return resources.files("policies").joinpath(SCHEMA_FILE).read_text()
+    return resources.files("scopegraph.policies").joinpath(SCHEMA_FILE).read_text()
 
 
 def _policy_sources(paths: Sequence[str | Path] | None) -> list[tuple[str, str]]:
     """The workflow's own Cedar files, as ``CedarPolicyEngine.from_paths`` reads them."""
     if paths is None:
-        return [("baseline.cedar", resources.files("policies").joinpath("baseline.cedar").read_text())]
+        return [("baseline.cedar", resources.files("scopegraph.policies").joinpath("baseline.cedar").read_text())]
     sources: list[tuple[str, str]] = []
     for p in map(Path, paths):
         files = sorted(p.glob("*.cedar")) if p.is_dir() else [p]

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Tool, Workflow
-from orchestrator.clock import FixedClock
-from orchestrator.credentials import Grant
-from orchestrator.gateway import CallContext, RetrySettings
+from scopegraph import Runtime, Tool, Workflow
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.clock import FixedClock
+from scopegraph.credentials import Grant
+from scopegraph.gateway import CallContext, RetrySettings
 
 from .helpers import READ_PLAN, STANDARD_TOOLS, mint_grant
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Runtime, Tool, tool
-from orchestrator.credentials import Grant
-from orchestrator.gateway import CallContext
-from orchestrator.identity import SpiffeId
-from orchestrator.plan import Step
+from scopegraph import Runtime, Tool, tool
+from scopegraph.credentials import Grant
+from scopegraph.gateway import CallContext
+from scopegraph.identity import SpiffeId
+from scopegraph.plan import Step
 
 
 @tool(risk="read", labels=["confidential"])

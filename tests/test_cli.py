@@ -13,11 +13,10 @@ from typing import Any
 import jwt
 import pytest
 
-import policies
-from agents import demo
-from orchestrator import Runtime
-from orchestrator.cli import main
-from orchestrator.clock import SystemClock
+from scopegraph import Runtime, policies
+from scopegraph.agents import demo
+from scopegraph.cli import main
+from scopegraph.clock import SystemClock
 
 from .helpers import mint_grant
 
@@ -57,8 +56,8 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 WORKFLOW_FILE = '''
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph import Workflow, tool
 
 @tool
 def lookup(key: str) -> dict:
@@ -161,8 +160,8 @@ def test_a_failed_run_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path
 @pytest.mark.parametrize(("target", "fragment"), [
     ("no_colon_here", "MODULE:ATTR"),
     ("wf_does_not_exist_anywhere:workflow", "wf_does_not_exist_anywhere"),
-    ("agents.demo:no_such_attr", "no_such_attr"),
-    ("agents.demo:TASK", "not a Workflow"),
+    ("scopegraph.agents.demo:no_such_attr", "no_such_attr"),
+    ("scopegraph.agents.demo:TASK", "not a Workflow"),
     ("missing_file.py:workflow", "missing_file.py"),
     ("{good}:not_a_workflow", "not a Workflow"),
     ("{good}:broken", "cannot build"),
@@ -184,7 +183,7 @@ def test_bad_target_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], tm
 
 
 @pytest.mark.parametrize("argv", [
-    ["run", "agents.demo:workflow"],          # --task is required
+    ["run", "scopegraph.agents.demo:workflow"],          # --task is required
     [],
     ["fly"],
     ["demo", "--no-such-flag"],
@@ -197,7 +196,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]
 
 
 def test_an_empty_task_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "run", "agents.demo:workflow", "--task", "  ")
+    code, _, err = run_cli(capsys, "run", "scopegraph.agents.demo:workflow", "--task", "  ")
     assert code == 2
     assert_one_line_error(err, "empty")
 
@@ -270,13 +269,14 @@ def test_policy_validate_with_workflow_argument_types(capsys: pytest.CaptureFixt
     policy.write_text('@id("big")\nforbid (principal, action, resource)\n'
                       'when { context.arguments has amount && context.arguments.amount > 5000 };\n')
     code, _, err = run_cli(capsys, "policy", "validate", str(BASELINE), str(policy),
-                           "--workflow", "agents.demo:workflow")
+                           "--workflow", "scopegraph.agents.demo:workflow")
     assert code == 0, err
     # the demo's tools make 'amount' a Long: treating it as a string is caught
     typo = tmp_path / "typo.cedar"
     typo.write_text('@id("big")\nforbid (principal, action, resource)\n'
                     'when { context.arguments has amount && context.arguments.amount like "9*" };\n')
-    code, _, err = run_cli(capsys, "policy", "validate", str(BASELINE), str(typo), "--workflow", "agents.demo:workflow")
+    code, _, err = run_cli(capsys, "policy", "validate", str(BASELINE), str(typo),
+                           "--workflow", "scopegraph.agents.demo:workflow")
     assert code == 2
     assert_one_line_error(err, str(typo))
 

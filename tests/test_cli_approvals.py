@@ -1,6 +1,6 @@
 """The approval commands of the ``scopegraph`` CLI, and the terminal prompt.
 
-Driven through ``orchestrator.cli.main`` on a SQLite store in ``tmp_path``: the demo pauses
+Driven through ``scopegraph.cli.main`` on a SQLite store in ``tmp_path``: the demo pauses
 (exit 3), an approver answers from "another process" (another ``main`` call with its own
 store connection), and ``resume`` finishes the run. Refusals exit 2 with one line on stderr.
 """
@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.approvals import ApprovalService
-from orchestrator.cli import main
-from orchestrator.clock import SystemClock
-from orchestrator.prompt import prompt_for
-from orchestrator.store import open_store
+from scopegraph.approvals import ApprovalService
+from scopegraph.cli import main
+from scopegraph.clock import SystemClock
+from scopegraph.prompt import prompt_for
+from scopegraph.store import open_store
 
 INITIATOR = "alice"  # the demo allows alice and bob to approve
 

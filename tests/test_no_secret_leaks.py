@@ -33,16 +33,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opentelemetry.sdk.trace import ReadableSpan
 
-import policies as shipped
-from agents import DirectExecutor
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.cli import main
-from orchestrator.clock import FixedClock
-from orchestrator.errors import ScopegraphError
-from orchestrator.gateway import CallContext
-from orchestrator.identity import SpiffeId
-from orchestrator.ledger import Ledger
-from orchestrator.roles import StepContext
+from scopegraph import Runtime, Workflow, tool
+from scopegraph import policies as shipped
+from scopegraph.agents import DirectExecutor
+from scopegraph.cli import main
+from scopegraph.clock import FixedClock
+from scopegraph.errors import ScopegraphError
+from scopegraph.gateway import CallContext
+from scopegraph.identity import SpiffeId
+from scopegraph.ledger import Ledger
+from scopegraph.roles import StepContext
 
 from .helpers import READ_PLAN, STANDARD_TOOLS
 from .otel_capture import Capture, otel

@@ -25,8 +25,8 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from orchestrator.cli import main
-from orchestrator.store import SqliteStore
+from scopegraph.cli import main
+from scopegraph.store import SqliteStore
 
 SUBPROCESS_TIMEOUT = 120
 
@@ -179,7 +179,7 @@ def _env(extra: Mapping[str, str]) -> dict[str, str]:
 
 def scopegraph(cwd: Path, store_url: str, *argv: str, env: Mapping[str, str] = {}) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "--store", store_url, *argv],
+        [sys.executable, "-m", "scopegraph.cli", "--store", store_url, *argv],
         cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
     )
 

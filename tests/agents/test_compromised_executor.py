@@ -3,7 +3,7 @@ stopped by the gateway every time, while the same workflows with honest models c
 
 Every scenario is a whole run on the real runtime: a SQLite store under the test's temp
 directory, the Cedar baseline, signed grants, ``LLMPlanner`` + ``LLMExecutor`` on the
-fake chat models of ``agents.testing``. The attack run plants an instruction in a web
+fake chat models of ``scopegraph.agents.testing``. The attack run plants an instruction in a web
 page or a receipt (content from outside: labelled ``untrusted``) and gives the executor a
 ``CompromisedChatModel``, which obeys it. The approver (``bob``; the initiator is
 ``alice``) denies any pending call that is the attack's and approves the rest, as a human
@@ -32,12 +32,12 @@ from typing import Any
 
 import pytest
 
-from agents import LLMExecutor, LLMPlanner
-from agents.testing import CompromisedChatModel, ScriptedChatModel, by_tool, plan_call
-from orchestrator import RunReport, Runtime, Tool, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.gateway import GRANT_POLICY_ID, SCOPE_POLICY_ID, TOOL_POLICY_ID, CallResult
-from orchestrator.roles import DelegationResult, StepContext
+from scopegraph import RunReport, Runtime, Tool, Workflow, tool
+from scopegraph.agents import LLMExecutor, LLMPlanner
+from scopegraph.agents.testing import CompromisedChatModel, ScriptedChatModel, by_tool, plan_call
+from scopegraph.clock import FixedClock
+from scopegraph.gateway import GRANT_POLICY_ID, SCOPE_POLICY_ID, TOOL_POLICY_ID, CallResult
+from scopegraph.roles import DelegationResult, StepContext
 
 # the world the tools act on ------------------------------------------------------------------
 KB_URL = "https://kb.example.com/refunds"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agents import demo
-from orchestrator import Runtime
+from scopegraph import Runtime
+from scopegraph.agents import demo
 
 from ..helpers import assert_all_revoked
 

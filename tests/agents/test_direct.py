@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agents import DirectExecutor, Executor
-from orchestrator import Runtime, Workflow, tool
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, Executor
 
 from ..helpers import assert_all_revoked
 

@@ -14,11 +14,11 @@ from langchain_core.tools import BaseTool, InjectedToolArg
 from langchain_core.tools import tool as lc_tool
 from pydantic import BaseModel, Field
 
-from agents.langchain_tools import from_langchain
-from orchestrator import Risk, Runtime, Tool, Workflow
-from orchestrator.credentials import Grant
-from orchestrator.errors import ToolError
-from orchestrator.gateway import SCOPE_POLICY_ID, CallContext, CallResult
+from scopegraph import Risk, Runtime, Tool, Workflow
+from scopegraph.agents.langchain_tools import from_langchain
+from scopegraph.credentials import Grant
+from scopegraph.errors import ToolError
+from scopegraph.gateway import SCOPE_POLICY_ID, CallContext, CallResult
 
 from ..helpers import mint_grant
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
 
-from agents import Executor, LLMExecutor, LLMPlanner
-from agents.llm_executor import REPLAN_FUNCTION
-from agents.testing import (
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import Executor, LLMExecutor, LLMPlanner
+from scopegraph.agents.llm_executor import REPLAN_FUNCTION
+from scopegraph.agents.testing import (
     CompromisedChatModel,
     ScriptedChatModel,
     TextOnlyChatModel,
@@ -19,10 +20,9 @@ from agents.testing import (
     plan_call,
     tool_call,
 )
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.errors import ConfigError, ScopegraphError
-from orchestrator.plan import Plan, Step
-from orchestrator.roles import NeedsApproval, ReplanRequested, StepContext, ToolHandle
+from scopegraph.errors import ConfigError, ScopegraphError
+from scopegraph.plan import Plan, Step
+from scopegraph.roles import NeedsApproval, ReplanRequested, StepContext, ToolHandle
 
 from ..helpers import READ_PLAN, assert_all_revoked, mint_grant
 

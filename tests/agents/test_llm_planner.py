@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from agents import LLMPlanner, Planner
-from agents.llm_planner import PLAN_FUNCTION, plan_schema, planning_messages
-from agents.testing import ScriptedChatModel, TextOnlyChatModel, plan_call, tool_call
-from orchestrator import Runtime, Workflow
-from orchestrator.errors import ConfigError, PlanError
-from orchestrator.identity import SpiffeId
-from orchestrator.plan import parse_plan, validate_plan
-from orchestrator.roles import FAILURE_KINDS, PlanningContext, StepFailure
-from orchestrator.tools import ToolRegistry
+from scopegraph import Runtime, Workflow
+from scopegraph.agents import LLMPlanner, Planner
+from scopegraph.agents.llm_planner import PLAN_FUNCTION, plan_schema, planning_messages
+from scopegraph.agents.testing import ScriptedChatModel, TextOnlyChatModel, plan_call, tool_call
+from scopegraph.errors import ConfigError, PlanError
+from scopegraph.identity import SpiffeId
+from scopegraph.plan import parse_plan, validate_plan
+from scopegraph.roles import FAILURE_KINDS, PlanningContext, StepFailure
+from scopegraph.tools import ToolRegistry
 
 from ..helpers import READ_PLAN, STANDARD_TOOLS
 

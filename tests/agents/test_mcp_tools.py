@@ -34,7 +34,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as MCPToolError
 from pydantic import AnyHttpUrl, BaseModel
 
-from agents.mcp_tools import (
+from scopegraph import Risk, Runtime, Tool, Workflow
+from scopegraph.agents.mcp_tools import (
     GrantClaims,
     GrantVerifier,
     ListedTool,
@@ -44,13 +45,12 @@ from agents.mcp_tools import (
     mcp_tools_async,
     require_grant,
 )
-from orchestrator import Risk, Runtime, Tool, Workflow
-from orchestrator.clock import FixedClock
-from orchestrator.credentials import DEFAULT_TTL_SECONDS, Grant
-from orchestrator.errors import ConfigError, GrantError, ToolError, ToolExecutionError
-from orchestrator.gateway import GRANT_POLICY_ID, SCOPE_POLICY_ID, CallContext, CallResult, Gateway
-from orchestrator.identity import Bundle
-from orchestrator.tools import ToolRegistry
+from scopegraph.clock import FixedClock
+from scopegraph.credentials import DEFAULT_TTL_SECONDS, Grant
+from scopegraph.errors import ConfigError, GrantError, ToolError, ToolExecutionError
+from scopegraph.gateway import GRANT_POLICY_ID, SCOPE_POLICY_ID, CallContext, CallResult, Gateway
+from scopegraph.identity import Bundle
+from scopegraph.tools import ToolRegistry
 
 from ..helpers import mint_grant
 

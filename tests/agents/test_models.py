@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from langchain_core.language_models import BaseChatModel
 
-from agents.models import MODEL_VARIABLE, PROVIDER_VARIABLE, chat_model_from_env, describe_model
-from agents.testing import ScriptedChatModel
-from orchestrator.errors import ConfigError
+from scopegraph.agents.models import MODEL_VARIABLE, PROVIDER_VARIABLE, chat_model_from_env, describe_model
+from scopegraph.agents.testing import ScriptedChatModel
+from scopegraph.errors import ConfigError
 
 
 def offline() -> BaseChatModel:

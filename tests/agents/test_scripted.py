@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import pytest
 
-from agents import Planner, ScriptedPlanner
-from orchestrator import Plan, Runtime, Workflow, parse_plan
-from orchestrator.identity import SpiffeId
-from orchestrator.roles import PlanningContext
+from scopegraph import Plan, Runtime, Workflow, parse_plan
+from scopegraph.agents import Planner, ScriptedPlanner
+from scopegraph.identity import SpiffeId
+from scopegraph.roles import PlanningContext
 
 from ..helpers import READ_PLAN
 

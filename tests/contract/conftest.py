@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator.store import Store, open_store
+from scopegraph.store import Store, open_store
 
 POSTGRES_URL = os.environ.get("SCOPEGRAPH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"

@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 import time
 
-from orchestrator.canonical import canonical_json
-from orchestrator.ledger import record_hash
-from orchestrator.store import open_store
+from scopegraph.canonical import canonical_json
+from scopegraph.ledger import record_hash
+from scopegraph.store import open_store
 
 
 def append(url: str, writer: str, count: int) -> None:

@@ -12,10 +12,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator.errors import ConfigError, StoreError
-from orchestrator.store import open_store
-from orchestrator.store import postgres as pg
-from orchestrator.store.postgres import Migration, PostgresStore, checkpointer_for_postgres, redact_url
+from scopegraph.errors import ConfigError, StoreError
+from scopegraph.store import open_store
+from scopegraph.store import postgres as pg
+from scopegraph.store.postgres import Migration, PostgresStore, checkpointer_for_postgres, redact_url
 
 from .conftest import closed_port
 from .test_store_contract import append, assert_one_chain, grant, race, run

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agents.demo import TASK, build_workflow
-from orchestrator import Runtime
-from orchestrator.ledger import Ledger
+from scopegraph import Runtime
+from scopegraph.agents.demo import TASK, build_workflow
+from scopegraph.ledger import Ledger
 
 from .conftest import Backend
 

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from orchestrator.canonical import canonical_json
-from orchestrator.errors import StoreError
-from orchestrator.ledger import GENESIS, record_hash
-from orchestrator.store import (
+from scopegraph.canonical import canonical_json
+from scopegraph.errors import StoreError
+from scopegraph.ledger import GENESIS, record_hash
+from scopegraph.store import (
     CallRecord,
     GrantRecord,
     LedgerHead,

@@ -35,12 +35,12 @@ import sys
 import time
 from typing import Any
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.approvals import ApprovalService
-from orchestrator.clock import FixedClock
-from orchestrator.errors import ApprovalError
-from orchestrator.store import open_store
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.approvals import ApprovalService
+from scopegraph.clock import FixedClock
+from scopegraph.errors import ApprovalError
+from scopegraph.store import open_store
 
 CRASH = os.environ.get("SCOPEGRAPH_TEST_CRASH", "")
 INITIATOR = "alice"

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import RunReport, Runtime, ScopegraphError, Workflow, tool
-from orchestrator.canonical import action_digest
-from orchestrator.clock import FixedClock
-from orchestrator.errors import ApprovalError, RunBusyError, TransientToolError
-from orchestrator.gateway import RetrySettings
+from scopegraph import RunReport, Runtime, ScopegraphError, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.canonical import action_digest
+from scopegraph.clock import FixedClock
+from scopegraph.errors import ApprovalError, RunBusyError, TransientToolError
+from scopegraph.gateway import RetrySettings
 
 INITIATOR = "alice"
 ARGS_A: dict[str, Any] = {"employee": "e-17", "amount": 4250, "vendor": "Rail Europe"}

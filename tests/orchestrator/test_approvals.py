@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import RunReport, Runtime, Workflow, tool
-from orchestrator.approvals import ApprovalRequest, ApprovalService, ApproverRule
-from orchestrator.canonical import action_digest
-from orchestrator.clock import FixedClock
-from orchestrator.errors import ApprovalError
-from orchestrator.gateway import APPROVAL_POLICY_ID, CallContext, CallResult
-from orchestrator.plan import parse_plan
-from orchestrator.store import SqliteStore
+from scopegraph import RunReport, Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.approvals import ApprovalRequest, ApprovalService, ApproverRule
+from scopegraph.canonical import action_digest
+from scopegraph.clock import FixedClock
+from scopegraph.errors import ApprovalError
+from scopegraph.gateway import APPROVAL_POLICY_ID, CallContext, CallResult
+from scopegraph.plan import parse_plan
+from scopegraph.store import SqliteStore
 
 INITIATOR = "alice"
 ARGS_A: dict[str, Any] = {"employee": "e-17", "amount": 4250, "vendor": "Rail Europe"}
@@ -138,7 +138,7 @@ def assert_refused_by_approval(result: CallResult, fragment: str) -> None:
 
 def two_person_policy(tmp_path: Path) -> Path:
     """The baseline, except that a write needs two distinct approvers."""
-    text = resources.files("policies").joinpath("baseline.cedar").read_text()
+    text = resources.files("scopegraph.policies").joinpath("baseline.cedar").read_text()
     head = '@id("writes-need-approval")\n@escalate\n'
     clause = 'when { context.risk == "write" }\nunless { context.approved };'
     assert head in text and clause in text, "the baseline changed; update this copy"
@@ -280,7 +280,7 @@ def test_an_approval_does_not_survive_a_policy_change(
     first.close()
 
     changed = tmp_path / "baseline-edited.cedar"
-    changed.write_text(resources.files("policies").joinpath("baseline.cedar").read_text()
+    changed.write_text(resources.files("scopegraph.policies").joinpath("baseline.cedar").read_text()
                        + "\n// edited after the approval was given\n")
     second = open_runtime(make_workflow(effects, policies=[changed]))
     assert second.policy.version != approved_under

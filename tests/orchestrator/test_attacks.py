@@ -14,16 +14,15 @@ from typing import Any
 
 import pytest
 
-import policies
-from agents import DirectExecutor
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.credentials import CLOCK_SKEW_SECONDS
-from orchestrator.errors import PolicyError, StoreError
-from orchestrator.gateway import CallContext, CallResult
-from orchestrator.identity import TrustDomain
-from orchestrator.roles import PlanningContext, StepContext
-from orchestrator.store import SqliteStore
+from scopegraph import Runtime, Workflow, policies, tool
+from scopegraph.agents import DirectExecutor
+from scopegraph.clock import FixedClock
+from scopegraph.credentials import CLOCK_SKEW_SECONDS
+from scopegraph.errors import PolicyError, StoreError
+from scopegraph.gateway import CallContext, CallResult
+from scopegraph.identity import TrustDomain
+from scopegraph.roles import PlanningContext, StepContext
+from scopegraph.store import SqliteStore
 
 from ..helpers import assert_all_revoked, mint_grant
 

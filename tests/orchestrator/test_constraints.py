@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from orchestrator.constraints import (
+from scopegraph.constraints import (
     AnyValue,
     Constraint,
     Exact,
@@ -20,8 +20,8 @@ from orchestrator.constraints import (
     Range,
     narrows,
 )
-from orchestrator.errors import PlanError
-from orchestrator.plan import parse_plan
+from scopegraph.errors import PlanError
+from scopegraph.plan import parse_plan
 
 NAN = float("nan")
 INF = float("inf")

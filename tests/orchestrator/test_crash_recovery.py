@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.approvals import ApprovalService
-from orchestrator.clock import SystemClock
-from orchestrator.store import SqliteStore
+from scopegraph.approvals import ApprovalService
+from scopegraph.clock import SystemClock
+from scopegraph.store import SqliteStore
 
 WORKER = Path(__file__).with_name("approval_worker.py")
 RUN_ID = "crash-run"

@@ -15,26 +15,26 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import Runtime
-from orchestrator.clock import FixedClock
-from orchestrator.constraints import Exact, Prefix, Range
-from orchestrator.credentials import (
+from scopegraph import Runtime
+from scopegraph.clock import FixedClock
+from scopegraph.constraints import Exact, Prefix, Range
+from scopegraph.credentials import (
     CLOCK_SKEW_SECONDS,
     DEFAULT_TTL_SECONDS,
     MAX_TTL_SECONDS,
     Grant,
     GrantIssuer,
 )
-from orchestrator.errors import (
+from scopegraph.errors import (
     ConfigError,
     GrantError,
     GrantExhaustedError,
     GrantExpiredError,
     GrantRevokedError,
 )
-from orchestrator.identity import TrustDomain
-from orchestrator.plan import Step
-from orchestrator.store import SqliteStore
+from scopegraph.identity import TrustDomain
+from scopegraph.plan import Step
+from scopegraph.store import SqliteStore
 
 Mint = Callable[..., tuple[Grant, Any]]
 

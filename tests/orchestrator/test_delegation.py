@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 
-import policies
-from agents import ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.constraints import AnyValue, Exact, OneOf, Range
-from orchestrator.credentials import Grant
-from orchestrator.errors import ConfigError, GrantError, GrantScopeError
-from orchestrator.plan import Step
-from orchestrator.roles import DelegationResult, NeedsApproval, PlanningContext, StepContext
+from scopegraph import Runtime, Workflow, policies, tool
+from scopegraph.agents import ScriptedPlanner
+from scopegraph.clock import FixedClock
+from scopegraph.constraints import AnyValue, Exact, OneOf, Range
+from scopegraph.credentials import Grant
+from scopegraph.errors import ConfigError, GrantError, GrantScopeError
+from scopegraph.plan import Step
+from scopegraph.roles import DelegationResult, NeedsApproval, PlanningContext, StepContext
 
 from ..helpers import assert_all_revoked, mint_grant
 
@@ -658,8 +657,8 @@ def test_each_delegation_spends_a_use_of_the_parent_so_children_cannot_multiply_
 
 
 def test_trace_and_usage_report_show_a_delegated_run(start: Callable[..., Runtime]) -> None:
-    from orchestrator.trace_view import build_trace, render_trace
-    from orchestrator.usage_report import build_report
+    from scopegraph.trace_view import build_trace, render_trace
+    from scopegraph.usage_report import build_report
 
     sub = SubPlanner({"steps": [child("c1", key=exact("alpha"), limit=span(1, 10))]})
     rt = start(PARENT_LOOK, Parent("look", sub, Children()))

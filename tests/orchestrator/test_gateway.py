@@ -15,14 +15,13 @@ from typing import Any
 import jwt
 import pytest
 
-import policies
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.credentials import CLOCK_SKEW_SECONDS, DEFAULT_TTL_SECONDS, Grant
-from orchestrator.errors import GrantRevokedError, TransientToolError
-from orchestrator.gateway import CallContext, CallResult
-from orchestrator.identity import TrustDomain
-from orchestrator.store import SqliteStore
+from scopegraph import Runtime, Workflow, policies, tool
+from scopegraph.clock import FixedClock
+from scopegraph.credentials import CLOCK_SKEW_SECONDS, DEFAULT_TTL_SECONDS, Grant
+from scopegraph.errors import GrantRevokedError, TransientToolError
+from scopegraph.gateway import CallContext, CallResult
+from scopegraph.identity import TrustDomain
+from scopegraph.store import SqliteStore
 
 from ..helpers import mint_grant
 

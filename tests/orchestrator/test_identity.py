@@ -12,13 +12,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agents import DirectExecutor
-from orchestrator import Runtime, Workflow
-from orchestrator.clock import FixedClock
-from orchestrator.errors import IdentityError
-from orchestrator.identity import SVID_TTL_SECONDS, SpiffeId, TrustDomain
-from orchestrator.roles import StepContext, ToolHandle
-from orchestrator.store import SqliteStore
+from scopegraph import Runtime, Workflow
+from scopegraph.agents import DirectExecutor
+from scopegraph.clock import FixedClock
+from scopegraph.errors import IdentityError
+from scopegraph.identity import SVID_TTL_SECONDS, SpiffeId, TrustDomain
+from scopegraph.roles import StepContext, ToolHandle
+from scopegraph.store import SqliteStore
 
 from ..helpers import mint_grant
 

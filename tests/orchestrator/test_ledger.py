@@ -23,14 +23,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents import DirectExecutor
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.cli import main
-from orchestrator.clock import FixedClock
-from orchestrator.identity import TrustDomain
-from orchestrator.ledger import GENESIS, Ledger, VerifyResult, record_hash
-from orchestrator.roles import StepContext
-from orchestrator.store import SqliteStore
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor
+from scopegraph.cli import main
+from scopegraph.clock import FixedClock
+from scopegraph.identity import TrustDomain
+from scopegraph.ledger import GENESIS, Ledger, VerifyResult, record_hash
+from scopegraph.roles import StepContext
+from scopegraph.store import SqliteStore
 
 from ..helpers import READ_PLAN, STANDARD_TOOLS
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator import Plan, ToolRegistry, parse_plan, tool, validate_plan
-from orchestrator.constraints import Prefix
-from orchestrator.errors import PlanError
+from scopegraph import Plan, ToolRegistry, parse_plan, tool, validate_plan
+from scopegraph.constraints import Prefix
+from scopegraph.errors import PlanError
 
 from ..helpers import STANDARD_TOOLS
 

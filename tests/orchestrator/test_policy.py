@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-import policies
-from orchestrator import Runtime, ToolRegistry, Workflow, tool
-from orchestrator.errors import PolicyError
-from orchestrator.identity import SpiffeId
-from orchestrator.policy import CallRequest, CedarPolicyEngine
+from scopegraph import Runtime, ToolRegistry, Workflow, policies, tool
+from scopegraph.errors import PolicyError
+from scopegraph.identity import SpiffeId
+from scopegraph.policy import CallRequest, CedarPolicyEngine
 
 BASELINE = Path(policies.__file__).parent / "baseline.cedar"
 EXECUTOR = SpiffeId.parse("spiffe://example.org/wf/w/run/r1/step/s1/executor")

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.constraints import AnyValue, Exact, OneOf, Pattern, Prefix, Range
-from orchestrator.provenance import Observation, Origin, fixed_by_plan, trace_arguments
+from scopegraph.constraints import AnyValue, Exact, OneOf, Pattern, Prefix, Range
+from scopegraph.provenance import Observation, Origin, fixed_by_plan, trace_arguments
 
 ANY = AnyValue()
 

@@ -17,13 +17,12 @@ from typing import Any
 
 import pytest
 
-import policies
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.credentials import Grant
-from orchestrator.gateway import CallContext, CallResult
-from orchestrator.provenance import Observation
-from orchestrator.roles import NeedsApproval, StepContext, ToolHandle
+from scopegraph import Runtime, Workflow, policies, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.credentials import Grant
+from scopegraph.gateway import CallContext, CallResult
+from scopegraph.provenance import Observation
+from scopegraph.roles import NeedsApproval, StepContext, ToolHandle
 
 from ..helpers import assert_all_revoked, mint_grant
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator import RunReport, Runtime, Workflow, tool
-from orchestrator.roles import FAILURE_KINDS, PlanningContext, ReplanRequested, StepContext, StepFailure
+from scopegraph import RunReport, Runtime, Workflow, tool
+from scopegraph.roles import FAILURE_KINDS, PlanningContext, ReplanRequested, StepContext, StepFailure
 
 from ..helpers import assert_all_revoked
 
@@ -471,7 +471,7 @@ def test_every_attempt_of_a_re_planned_step_has_a_fresh_grant(
 
 def test_the_trace_shows_the_revised_plan_and_each_re_plan(
         start: Callable[..., tuple[Runtime, Replanner]]) -> None:
-    from orchestrator.trace_view import build_trace, render_trace
+    from scopegraph.trace_view import build_trace, render_trace
 
     original = {"steps": [look(depends_on=(), key=exact("alpha"))]}
     loose = {"steps": [look("look2", depends_on=(), key=one_of("alpha", "gamma"))]}

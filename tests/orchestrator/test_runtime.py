@@ -17,13 +17,13 @@ from typing import Any
 import jwt
 import pytest
 
-from agents import DirectExecutor
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.credentials import Grant, GrantIssuer
-from orchestrator.errors import ConfigError
-from orchestrator.gateway import Gateway
-from orchestrator.roles import PlanningContext, StepContext, ToolHandle
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor
+from scopegraph.clock import FixedClock
+from scopegraph.credentials import Grant, GrantIssuer
+from scopegraph.errors import ConfigError
+from scopegraph.gateway import Gateway
+from scopegraph.roles import PlanningContext, StepContext, ToolHandle
 
 from ..helpers import READ_PLAN, STANDARD_TOOLS, assert_all_revoked, mint_grant
 

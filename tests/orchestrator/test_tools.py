@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator import Risk, Runtime, Tool, ToolRegistry, Workflow, tool
-from orchestrator.errors import ToolArgumentsError, ToolError, UnknownToolError
+from scopegraph import Risk, Runtime, Tool, ToolRegistry, Workflow, tool
+from scopegraph.errors import ToolArgumentsError, ToolError, UnknownToolError
 
 from ..helpers import assert_all_revoked
 

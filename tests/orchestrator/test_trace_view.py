@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.approvals import ApprovalService
-from orchestrator.clock import FixedClock
-from orchestrator.errors import ConfigError, TransientToolError
-from orchestrator.gateway import RetrySettings
-from orchestrator.roles import StepContext
-from orchestrator.trace_view import build_trace, render_trace
+from scopegraph import Runtime, Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.approvals import ApprovalService
+from scopegraph.clock import FixedClock
+from scopegraph.errors import ConfigError, TransientToolError
+from scopegraph.gateway import RetrySettings
+from scopegraph.roles import StepContext
+from scopegraph.trace_view import build_trace, render_trace
 
 START = 1_800_000_000.0
 JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
-import policies as shipped
-from agents import DirectExecutor
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.errors import TransientToolError
-from orchestrator.roles import StepContext
+from scopegraph import Runtime, Workflow, tool
+from scopegraph import policies as shipped
+from scopegraph.agents import DirectExecutor
+from scopegraph.clock import FixedClock
+from scopegraph.errors import TransientToolError
+from scopegraph.roles import StepContext
 
 from ..helpers import READ_PLAN, STANDARD_TOOLS, assert_all_revoked
 from ..otel_capture import Capture, by_name, children, is_error, one, otel, parent_of, run_spans

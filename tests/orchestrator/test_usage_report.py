@@ -10,14 +10,13 @@ from typing import Any
 import cedarpy
 import pytest
 
-import policies
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Runtime, Workflow, tool
-from orchestrator.clock import FixedClock
-from orchestrator.errors import TransientToolError
-from orchestrator.gateway import RetrySettings
-from orchestrator.roles import StepContext
-from orchestrator.usage_report import build_report, render_report
+from scopegraph import Runtime, Workflow, policies, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+from scopegraph.clock import FixedClock
+from scopegraph.errors import TransientToolError
+from scopegraph.gateway import RetrySettings
+from scopegraph.roles import StepContext
+from scopegraph.usage_report import build_report, render_report
 
 START = 1_800_000_000.0
 BASELINE = Path(policies.__file__).parent / "baseline.cedar"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.store import Store, open_store
+from scopegraph.store import Store, open_store
 from tests.contract.conftest import closed_port, postgres_schema, postgres_store_url, postgres_url  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ class Cluster:
         return {**os.environ, "SCOPEGRAPH_TEST_LOG": str(self.log), "PYTHONWARNINGS": "error"}
 
     def argv(self, *args: str, store: str | None = None) -> list[str]:
-        return [sys.executable, "-m", "orchestrator.cli", "--store", store or self.url, *args]
+        return [sys.executable, "-m", "scopegraph.cli", "--store", store or self.url, *args]
 
     def cli(self, *args: str, store: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args, store=store), cwd=ROOT, env=self.env(), capture_output=True,

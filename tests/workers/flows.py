@@ -11,8 +11,8 @@ import os
 import signal
 from typing import Any
 
-from agents import DirectExecutor, ScriptedPlanner
-from orchestrator import Workflow, tool
+from scopegraph import Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
 
 
 def _effect(line: str) -> None:

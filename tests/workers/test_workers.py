@@ -10,9 +10,9 @@ import time
 import psycopg
 import pytest
 
-from orchestrator import Runtime
-from orchestrator.approvals import ApprovalRequest
-from orchestrator.loader import load_workflow
+from scopegraph import Runtime
+from scopegraph.approvals import ApprovalRequest
+from scopegraph.loader import load_workflow
 from tests.contract.conftest import closed_port
 from tests.helpers import mint_grant
 
@@ -109,7 +109,7 @@ def test_a_revoked_grant_is_refused_by_every_worker_before_its_next_use(
         # A third process (an operator, another worker) revokes it in the shared store.
         revoke = subprocess.run(
             [sys.executable, "-c",
-             "import sys; from orchestrator.store import open_store; s = open_store(sys.argv[1]); "
+             "import sys; from scopegraph.store import open_store; s = open_store(sys.argv[1]); "
              "print(s.revoke_grant(sys.argv[2], reason='operator', at=__import__('time').time())); s.close()",
              cluster.url, grant.jti],
             cwd=ROOT, capture_output=True, text=True, timeout=60)
