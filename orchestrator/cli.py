@@ -10,6 +10,7 @@ import argparse
 import getpass
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="*", help="policy files or directories (default: the baseline)")
     validate.add_argument("--workflow", help="MODULE:ATTR whose tools type the arguments")
     validate.add_argument("--json", action="store_true")
+
+    init = sub.add_parser("init", help="scaffold a workflow module, a starter policy and a test")
+    init.add_argument("dir", nargs="?", default=".", help="where to write them (default: here)")
     return parser
 
 
@@ -195,6 +199,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _bundle(args)
     if args.command == "policy":
         return _policy_validate(args)
+    if args.command == "init":
+        return _init(args)
     raise UsageError(f"scopegraph: unknown command {args.command!r}")  # pragma: no cover
 
 
@@ -424,6 +430,20 @@ def _policy_validate(args: argparse.Namespace) -> int:
     engine = CedarPolicyEngine.from_paths(args.paths or None, tools)
     out: dict[str, Any] = {"valid": True, "files": list(engine.files), "version": engine.version}
     print(json.dumps(out) if args.json else f"ok: {len(engine.files)} file(s) valid, version {engine.version}")
+    return EXIT_OK
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .scaffold import EXAMPLE_TASK, TARGET, scaffold
+
+    written = scaffold(args.dir)
+    for path in written:
+        print(f"created {path}")
+    where = "" if os.path.abspath(args.dir) == os.getcwd() else f" (in {shlex.quote(args.dir)})"
+    print(f"next{where}:")
+    print(f"  scopegraph run {TARGET} --task {shlex.quote(EXAMPLE_TASK)}"
+          "   # the payment waits for bob's approval (exit 3)")
+    print("  pytest")
     return EXIT_OK
 
 
