@@ -16,9 +16,16 @@ class DirectExecutor:
     """Calls the step's tool once, with arguments taken from the plan and the dependencies.
 
     For each constrained argument: an ``exact`` value is used as is, ``one_of`` takes its
-    first value, and any other constraint takes the value of the same name from the
-    dependencies' results (a mapping result exposes its keys). ``builders`` may supply
-    arguments for a tool by name when neither source has them.
+    first value, and any other constraint (``prefix``, ``pattern``, ``range``, ``any``) takes
+    the value of the same name from the dependencies' results (a mapping result exposes its
+    keys). An argument neither source has needs a builder: ``builders`` maps a tool name to
+    a function of the ``StepContext`` returning some of that tool's arguments, e.g.
+    ``DirectExecutor(builders={"read_receipt": lambda ctx: {"path": "/receipts/2026/r-1.json"}})``.
+    What a builder returns is checked by the gateway like any other call.
+
+    Raises:
+        ToolArgumentsError: from ``execute``, when an argument has no value from any source;
+            the step then fails with that message.
     """
 
     def __init__(self, builders: Mapping[str, ArgumentBuilder] | None = None) -> None:
@@ -39,7 +46,8 @@ class DirectExecutor:
                 found = _from_dependencies(name, ctx.dependencies)
                 if found is _MISSING:
                     raise ToolArgumentsError(
-                        f"step {ctx.step.id!r}: no value for argument {name!r} in the plan or its dependencies"
+                        f"step {ctx.step.id!r}: no value for argument {name!r} in the plan or its dependencies;"
+                        f" give DirectExecutor(builders={{{ctx.step.tool!r}: ...}}) a function that supplies it"
                     )
                 args[name] = found
         return args

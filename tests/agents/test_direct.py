@@ -94,3 +94,11 @@ def test_a_missing_value_fails_the_step_with_a_clear_reason(make_workflow: Calla
     [step] = report.steps
     assert step.status == "failed" and "no value for argument 'path'" in step.reason
     assert CALLS == [] and report.status == "failed"
+
+
+def test_a_missing_value_names_the_builder_that_would_supply_it(make_workflow: Callable[..., Workflow],
+                                                                make_runtime: Callable[..., Runtime]) -> None:
+    steps = [{"id": "f", "tool": "fetch", "constraints": {"path": {"kind": "any"}}}]
+    report = run(make_workflow, make_runtime, steps, DirectExecutor(), "direct-missing-builder")
+    [step] = report.steps
+    assert "DirectExecutor(builders={'fetch': ...})" in step.reason
