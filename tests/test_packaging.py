@@ -31,8 +31,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"orchestrator": "scopegraph", "agents": "scopegraph/agents", "policies": "scopegraph/policies"}
 
-# Building isolates setuptools from this environment: pip fetches it from the package index.
-pytestmark = pytest.mark.network
+# Builds use this environment's setuptools (the dev extra pins it): nothing is downloaded.
+NO_DOWNLOAD = ("--no-build-isolation", "--no-index")
 
 
 def source_copy(into: Path) -> Path:
@@ -55,16 +55,30 @@ def shipped_files() -> set[str]:
     return names
 
 
-def pip(*args: str, cwd: Path | None = None) -> None:
+def build_tools(into: Path) -> Path:
+    """This environment's setuptools and wheel, alone on a path: what a build without isolation
+    needs inside a fresh venv (pip builds there), and nothing else from this environment."""
+    into.mkdir(parents=True, exist_ok=True)
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for entry in purelib.iterdir():
+        name = entry.name.lower()
+        if name.split("-")[0] in ("setuptools", "pkg_resources", "_distutils_hack", "wheel", "distutils") \
+                and not (into / entry.name).exists():
+            (into / entry.name).symlink_to(entry)
+    return into
+
+
+def pip(*args: str, cwd: Path | None = None, tools: Path | None = None) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tools)} if tools is not None else None
     done = subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
-    pip("wheel", "--no-deps", "-w", str(work / "dist"), str(source_copy(work / "src")))
+    pip("wheel", *NO_DOWNLOAD, "--no-deps", "-w", str(work / "dist"), str(source_copy(work / "src")))
     (built,) = (work / "dist").glob("scopegraph-*.whl")
     return built
 
@@ -110,12 +124,12 @@ def fresh_venv(root: Path, *install: str) -> Venv:
     python = root / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
-    pip("--python", str(python), "install", "--no-deps", *install)
+    pip("--python", str(python), "install", *NO_DOWNLOAD, "--no-deps", *install, tools=build_tools(root / "tools"))
     installed = frozenset(p.name for p in site.iterdir())
     # Another distribution's top-level `agents` (as the OpenAI Agents SDK has), installed after ours.
     other = make_wheel(root, "other_agents", "1.0",
                        {"agents/__init__.py": '"""Another library\'s agents package."""\nOWNER = "other"\n'})
-    pip("--python", str(python), "install", "--no-deps", str(other))
+    pip("--python", str(python), "install", *NO_DOWNLOAD, "--no-deps", str(other))
     # Our dependencies, borrowed from this environment by a plain path line (no import hooks run).
     borrowed = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "zz_borrowed_dependencies.pth").write_text("".join(f"{p}\n" for p in borrowed))
