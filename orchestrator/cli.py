@@ -262,8 +262,10 @@ def _prompt_and_resume(rt: Any, report: Any) -> Any:
 
 
 def _still_paused(rt: Any, run_id: str) -> str:
+    import shlex
+
     store = "" if rt.store.url == os.environ.get("SCOPEGRAPH_STORE", DEFAULT_STORE_URL) \
-        else f" --store {rt.store.url}"
+        else f" --store {shlex.quote(rt.store.url)}"
     return (f"interrupted; run {run_id} is still paused: answer with `scopegraph{store} approvals list "
             f"--run {run_id}` and `scopegraph{store} approve|deny ID --as NAME`, then continue with "
             f"`scopegraph{store} resume {run_id}`")
