@@ -11,17 +11,22 @@ expires: ``consume`` is atomic in the store.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from .canonical import sha256_hex
 from .clock import Clock
-from .errors import ApprovalError
+from .constraints import Constraint
+from .errors import ApprovalError, ToolArgumentsError
 from .ledger import Ledger
 from .store import Store
+
+if TYPE_CHECKING:
+    from .tools import Tool
 
 ApprovalStatus = Literal["pending", "approved", "denied", "expired", "consumed"]
 DEFAULT_APPROVAL_TTL_SECONDS = 15 * 60.0
@@ -76,6 +81,24 @@ class ApprovalRequest(BaseModel):
     @property
     def approvers(self) -> list[str]:
         return [v.approver for v in self.approvals]
+
+    @property
+    def still_needed(self) -> int:
+        """How many more distinct approvers a pending request needs (0 once answered)."""
+        if self.status != "pending":
+            return 0
+        return max(0, self.required_approvals - len(set(self.approvers)))
+
+    def answers(self) -> list[dict[str, Any]]:
+        """Every answer so far, in the order given: who, approve or deny, why, and for a
+        denial the arguments it proposed instead (``None`` when it proposed none)."""
+        given: list[dict[str, Any]] = [
+            {"approver": v.approver, "answer": "approve", "reason": v.reason, "at": v.at}
+            for v in self.approvals]
+        if self.denial is not None:
+            given.append({"approver": self.denial.approver, "answer": "deny", "reason": self.denial.reason,
+                          "at": self.denial.at, "proposed_arguments": self.proposed_arguments})
+        return sorted(given, key=lambda g: g["at"])
 
 
 def approval_id(run_id: str, step_id: str, digest: str, sequence: int = 0) -> str:
@@ -246,3 +269,89 @@ class ApprovalService:
         # process can answer it without loading the workflow's code.
         if approver not in a.allowed_approvers:
             raise ApprovalError(f"{approver!r} is not an allowed approver for tool {a.tool!r}")
+
+
+_CONSTRAINTS: TypeAdapter[dict[str, Constraint]] = TypeAdapter(dict[str, Constraint])
+
+
+def step_constraints(ledger: Ledger, run_id: str, step_id: str) -> dict[str, Constraint] | None:
+    """The constraints of the last grant minted for ``step_id``, from the audit ledger;
+    ``None`` when the ledger holds no grant of that step."""
+    found = None
+    for record in ledger.records(run_id):
+        if record["kind"] == "grant_minted" and record.get("step_id") == step_id:
+            found = record.get("constraints")
+    if found is None:
+        return None
+    try:
+        return _CONSTRAINTS.validate_python(found)
+    except ValidationError:
+        return None
+
+
+def check_proposal(request: ApprovalRequest, propose: Mapping[str, Any], *, tool: Tool | None,
+                   constraints: Mapping[str, Constraint] | None) -> dict[str, Any]:
+    """Check a counter-proposal before it is recorded: the call it makes (the request's
+    arguments with the proposed ones put in) must fit the tool's schema and the step's
+    constraints, and differ from the request. Returns that call, normalised.
+
+    Without ``tool`` only the argument names are checked (against the request's call);
+    without ``constraints`` nothing is checked against the step's scope. The run checks
+    everything again when it makes the call: this catches a mistake while its author is
+    still at the keyboard.
+
+    Raises:
+        ApprovalError: the proposal names an unknown argument, has a value of the wrong
+            type, lies outside the step's constraints, or changes nothing.
+    """
+    prefix = f"the proposal for {request.id!r} is refused"
+    merged = {**request.arguments, **propose}
+    if tool is not None:
+        try:
+            merged = tool.validate_arguments(merged)
+        except ToolArgumentsError as exc:
+            raise ApprovalError(f"{prefix}: {exc}") from None
+    else:
+        unknown = sorted(set(propose) - set(request.arguments))
+        if unknown:
+            raise ApprovalError(f"{prefix}: tool {request.tool!r} takes no argument {unknown[0]!r}")
+    if constraints is not None:
+        for name in sorted(propose):
+            if name not in constraints:
+                raise ApprovalError(f"{prefix}: argument {name!r} is not in the scope of step {request.step_id!r}")
+        for name, constraint in constraints.items():
+            # The value stays out of the message, as in the gateway's scope denials.
+            if name in merged and not constraint.allows(merged[name]):
+                raise ApprovalError(f"{prefix}: argument {name!r} is outside the scope of step {request.step_id!r}: "
+                                    f"it must be {constraint.describe()}")
+    if _same_call(merged, request.arguments):
+        raise ApprovalError(f"{prefix}: it proposes the same call as the request")
+    return merged
+
+
+def _same_call(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+# Bidirectional overrides and isolates, and the marks: they can make text read
+# differently from what it is (an approver's reason shown to the next approver).
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def shown(text: str) -> str:
+    """``text`` as it may be printed to a terminal: control and bidirectional characters escaped."""
+    return "".join(
+        f"\\u{ord(ch):04x}" if ch in _BIDI or ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 else ch
+        for ch in text)
+
+
+def answer_text(given: Mapping[str, Any]) -> str:
+    """One answer (an item of ``ApprovalRequest.answers()``) in words: who approved or
+    denied, why, and what a denial proposed instead."""
+    verb = "approved" if given["answer"] == "approve" else "denied"
+    line = f"{verb} by {shown(given['approver'])}"
+    if given.get("reason"):
+        line += f": {shown(json.dumps(given['reason'], ensure_ascii=False))}"
+    if given.get("proposed_arguments") is not None:
+        line += f"; proposed {shown(json.dumps(given['proposed_arguments'], sort_keys=True))}"
+    return line

@@ -1,7 +1,8 @@
 """The ``scopegraph`` command.
 
 Exit codes: 0 ok; 1 a run ended denied or failed (or a check failed); 2 bad usage or
-input; 3 paused waiting for approval. Errors are one line on stderr, never a traceback.
+input; 3 paused waiting for approval; 130 interrupted (Ctrl-C) at the approval prompt,
+the run still paused. Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from .store import DEFAULT_STORE_URL
 DEMO_TARGET = "scopegraph.agents.demo:workflow"
 DEMO_TASK = "scopegraph.agents.demo:TASK"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UsageError(Exception):
     pass
+
+
+class PausedAtPrompt(Exception):
+    """Ctrl-C at the approval prompt: the run stays paused; the message says how to go on."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScopegraphError as exc:
         print(f"scopegraph: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PausedAtPrompt as exc:
+        print(f"scopegraph: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("scopegraph: interrupted", file=sys.stderr)
         return EXIT_FAILED
@@ -236,16 +245,36 @@ def _interactive() -> bool:
 
 
 def _prompt_and_resume(rt: Any, report: Any) -> Any:
-    """Ask about each pending approval at the terminal, then resume; repeat while answered."""
+    """Ask about each pending approval at the terminal, then resume; repeat while answered.
+
+    Raises:
+        PausedAtPrompt: Ctrl-C at the prompt; the run is still paused.
+    """
     from .prompt import prompt_for
 
+    nothing_pending = False
     while report.status == "paused":
         pending = rt.approvals.list(run_id=report.run_id, status="pending")
-        answered = [prompt_for(rt.approvals, a, out=sys.stdout) for a in pending]
-        if not any(answered):
-            break
+        try:
+            answered = [prompt_for(rt.approvals, a, out=sys.stdout) for a in pending]
+        except KeyboardInterrupt:
+            raise PausedAtPrompt(_still_paused(rt, report.run_id)) from None
+        # Nothing pending: answered elsewhere before the prompt asked; the run can go on (once).
+        if (pending and not any(answered)) or (not pending and nothing_pending):
+            return rt.report(report.run_id)  # read again: answers given elsewhere show as they are
+        nothing_pending = not pending
         report = rt.resume(report.run_id)
     return report
+
+
+def _still_paused(rt: Any, run_id: str) -> str:
+    import shlex
+
+    store = "" if rt.store.url == os.environ.get("SCOPEGRAPH_STORE", DEFAULT_STORE_URL) \
+        else f" --store {shlex.quote(rt.store.url)}"
+    return (f"interrupted; run {run_id} is still paused: answer with `scopegraph{store} approvals list "
+            f"--run {run_id}` and `scopegraph{store} approve|deny ID --as NAME`, then continue with "
+            f"`scopegraph{store} resume {run_id}`")
 
 
 def _print_report(report: Any, as_json: bool) -> int:
@@ -280,7 +309,7 @@ def _approval_service(args: argparse.Namespace) -> Any:
 
 
 def _approvals(args: argparse.Namespace) -> int:
-    from .prompt import describe
+    from .prompt import approval_json, describe, render_list
 
     store, service = _approval_service(args)
     try:
@@ -288,21 +317,18 @@ def _approvals(args: argparse.Namespace) -> int:
         if args.approvals_command == "show":
             a = service.get(args.approval_id)
             if args.json:
-                print(json.dumps({**a.model_dump(mode="json"), "status": a.effective_status(now)}, indent=2))
+                print(json.dumps(approval_json(a, now), indent=2))
             else:
-                print(describe(a.model_copy(update={"status": a.effective_status(now)})))
+                print(describe(a.model_copy(update={"status": a.effective_status(now)}), now))
             return EXIT_OK
         status = None if args.all else (args.status or "pending")
         items = service.list(run_id=args.run, status=status)
         if args.json:
-            print(json.dumps([{**a.model_dump(mode="json"), "status": a.effective_status(now)}
-                              for a in items], indent=2))
+            print(json.dumps([approval_json(a, now) for a in items], indent=2))
         elif not items:
             print("no approval requests" + (f" with status {status}" if status else ""))
         else:
-            for a in items:
-                print(f"{a.id}  {a.effective_status(now):<9} run {a.run_id}  step {a.step_id}  "
-                      f"{a.tool}({json.dumps(a.arguments, sort_keys=True)})")
+            print(render_list(items, now))
         return EXIT_OK
     finally:
         store.close()
@@ -352,19 +378,49 @@ def _answer(args: argparse.Namespace) -> int:
                     raise UsageError(f"scopegraph: --propose is not valid JSON: {exc.msg}") from None
                 if not isinstance(propose, dict):
                     raise UsageError("scopegraph: --propose must be a JSON object of arguments")
+                _check_proposal(store, service, args.approval_id, propose)
             a = service.deny(args.approval_id, approver=args.approver, reason=args.reason, propose=propose)
     finally:
         store.close()
     queued = a.status != "pending" and _queue_resume(args.store, a.run_id)
     if args.json:
         print(json.dumps({"id": a.id, "status": a.status, "digest": a.digest,
-                          "approvers": a.approvers, "run_id": a.run_id, "resume_queued": queued}))
+                          "approvers": a.approvers, "run_id": a.run_id, "resume_queued": queued,
+                          "required_approvals": a.required_approvals, "still_needed": a.still_needed,
+                          "answers": a.answers()}))
+    elif a.status == "pending":
+        # Resuming now would only pause again: say what is missing instead.
+        print(f"{a.id} approved by {args.approver} ({len(set(a.approvers))} of {a.required_approvals}); "
+              f"still pending: {a.still_needed} more approval(s) needed from another approver "
+              f"({', '.join(x for x in a.allowed_approvers if x not in a.approvers) or 'nobody left'}).")
     else:
-        left = a.required_approvals - len(a.approvers)
-        more = f"; {left} more approver(s) needed" if a.status == "pending" else ""
         then = "A worker will resume the run." if queued else f"Continue the run with: scopegraph resume {a.run_id}"
-        print(f"{a.id} {a.status}{more}. {then}")
+        print(f"{a.id} {a.status}. {then}")
     return EXIT_OK
+
+
+def _check_proposal(store: Any, service: Any, approval_id: str, propose: dict[str, Any]) -> None:
+    """Refuse a counter-proposal that cannot work, before anything is recorded: it must fit
+    the tool's schema (from the workflow the run started with) and the step's constraints
+    (from its grant in the ledger).
+
+    Raises:
+        ApprovalError: the proposal is refused (exit 2).
+    """
+    from .approvals import check_proposal, step_constraints
+    from .errors import ConfigError, UnknownToolError
+
+    a = service.get(approval_id)
+    record = store.get_run(a.run_id)
+    tool = None
+    try:
+        if record is None:
+            raise ConfigError(f"run {a.run_id!r} is not in the store")
+        tool = load_workflow(record.target).registry.get_tool(a.tool)
+    except (ConfigError, UnknownToolError) as exc:
+        print(f"scopegraph: warning: the proposal's types were not checked ({exc}); "
+              "the run checks them when it resumes", file=sys.stderr)
+    check_proposal(a, propose, tool=tool, constraints=step_constraints(service.ledger, a.run_id, a.step_id))
 
 
 def _queue_resume(store_url: str, run_id: str) -> bool:

@@ -268,7 +268,7 @@ class Gateway:
         if decision.outcome == "needs_approval":
             return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
                               decision=decision, attempts=attempt, grant_id=grant.jti)
-        if earlier is not None:
+        if earlier is not None and not _cut_off_read(earlier, tool):
             replayed = self._replay(earlier, tool, grant, normalized, decision, attempt)
             if self.ledger is not None:
                 self.ledger.append(
@@ -452,6 +452,13 @@ class Gateway:
             outcome=outcome, decision=decision.outcome, policy_ids=decision.policy_ids,
             at=self.clock.now(), observed=_observed(arguments),
         ))
+
+
+def _cut_off_read(earlier: CallRecord, tool: Tool) -> bool:
+    """A read that started and never finished (the process died, or Ctrl-C) runs again,
+    decided anew under the step's new grant: it changed nothing. A write or egress call
+    cut off so is reported, never repeated: it may have taken effect."""
+    return earlier.status == "started" and tool.risk.value == "read"
 
 
 def _digest(arguments: Mapping[str, Any]) -> str:

@@ -1,61 +1,282 @@
 """The terminal approval prompt: shows one exact call and asks approve or deny.
 
-It answers through ``ApprovalService`` like the CLI and the Python API do.
+It answers through ``ApprovalService`` like the CLI and the Python API do. Another
+shell may answer the same request meanwhile: the prompt reads the request again before
+each question and after each answer, and while it waits at a terminal it watches the
+store, so it says what was answered elsewhere instead of failing to record a stale
+answer. Also here: the texts that show a request's answers (``describe``, ``tally``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
-from .approvals import ApprovalRequest, ApprovalService
+from .approvals import ApprovalRequest, ApprovalService, answer_text, shown
 from .errors import ApprovalError
 
 
-def describe(a: ApprovalRequest) -> str:
-    """A human-readable view of one request: what, why, and what the run has touched."""
+def relative(seconds: float) -> str:
+    """A duration from now, the way people say it: ``in 14m``, ``3h ago``."""
+    span = abs(seconds)
+    if span < 60:
+        amount = f"{int(span)}s"
+    elif span < 3600:
+        amount = f"{int(span // 60)}m"
+    elif span < 86400:
+        amount = f"{int(span // 3600)}h"
+    else:
+        amount = f"{int(span // 86400)}d"
+    return f"in {amount}" if seconds >= 0 else f"{amount} ago"
+
+
+def tally(a: ApprovalRequest, now: float) -> str:
+    """The answers so far in a few words: ``1/2 approved``, ``denied by bob``, ``expired``."""
+    state = a.effective_status(now)
+    approved = f"{len(set(a.approvers))}/{a.required_approvals} approved"
+    if a.denial is not None:
+        return f"denied by {shown(a.denial.approver)}" + (f" ({approved})" if a.approvals else "")
+    if state == "expired":
+        return f"expired ({approved})"
+    return approved
+
+
+def still_needed_text(a: ApprovalRequest) -> str:
+    """``1 more approval needed`` while a request waits for more approvers, else ``""``."""
+    left = a.still_needed
+    if left <= 0:
+        return ""
+    return f"{left} more approval{'s' if left > 1 else ''} needed"
+
+
+def answer_lines(a: ApprovalRequest) -> list[str]:
+    """One line per answer: who approved or denied, why, and what a denial proposed."""
+    return [answer_text(given) for given in a.answers()]
+
+
+def describe(a: ApprovalRequest, now: float | None = None) -> str:
+    """A human-readable view of one request: what, why, what the run has touched, and
+    every answer so far (with ``now``, also when it expires)."""
     lines = [
         f"approval {a.id}  ({a.status})",
         f"  run        {a.run_id}  step {a.step_id}  workflow {a.workflow}",
         f"  requested  by {a.requester}",
-        f"  started by {a.initiator}",
-        f"  call       {a.tool}({json.dumps(a.arguments, sort_keys=True)})",
+        f"  started by {shown(a.initiator)}",
+        f"  call       {a.tool}({shown(json.dumps(a.arguments, sort_keys=True))})",
         f"  risk       {a.risk}",
-        f"  purpose    {a.purpose or '-'}",
-        f"  why        {'; '.join(a.reasons)}  [{', '.join(a.policy_ids)}]",
+        f"  purpose    {shown(a.purpose) or '-'}",
+        f"  why        {shown('; '.join(a.reasons))}  [{', '.join(a.policy_ids)}]",
         f"  run has touched: {', '.join(a.data_labels) or 'no labelled data'}",
         f"  digest     {a.digest}",
-        f"  needs      {a.required_approvals} approver(s) from {', '.join(a.allowed_approvers) or 'nobody'}"
-        + (f"; so far: {', '.join(a.approvers)}" if a.approvals else ""),
+        f"  needs      {a.required_approvals} approver(s) from {', '.join(a.allowed_approvers) or 'nobody'}",
     ]
+    answers = answer_lines(a)
+    for i, line in enumerate(answers):
+        lines.append(f"  {'answers' if i == 0 else '':<10} {line}")
+    if a.required_approvals > 1 or a.approvals:
+        lines.append(f"  so far     {'; '.join(filter(None, [tally(a, now or 0.0), still_needed_text(a)]))}")
+    if now is not None and a.effective_status(now) in ("pending", "approved"):
+        lines.append(f"  expires    {relative(a.expires_at - now)}")
     return "\n".join(lines)
+
+
+class TerminalReader:
+    """Reads answers line by line from a file descriptor (a terminal), and while it waits
+    asks ``changed`` every ``poll`` seconds whether the question is still worth asking."""
+
+    def __init__(self, stream: TextIO | int, out: TextIO, *, poll: float = 1.0) -> None:
+        self.fd = stream if isinstance(stream, int) else stream.fileno()
+        self.out = out
+        self.poll = poll
+        self._rest = b""  # what was read past the end of the last line
+
+    def read(self, question: str, changed: Callable[[], bool]) -> str | None:
+        """The next line typed, or ``None`` if ``changed`` said so first.
+
+        Raises:
+            EOFError: the input ended.
+        """
+        self.out.write(question)
+        self.out.flush()
+        while b"\n" not in self._rest:
+            ready, _, _ = select.select([self.fd], [], [], self.poll)
+            if not ready:
+                if changed():
+                    self._drop_typed_ahead()
+                    self.out.write("\n")
+                    self.out.flush()
+                    return None
+                continue
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                if not self._rest:
+                    raise EOFError
+                self._rest += b"\n"
+                break
+            self._rest += chunk
+        line, _, self._rest = self._rest.partition(b"\n")
+        return line.decode("utf-8", errors="replace").rstrip("\r")
+
+    def _drop_typed_ahead(self) -> None:
+        # Half an answer typed to the old question must not become the start of the next one.
+        self._rest = b""
+        if os.isatty(self.fd):
+            import termios  # POSIX only, like the terminal it flushes
+
+            termios.tcflush(self.fd, termios.TCIFLUSH)
+
+
+class _Prompt:
+    """One request at the terminal, kept in step with the store."""
+
+    def __init__(self, service: ApprovalService, a: ApprovalRequest, ask: Callable[[str], str] | None,
+                 out: TextIO, reader: TerminalReader | None) -> None:
+        self.service = service
+        self.id = a.id
+        self.ask = ask
+        self.out = out
+        self.reader = reader
+        self.current = service.get(a.id)  # read again: it may have been answered since it was listed
+
+    def _now(self) -> float:
+        return self.service.clock.now()
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def _pending(self) -> bool:
+        return self.current.effective_status(self._now()) == "pending"
+
+    def _changed(self) -> bool:
+        return _signature(self.service.get(self.id), self._now()) != _signature(self.current, self._now())
+
+    def _refresh(self) -> bool:
+        """Read the request again and say what changed; return whether it is still pending."""
+        fresh = self.service.get(self.id)
+        now = self._now()
+        if _signature(fresh, now) != _signature(self.current, now):
+            seen = {(g["approver"], g["answer"], g["at"]) for g in self.current.answers()}
+            news = [line for g, line in zip(fresh.answers(), answer_lines(fresh), strict=True)
+                    if (g["approver"], g["answer"], g["at"]) not in seen]
+            for line in news:
+                self._say(f"meanwhile, elsewhere: {line}")
+            self.current = fresh
+            self._say(self._status_line())
+        self.current = fresh
+        return self._pending()
+
+    def _status_line(self) -> str:
+        state = self.current.effective_status(self._now())
+        if state == "pending":
+            return f"approval {self.id} is still pending: " + "; ".join(
+                filter(None, [tally(self.current, self._now()), still_needed_text(self.current)]))
+        if state == "expired":
+            return f"approval {self.id} expired before it was answered; nothing to record here"
+        return f"approval {self.id} is {state} ({tally(self.current, self._now())}); nothing to record here"
+
+    def _ask(self, question: str) -> str | None:
+        """The answer to ``question``, or ``None`` once the request is no longer pending."""
+        while True:
+            if self.reader is not None:
+                answer = self.reader.read(question, self._changed)
+            else:
+                assert self.ask is not None
+                answer = self.ask(question)
+            if not self._refresh():
+                return None
+            if answer is not None:
+                return answer.strip()
+
+    def run(self) -> bool:
+        self._say(describe(self.current, self._now()))
+        if not self._pending():
+            self._say(self._status_line())
+            return True
+        try:
+            return self._loop()
+        except EOFError:  # no more input: the request stays pending
+            self._say("")
+            return not self._refresh()
+
+    def _loop(self) -> bool:
+        while True:
+            choice = self._ask("approve, deny or skip? [a/d/s] ")
+            if choice is None:
+                return True
+            choice = choice.lower()
+            if choice in ("s", "skip", ""):
+                self._say(f"skipped: {self._status_line()}")
+                return False
+            if choice not in ("a", "approve", "d", "deny"):
+                self._say("please answer a, d or s")
+                continue
+            name = self._ask("your name: ")
+            reason = self._ask("reason: ") if name is not None else None
+            if name is None or reason is None:
+                return True
+            try:
+                if choice.startswith("a"):
+                    updated = self.service.approve(self.id, approver=name, reason=reason)
+                else:
+                    updated = self.service.deny(self.id, approver=name, reason=reason)
+            except ApprovalError as exc:
+                if not self._refresh():  # answered elsewhere meanwhile: said above, by whom
+                    return True
+                self._say(f"not recorded: {exc}")
+                continue
+            self.current = updated
+            if updated.status == "pending":
+                self._say(f"recorded: approved by {shown(name)}; {tally(updated, self._now())}, "
+                          f"{still_needed_text(updated)} from someone else")
+                continue
+            self._say(f"recorded: approval {self.id} {updated.status}")
+            return True
+
+
+def _signature(a: ApprovalRequest, now: float) -> tuple[Any, ...]:
+    return (a.effective_status(now), len(a.approvals), a.denial is not None)
 
 
 def prompt_for(
     service: ApprovalService,
     a: ApprovalRequest,
     *,
-    ask: Callable[[str], str] = input,
+    ask: Callable[[str], str] | None = None,
     out: TextIO,
+    stdin: TextIO | int | None = None,
+    poll: float = 1.0,
 ) -> bool:
-    """Ask about one request; return ``True`` if it was answered, ``False`` if skipped."""
-    print(describe(a), file=out)
-    while True:
-        choice = ask("approve, deny or skip? [a/d/s] ").strip().lower()
-        if choice in ("s", "skip", ""):
-            return False
-        if choice not in ("a", "approve", "d", "deny"):
-            print("please answer a, d or s", file=out)
-            continue
-        name = ask("your name: ").strip()
-        reason = ask("reason: ").strip()
-        try:
-            if choice.startswith("a"):
-                service.approve(a.id, approver=name, reason=reason)
-            else:
-                service.deny(a.id, approver=name, reason=reason)
-        except ApprovalError as exc:
-            print(f"not recorded: {exc}", file=out)
-            continue
-        return True
+    """Ask about one request until it is no longer pending or the person skips it.
+
+    Without ``ask`` the answers are read from ``stdin`` (default ``sys.stdin``), with
+    the questions written to ``out``, and the store is watched while the prompt waits.
+    Returns ``True`` once the request is answered (here or elsewhere) or has expired,
+    ``False`` while it is still pending (skipped, or the input ended).
+    """
+    reader = None if ask is not None else TerminalReader(stdin if stdin is not None else sys.stdin, out, poll=poll)
+    return _Prompt(service, a, ask, out, reader).run()
+
+
+def approval_json(a: ApprovalRequest, now: float) -> dict[str, Any]:
+    """A request as ``approvals show/list --json`` print it: its fields, its status now,
+    every answer in order, and how many more approvals it needs."""
+    return {**a.model_dump(mode="json"), "status": a.effective_status(now), "answers": a.answers(),
+            "still_needed": a.still_needed if a.effective_status(now) == "pending" else 0}
+
+
+def render_list(items: list[ApprovalRequest], now: float) -> str:
+    """``approvals list``: a header, then one row per request with its expiry and answers so far."""
+    rows = [("ID", "STATUS", "EXPIRES", "ANSWERS", "RUN", "STEP", "CALL")]
+    for a in items:
+        state = a.effective_status(now)
+        expires = relative(a.expires_at - now) if state in ("pending", "approved", "expired") else "-"
+        answers = "; ".join(filter(None, [tally(a, now), still_needed_text(a) if state == "pending" else ""]))
+        rows.append((a.id, state, expires, answers, a.run_id, a.step_id,
+                     f"{a.tool}({shown(json.dumps(a.arguments, sort_keys=True))})"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+                     for r in rows)

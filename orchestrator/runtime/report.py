@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from ..approvals import answer_text
+
 RunStatus = Literal["running", "completed", "paused", "denied", "failed", "cancelled"]
 StepStatus = Literal["completed", "awaiting_approval", "denied", "failed", "not_started", "skipped"]
 
@@ -66,8 +68,7 @@ class RunReport(BaseModel):
         for s in self.steps:
             lines.extend(_step_lines(s, "  "))
         for a in self.approvals:
-            who = f" by {a['approver']}" if a.get("approver") else ""
-            lines.append(f"  approval {a['id']}  {a['tool']}  {a['status']}{who}")
+            lines.extend(_approval_lines(a, "  "))
         if self.error:
             lines.append(f"  error: {self.error}")
         lines.append(f"  grants minted={self.grants_minted} revoked={self.grants_revoked}")
@@ -86,3 +87,19 @@ def _step_lines(s: StepReport, indent: str) -> list[str]:
     for child in s.children:
         lines.extend(_step_lines(child, indent + "  "))
     return lines
+
+
+def _approval_lines(a: dict[str, Any], indent: str) -> list[str]:
+    """One approval: its status and how many approvals it still needs, then every answer
+    (who approved, who denied and why, what a denial proposed)."""
+    head = f"{indent}approval {a['id']}  {a['tool']}  {a['status']}"
+    answers = a.get("answers")
+    if answers is None:  # built by a host that keeps no answers
+        who = a.get("denied_by") or a.get("approver")
+        return [head + (f" by {who}" if who else "")]
+    approvers = sorted({g["approver"] for g in answers if g["answer"] == "approve"})
+    required = int(a.get("required_approvals") or 1)
+    if a["status"] == "pending":
+        left = int(a.get("still_needed") or max(0, required - len(approvers)))
+        head += f"  {len(approvers)}/{required} approved; {left} more approval{'s' if left != 1 else ''} needed"
+    return [head, *(f"{indent}  {answer_text(g)}" for g in answers)]

@@ -315,7 +315,8 @@ class Runtime:
              "approvers": a.approvers, "required_approvals": a.required_approvals,
              "decided_at": a.decided_at, "consumed": a.consumed_at is not None,
              "denied_by": a.denial.approver if a.denial else None,
-             "reason": a.denial.reason if a.denial else None}
+             "reason": a.denial.reason if a.denial else None,
+             "answers": a.answers(), "still_needed": a.still_needed}
             for a in self.approvals.list(run_id=run_id)
         ]
         steps_state = state.get("steps") or {}

@@ -23,6 +23,8 @@ from scopegraph.clock import FixedClock
 from scopegraph.errors import ApprovalError, RunBusyError, TransientToolError
 from scopegraph.gateway import RetrySettings
 
+from .test_approvals import two_person_policy
+
 INITIATOR = "alice"
 ARGS_A: dict[str, Any] = {"employee": "e-17", "amount": 4250, "vendor": "Rail Europe"}
 SINGLE_PLAN: dict[str, Any] = {"steps": [
@@ -380,6 +382,33 @@ def test_a_pending_approval_survives_closing_the_runtime(open_runtime: Any, effe
     second.approvals.approve(aid, approver="bob")
     assert second.resume(report.run_id).status == "completed"
     assert writes(effects) == [ARGS_A]
+
+
+# two approvers in the run record ---------------------------------------------------------------------
+def test_the_summary_names_who_approved_and_who_denied_under_a_two_person_rule(
+        open_runtime: Any, effects: Any, tmp_path: Path) -> None:
+    rt = open_runtime(make_workflow(effects, SINGLE_PLAN, policies=[two_person_policy(tmp_path)]))
+    report = rt.run("file the claim", initiator=INITIATOR)
+    aid = step(report, "file").approval_id
+    rt.approvals.approve(aid, approver="carol", reason="amount matches")
+
+    half = rt.resume(report.run_id)
+    assert half.status == "paused"
+    assert f"approval {aid}  file_expense  pending  1/2 approved; 1 more approval needed" in half.summary()
+    assert half.approvals[0]["still_needed"] == 1
+
+    rt.approvals.deny(aid, approver="bob", reason="vendor is not on the list")
+    done = rt.resume(report.run_id)
+    assert done.status == "denied"
+    summary = done.summary()
+    assert 'approved by carol: "amount matches"' in summary
+    assert 'denied by bob: "vendor is not on the list"' in summary
+    assert "denied by carol" not in summary
+    [entry] = json.loads(done.model_dump_json())["approvals"]
+    assert [(g["approver"], g["answer"], g["reason"]) for g in entry["answers"]] == [
+        ("carol", "approve", "amount matches"), ("bob", "deny", "vendor is not on the list")]
+    assert entry["denied_by"] == "bob"
+    assert effects == []
 
 
 # retries of an approved call ------------------------------------------------------------------------
