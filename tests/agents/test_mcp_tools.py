@@ -467,7 +467,8 @@ def test_an_unanswered_call_is_retried_only_for_a_read(
     allow_all.write_text('@id("allow-all")\npermit (principal, action, resource);\n')
     for risk, attempts, error_type in (("read", 3, "TransientToolError after 3 attempts"),
                                        ("write", 1, "ToolExecutionError")):
-        rt = make_runtime(make_workflow(tools=[mcp_tool(impatient, listed, risk=risk)], policies=[allow_all]))
+        rt = make_runtime(make_workflow(tools=[mcp_tool(impatient, listed, risk=risk)], policies=[allow_all],
+                                        baseline=False))
         server.reset(GrantVerifier(rt.domain.bundle().jwks(), clock=rt.clock))
         grant, ctx = mint_grant(rt, "stall", run_id=f"run-{risk}")
         result = call(rt, grant, "stall", ctx, key="k")
