@@ -287,6 +287,12 @@ def test_a_url_with_credentials_or_another_scheme_is_refused() -> None:
         MCPEndpoint(url="file:///etc/passwd")
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1])
+def test_a_timeout_that_is_not_a_finite_positive_number_is_refused(timeout: float) -> None:
+    with pytest.raises(ToolError, match="MCP timeout .* must be a finite number above 0"):
+        MCPEndpoint(url="http://127.0.0.1:1/mcp", timeout=timeout)
+
+
 # calls through the gateway -----------------------------------------------------------------
 def test_a_call_presents_the_step_grant_and_the_server_verifies_it(runtime: Runtime, server: ToolServer) -> None:
     grant, ctx = mint_grant(runtime, "lookup", constraints=LOOKUP_SCOPE)
