@@ -30,6 +30,7 @@ cannot see: for those it relies on the grant's short lifetime.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -98,8 +99,8 @@ class MCPEndpoint:
             usable = False
         if not usable:
             raise ToolError(f"MCP server URL {self.url!r} is not a usable http:// or https:// URL")
-        if not self.timeout > 0:
-            raise ToolError(f"MCP timeout {self.timeout!r} s must be above 0")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise ToolError(f"MCP timeout {self.timeout!r} s must be a finite number above 0")
 
 
 def mcp_tools(

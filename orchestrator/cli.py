@@ -3,6 +3,9 @@
 Exit codes: 0 ok; 1 a run ended denied or failed (or a check failed); 2 bad usage or
 input; 3 paused waiting for approval; 130 interrupted (Ctrl-C) at the approval prompt,
 the run still paused. Errors are one line on stderr, never a traceback.
+Global options (``--store``) go before or after the subcommand. With ``--json``, stdout
+holds only JSON (timestamps as epoch seconds and ISO 8601); anything for people (the
+approval prompt, the summary before it, what to do after exit 3) goes to stderr.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import math
 import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from .errors import ScopegraphError
 from .loader import load_object, load_workflow
 from .store import DEFAULT_STORE_URL
+from .timestamps import with_iso_times
 
 DEMO_TARGET = "scopegraph.agents.demo:workflow"
 DEMO_TASK = "scopegraph.agents.demo:TASK"
@@ -36,8 +41,56 @@ class PausedAtPrompt(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every parser, the top one and each subcommand's, takes the global options.
+
+    Their defaults are ``SUPPRESS``: a value given after the subcommand is not overwritten
+    by a default, and one given before it still counts. ``_resolve_globals`` fills in
+    the defaults after parsing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--store", default=argparse.SUPPRESS, metavar="URL",
+                          help=f"store URL (default: $SCOPEGRAPH_STORE or {DEFAULT_STORE_URL})")
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
+
+
+def _resolve_globals(args: argparse.Namespace) -> argparse.Namespace:
+    args.store_given = hasattr(args, "store")
+    if not args.store_given:
+        args.store = os.environ.get("SCOPEGRAPH_STORE", DEFAULT_STORE_URL)
+    return args
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scopegraph")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _seconds_option(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds above 0")
+    return value
+
+
+def _count_option(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 @contextmanager
@@ -60,8 +113,7 @@ def _default_user() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scopegraph", description="Multi-agent workflows with request-time scoping.")
-    parser.add_argument("--store", default=os.environ.get("SCOPEGRAPH_STORE", DEFAULT_STORE_URL),
-                        help=f"store URL (default: $SCOPEGRAPH_STORE or {DEFAULT_STORE_URL})")
+    parser.add_argument("--version", action="version", version=f"scopegraph {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="run the bundled expenses demo offline")
@@ -85,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--json", action="store_true", help='print {"run_id": ...}')
 
     worker = sub.add_parser("worker", help="take queued runs and answered approvals (PostgreSQL store)")
-    worker.add_argument("--concurrency", type=int, default=1, help="runs driven at once (default 1)")
+    worker.add_argument("--concurrency", type=_count_option, default=1, help="runs driven at once (default 1)")
     worker.add_argument("--once", action="store_true", help="drain the queue, then exit")
-    worker.add_argument("--stalled-after", type=float, default=30.0, metavar="SECONDS",
+    worker.add_argument("--stalled-after", type=_seconds_option, default=30.0, metavar="SECONDS",
                         help="requeue the jobs of a worker silent this long (default 30)")
     worker.add_argument("--traces", metavar="PATH", help="JSONL file for spans (see run)")
+    worker.add_argument("--quiet", action="store_true",
+                        help="do not print a line (on stdout) per run started, paused or finished")
 
     approvals = sub.add_parser("approvals", help="list or show approval requests")
     asub = approvals.add_subparsers(dest="approvals_command", required=True, parser_class=_Parser)
@@ -139,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="policy commands")
     psub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
     validate = psub.add_parser("validate", help="validate Cedar policy files against the schema")
-    validate.add_argument("paths", nargs="*", help="policy files or directories (default: the baseline)")
+    validate.add_argument("paths", nargs="*",
+                          help="policy files or directories, checked together with the shipped baseline "
+                               "(default: the workflow's policies, or the baseline alone)")
     validate.add_argument("--workflow", help="MODULE:ATTR whose tools type the arguments")
+    validate.add_argument("--no-baseline", dest="baseline", action="store_false",
+                          help="check PATHS alone, as Workflow(policies=PATHS, baseline=False) loads them")
     validate.add_argument("--json", action="store_true")
 
     init = sub.add_parser("init", help="scaffold a workflow module, a starter policy and a test")
@@ -158,8 +216,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _resolve_globals(build_parser().parse_args(argv))
         return _dispatch(args)
+    except SystemExit as exc:  # --help and --version print, then exit 0
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     except UsageError as exc:
         print(f"{exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -234,17 +294,23 @@ def _run(target: str, task: str, args: argparse.Namespace) -> int:
     workflow = load_workflow(target)
     with Runtime(workflow, store=args.store, target=target) as rt:
         report = rt.run(task, initiator=args.initiator)
-        if report.status == "paused" and _interactive():
-            print(report.summary())
-            report = _prompt_and_resume(rt, report)
-    return _print_report(report, args.json)
+        terminal = _prompt_stream(args.json)
+        if report.status == "paused" and terminal is not None:
+            print(report.summary(), file=terminal)
+            report = _prompt_and_resume(rt, report, terminal)
+    return _print_report(report, args)
 
 
-def _interactive() -> bool:
-    return sys.stdin.isatty() and sys.stdout.isatty()
+def _prompt_stream(as_json: bool) -> TextIO | None:
+    """Where the approval prompt talks, or ``None`` when nobody is at a terminal.
+
+    With ``--json`` stdout holds only JSON, so the prompt uses stderr, on a terminal too.
+    """
+    out = sys.stderr if as_json else sys.stdout
+    return out if sys.stdin.isatty() and out.isatty() else None
 
 
-def _prompt_and_resume(rt: Any, report: Any) -> Any:
+def _prompt_and_resume(rt: Any, report: Any, out: TextIO) -> Any:
     """Ask about each pending approval at the terminal, then resume; repeat while answered.
 
     Raises:
@@ -256,7 +322,7 @@ def _prompt_and_resume(rt: Any, report: Any) -> Any:
     while report.status == "paused":
         pending = rt.approvals.list(run_id=report.run_id, status="pending")
         try:
-            answered = [prompt_for(rt.approvals, a, out=sys.stdout) for a in pending]
+            answered = [prompt_for(rt.approvals, a, out=out) for a in pending]
         except KeyboardInterrupt:
             raise PausedAtPrompt(_still_paused(rt, report.run_id)) from None
         # Nothing pending: answered elsewhere before the prompt asked; the run can go on (once).
@@ -268,8 +334,6 @@ def _prompt_and_resume(rt: Any, report: Any) -> Any:
 
 
 def _still_paused(rt: Any, run_id: str) -> str:
-    import shlex
-
     store = "" if rt.store.url == os.environ.get("SCOPEGRAPH_STORE", DEFAULT_STORE_URL) \
         else f" --store {shlex.quote(rt.store.url)}"
     return (f"interrupted; run {run_id} is still paused: answer with `scopegraph{store} approvals list "
@@ -277,9 +341,44 @@ def _still_paused(rt: Any, run_id: str) -> str:
             f"`scopegraph{store} resume {run_id}`")
 
 
-def _print_report(report: Any, as_json: bool) -> int:
-    print(report.model_dump_json(indent=2) if as_json else report.summary())
+def _print_report(report: Any, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        print(report.summary())
+    if report.status == "paused":
+        _print_next_steps(report, args)
     return int(report.exit_code)
+
+
+def _print_json(value: Any, *, indent: int | None = 2) -> None:
+    """The one way JSON reaches stdout: epoch timestamps get ISO 8601 twins."""
+    print(json.dumps(with_iso_times(value), indent=indent))
+
+
+def _print_next_steps(report: Any, args: argparse.Namespace) -> None:
+    """After exit 3, on stderr: the exact commands that answer the approvals and resume the run."""
+    cmd = "scopegraph" + _store_option(args)
+    lines = [f"scopegraph: run {report.run_id} is paused, waiting for approval."]
+    pending = [a["id"] for a in report.approvals if a.get("status") == "pending"]
+    for aid in pending:
+        lines += [f"  see the call:  {cmd} approvals show {aid}",
+                  f"  approve it:    {cmd} approve {aid} --as NAME [--reason TEXT]",
+                  f"  or deny it:    {cmd} deny {aid} --as NAME --reason TEXT"]
+    lines.append(f"  then continue: {cmd} resume {report.run_id}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _store_option(args: argparse.Namespace) -> str:
+    """`` --store URL`` when the store was chosen on the command line; passwords shown as ``***``."""
+    if not args.store_given or args.store == os.environ.get("SCOPEGRAPH_STORE", DEFAULT_STORE_URL):
+        return ""
+    shown = args.store
+    if not shown.startswith("sqlite:"):  # a server URL may carry a password
+        from .store.postgres import redact_url
+
+        shown = redact_url(shown)
+    return " --store " + shlex.quote(shown)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -292,9 +391,10 @@ def _resume(args: argparse.Namespace) -> int:
     target = args.target or record.target
     with Runtime(load_workflow(target), store=args.store, target=target) as rt:
         report = rt.resume(args.run_id)
-        if report.status == "paused" and _interactive() and not args.json:
-            report = _prompt_and_resume(rt, report)
-    return _print_report(report, args.json)
+        terminal = _prompt_stream(args.json)
+        if report.status == "paused" and terminal is not None:
+            report = _prompt_and_resume(rt, report, terminal)
+    return _print_report(report, args)
 
 
 def _approval_service(args: argparse.Namespace) -> Any:
@@ -317,14 +417,14 @@ def _approvals(args: argparse.Namespace) -> int:
         if args.approvals_command == "show":
             a = service.get(args.approval_id)
             if args.json:
-                print(json.dumps(approval_json(a, now), indent=2))
+                _print_json(approval_json(a, now))
             else:
                 print(describe(a.model_copy(update={"status": a.effective_status(now)}), now))
             return EXIT_OK
         status = None if args.all else (args.status or "pending")
         items = service.list(run_id=args.run, status=status)
         if args.json:
-            print(json.dumps([approval_json(a, now) for a in items], indent=2))
+            _print_json([approval_json(a, now) for a in items])
         elif not items:
             print("no approval requests" + (f" with status {status}" if status else ""))
         else:
@@ -348,7 +448,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise UsageError("scopegraph worker: --concurrency must be at least 1")
-    worker = Worker(args.store, concurrency=args.concurrency, stalled_after=args.stalled_after)
+    worker = Worker(args.store, concurrency=args.concurrency, stalled_after=args.stalled_after,
+                    on_event=None if args.quiet else _print_event)
     shutdown = _telemetry(args)
     def outage(exc: StoreError, wait: float) -> None:
         print(f"scopegraph: worker: {exc}; no work until it is back, retrying in {wait:.1f} s",
@@ -362,6 +463,10 @@ def _worker(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     return EXIT_OK
+
+
+def _print_event(line: str) -> None:
+    print(line, flush=True)
 
 
 def _answer(args: argparse.Namespace) -> int:
@@ -440,6 +545,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from .ledger import Ledger
 
     with _opened_store(args) as store:
+        if args.run is not None and store.get_run(args.run) is None and not store.ledger_rows(run_id=args.run):
+            raise UsageError(f"scopegraph audit verify: no such run {args.run!r}")
         result = Ledger(store, clock=SystemClock()).verify(run_id=args.run)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -456,7 +563,10 @@ def _trace(args: argparse.Namespace) -> int:
 
     with _opened_store(args) as store:
         view = build_trace(store, args.run_id)
-    print(json.dumps(view, indent=2) if args.json else render_trace(view))
+    if args.json:
+        _print_json(view)
+    else:
+        print(render_trace(view))
     return EXIT_OK
 
 
@@ -465,7 +575,10 @@ def _report(args: argparse.Namespace) -> int:
 
     with _opened_store(args) as store:
         view = build_report(store, workflow=args.workflow)
-    print(json.dumps(view, indent=2) if args.json else render_report(view))
+    if args.json:
+        _print_json(view)
+    else:
+        print(render_report(view))
     return EXIT_OK
 
 
@@ -482,8 +595,17 @@ def _policy_validate(args: argparse.Namespace) -> int:
     from .policy import CedarPolicyEngine
     from .tools import ToolRegistry
 
-    tools = load_workflow(args.workflow).registry if args.workflow else ToolRegistry()
-    engine = CedarPolicyEngine.from_paths(args.paths or None, tools)
+    workflow = load_workflow(args.workflow) if args.workflow else None
+    tools = workflow.registry if workflow is not None else ToolRegistry()
+    if args.paths:  # as Workflow(policies=PATHS) loads them: with the baseline unless --no-baseline
+        engine = CedarPolicyEngine.from_paths(args.paths, tools, baseline=args.baseline)
+    elif workflow is not None:  # the policy set the workflow runs under
+        engine = CedarPolicyEngine.from_paths(workflow.policies, tools, schema=workflow.schema,
+                                              baseline=workflow.baseline)
+    elif not args.baseline:
+        raise UsageError("scopegraph policy validate: --no-baseline needs policy files to check")
+    else:
+        engine = CedarPolicyEngine.from_paths(None, tools)
     out: dict[str, Any] = {"valid": True, "files": list(engine.files), "version": engine.version}
     print(json.dumps(out) if args.json else f"ok: {len(engine.files)} file(s) valid, version {engine.version}")
     return EXIT_OK

@@ -2,8 +2,9 @@
 
 This is the only module that imports ``cedarpy``; its types never leave it. Policy
 files are parsed and validated against the schema once, at load; an invalid file stops
-the load with an error naming the file and the problem. Each decision evaluates the
-cached policy set against a request built from the call, the grant and the run.
+the load with an error naming the problem and where it is (``file:line:column``). Each
+decision evaluates the cached policy set against a request built from the call, the
+grant and the run.
 
 Three outcomes: ``allow``; ``deny``; ``needs_approval`` when every policy that denied
 is an ``@escalate`` forbid and the same request with an approval would be allowed. An
@@ -25,6 +26,7 @@ from typing import Any, Literal, Protocol
 
 import cedarpy
 
+from . import policy_text
 from .errors import PolicyError
 from .identity import SpiffeId
 from .provenance import FIXED_SOURCES, Origin
@@ -33,6 +35,7 @@ from .tools import Tool, ToolRegistry
 Outcome = Literal["allow", "deny", "needs_approval"]
 DEFAULT_DENY_ID = "default-deny"
 SCHEMA_FILE = "schema.cedarschema"
+BASELINE_FILE = "baseline.cedar"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,27 +112,38 @@ class CedarPolicyEngine:
             try:
                 parsed = cedarpy.PolicySet.from_str(text)
             except ValueError as exc:
-                raise PolicyError(f"invalid policy file {name!r}: {_first_line(exc)}") from None
+                message = _first_line(exc)
+                at = policy_text.syntax_error_offset(text, message, _parse_error)
+                raise PolicyError(f"invalid policy file {_at(name, text, at)}: {message}") from None
+            statements = policy_text.statements(text)
             result = cedarpy.validate_policies(text, self._schema)
             if not result.validation_passed:
                 first = result.errors[0]
                 pid = result.id_annotations_by_policy_id.get(first.policy_id, first.policy_id)
-                raise PolicyError(
-                    f"invalid policy file {name!r}: policy {pid!r}: {_first_line(first.error)}"
-                )
-            for node in parsed.to_pst().static_policies.values():
+                message = _VALIDATOR_PREFIX.sub("", _first_line(first.error))
+                statement = _statement(statements, first.policy_id)
+                at = policy_text.fragment_offset(statement, message) if statement else 0
+                raise PolicyError(f"invalid policy file {_at(name, text, at)}: policy {pid!r}: {message}")
+            for positional, node in parsed.to_pst().static_policies.items():
+                statement = _statement(statements, positional)
+                start = statement[0].start if statement else 0
                 pid = node.annotations.get("id")
                 if not pid:
-                    raise PolicyError(f"invalid policy file {name!r}: every policy needs an @id annotation")
+                    raise PolicyError(f"invalid policy file {_at(name, text, start)}: "
+                                      "every policy needs an @id annotation")
                 for arg in sorted(_argument_references(node) - set(self._argument_types)):
                     # Cedar would type ``context.arguments has X`` as false and the policy
                     # would silently never apply: refuse it instead.
                     why = (f"tools disagree on its type ({self._conflicts[arg]})" if arg in self._conflicts
                            else "no tool of the workflow takes it with a type Cedar can check")
-                    raise PolicyError(f"invalid policy file {name!r}: policy {pid!r} tests argument "
+                    at = _argument_offset(statement, arg) if statement else start
+                    raise PolicyError(f"invalid policy file {_at(name, text, at)}: policy {pid!r} tests argument "
                                       f"{arg!r}, but {why}")
                 if pid in seen:
-                    raise PolicyError(f"invalid policy file {name!r}: @id {pid!r} is also used in {seen[pid]!r}")
+                    hint = (" (the shipped baseline is included unless baseline=False)"
+                            if seen[pid] == BASELINE_FILE else "")
+                    raise PolicyError(f"invalid policy file {_at(name, text, start)}: @id {pid!r} is also "
+                                      f"used in {seen[pid]!r}{hint}")
                 seen[pid] = name
         if not sources:
             raise PolicyError("no policy files given")
@@ -157,32 +171,22 @@ class CedarPolicyEngine:
 
     @classmethod
     def from_paths(
-        cls, paths: Iterable[str | Path] | None, tools: ToolRegistry, *, schema: str | Path | None = None
+        cls, paths: Iterable[str | Path] | None, tools: ToolRegistry, *, schema: str | Path | None = None,
+        baseline: bool = False,
     ) -> CedarPolicyEngine:
-        """Load ``*.cedar`` files from files or directories; ``None`` means the baseline.
+        """Load ``*.cedar`` files from files or directories; ``None`` means the baseline alone.
+
+        With ``baseline``, the shipped baseline comes first and ``paths`` add to it (see
+        :func:`policy_sources`).
 
         Raises:
             PolicyError: a file is missing, unreadable, unparsable or fails validation.
         """
-        sources: list[tuple[str, str]] = []
-        if paths is None:
-            base = resources.files("scopegraph.policies")
-            sources.append(("baseline.cedar", base.joinpath("baseline.cedar").read_text()))
-            schema_text = base.joinpath(SCHEMA_FILE).read_text() if schema is None else _read(Path(schema))
+        sources = policy_sources(paths, baseline=baseline)
+        if schema is not None:
+            schema_text = _read(Path(schema))
         else:
-            for p in paths:
-                p = Path(p)
-                if p.is_dir():
-                    files = sorted(p.glob("*.cedar"))
-                    if not files:
-                        raise PolicyError(f"policy directory {str(p)!r} has no .cedar files")
-                    sources.extend((str(f), _read(f)) for f in files)
-                else:
-                    sources.append((str(p), _read(p)))
-            if schema is not None:
-                schema_text = _read(Path(schema))
-            else:
-                schema_text = resources.files("scopegraph.policies").joinpath(SCHEMA_FILE).read_text()
+            schema_text = resources.files("scopegraph.policies").joinpath(SCHEMA_FILE).read_text()
         return cls(sources, schema_text, tools)
 
     def decide(self, request: CallRequest) -> Decision:
@@ -317,6 +321,72 @@ class CedarPolicyEngine:
             }]))
             self._tool_entities[tool.name] = cached
         return cached
+
+
+def policy_sources(paths: Iterable[str | Path] | None, *, baseline: bool = False) -> list[tuple[str, str]]:
+    """The ``(file name, Cedar text)`` pairs a policy set is made of.
+
+    ``paths`` are ``.cedar`` files or directories of them. ``None`` is the shipped
+    baseline alone; with ``baseline``, the baseline comes first and ``paths`` add to it.
+    Naming the shipped baseline file in ``paths`` as well does not load it twice.
+
+    Raises:
+        PolicyError: a file is missing, unreadable or not text, or a directory has no ``.cedar`` files.
+    """
+    sources: list[tuple[str, str]] = []
+    for p in map(Path, paths or ()):
+        if p.is_dir():
+            files = sorted(p.glob("*.cedar"))
+            if not files:
+                raise PolicyError(f"policy directory {str(p)!r} has no .cedar files")
+            sources.extend((str(f), _read(f)) for f in files)
+        else:
+            sources.append((str(p), _read(p)))
+    if (paths is None or baseline) and not any(_is_shipped_baseline(name) for name, _ in sources):
+        shipped = resources.files("scopegraph.policies").joinpath(BASELINE_FILE).read_text()
+        sources.insert(0, (BASELINE_FILE, shipped))
+    return sources
+
+
+def _is_shipped_baseline(name: str) -> bool:
+    shipped = resources.files("scopegraph.policies").joinpath(BASELINE_FILE)
+    try:
+        return Path(name).samefile(str(shipped))
+    except OSError:
+        return False
+
+
+# where in a file a problem is ----------------------------------------------------------------
+_VALIDATOR_PREFIX = re.compile(r"^for policy `[^`]*`, ")
+
+
+def _at(name: str, text: str, offset: int) -> str:
+    """``file:line:column`` of ``offset`` in the file ``name`` holding ``text``."""
+    return f"{name}:{policy_text.where(text, offset)}"
+
+
+def _parse_error(text: str) -> str | None:
+    try:
+        cedarpy.PolicySet.from_str(text)
+    except ValueError as exc:
+        return _first_line(exc)
+    return None
+
+
+def _statement(statements: list[list[policy_text.Token]], positional: str) -> list[policy_text.Token] | None:
+    """The tokens of Cedar's ``policyN``: the N-th statement of its file."""
+    match = re.fullmatch(r"policy(\d+)", positional)
+    if match and int(match.group(1)) < len(statements):
+        return statements[int(match.group(1))]
+    return None
+
+
+def _argument_offset(statement: list[policy_text.Token], argument: str) -> int:
+    for fragment in (f"arguments.{argument}", f"arguments has {argument}", argument):
+        found = policy_text.find_sequence(statement, fragment)
+        if found is not None:
+            return found
+    return statement[0].start
 
 
 class _Unrepresentable(Exception):

@@ -5,19 +5,34 @@ environment variables select the exporter: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or t
 ``_TRACES_`` / ``_METRICS_`` variants) with ``OTEL_EXPORTER_OTLP_PROTOCOL`` =
 ``http/protobuf`` (default) or ``grpc`` sends spans and metrics to any OTLP collector;
 without them spans go to a local JSONL file. ``OTEL_SDK_DISABLED=true`` turns it off.
+
+An OTLP collector that cannot be reached must not hold the process: each export gives
+up after ``EXPORT_TIMEOUT_SECONDS`` (unless ``OTEL_EXPORTER_OTLP_TIMEOUT`` says
+otherwise), the final flush at exit waits at most ``SHUTDOWN_BUDGET_SECONDS``, and the
+exporters' own log lines are replaced by one warning on stderr per process.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -27,6 +42,11 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from .errors import ConfigError
+
+EXPORT_TIMEOUT_SECONDS = 1.0
+SHUTDOWN_BUDGET_SECONDS = 2.0
+_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                      "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -58,8 +78,13 @@ def otlp_configured() -> bool:
     return any(os.environ.get(k) for k in keys) or os.environ.get("OTEL_TRACES_EXPORTER") == "otlp"
 
 
-def configure(*, service_name: str = "scopegraph", jsonl_path: str | Path | None = None) -> Callable[[], None]:
+def configure(*, service_name: str = "scopegraph", jsonl_path: str | Path | None = None,
+              warn: TextIO | None = None) -> Callable[[], None]:
     """Install tracer and meter providers; return a function that flushes and shuts them down.
+
+    The returned function takes at most about ``SHUTDOWN_BUDGET_SECONDS``; telemetry not
+    exported by then is dropped. A failed OTLP export is reported once, as one line on
+    ``warn`` (default: stderr).
 
     Raises:
         ConfigError: an unknown ``OTEL_EXPORTER_OTLP_PROTOCOL`` or an unwritable JSONL path.
@@ -67,21 +92,33 @@ def configure(*, service_name: str = "scopegraph", jsonl_path: str | Path | None
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return lambda: None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    tracer_provider = TracerProvider(resource=resource)
+    # Shut down by the function returned here, within its budget, not by an unbounded atexit hook.
+    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     readers: list[MetricReader] = []
+    watch: _ExportWatch | None = None
     if otlp_configured():
         span_exporter, metric_exporter = _otlp_exporters()
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
-        readers.append(PeriodicExportingMetricReader(metric_exporter))
+        watch = _ExportWatch(_endpoint_shown(), warn)
+        tracer_provider.add_span_processor(BatchSpanProcessor(_WatchedSpanExporter(span_exporter, watch)))
+        readers.append(PeriodicExportingMetricReader(_WatchedMetricExporter(metric_exporter, watch)))
     elif jsonl_path is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(jsonl_path)))
     trace.set_tracer_provider(tracer_provider)
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
     metrics.set_meter_provider(meter_provider)
 
     def shutdown() -> None:
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
+        budget_ms = SHUTDOWN_BUDGET_SECONDS * 1000
+        threads = [threading.Thread(target=tracer_provider.shutdown, daemon=True),
+                   threading.Thread(target=meter_provider.shutdown, kwargs={"timeout_millis": budget_ms},
+                                    daemon=True)]
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_SECONDS
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if watch is not None and any(t.is_alive() for t in threads):
+            watch.failed()  # what is still being sent is dropped when the process ends
 
     return shutdown
 
@@ -105,4 +142,100 @@ def _otlp_exporters() -> tuple[SpanExporter, Any]:
         )
     else:
         raise ConfigError(f"unsupported OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r}: use http/protobuf or grpc")
-    return OTLPSpanExporter(), OTLPMetricExporter()
+    # A timeout from the environment wins; otherwise give up on an unreachable collector soon.
+    timeout = None if any(os.environ.get(v) for v in _TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_SECONDS
+    return OTLPSpanExporter(timeout=timeout), OTLPMetricExporter(timeout=timeout)
+
+
+# one warning instead of the exporters' own log lines -------------------------------------------
+class _ExportWatch:
+    """Says once, in one line, that telemetry could not be exported; silences the SDK's lines."""
+
+    def __init__(self, endpoint: str, out: TextIO | None) -> None:
+        self.endpoint = endpoint
+        self._out = out
+        self._lock = threading.Lock()
+        self._warned = False
+        _quiet_otel_logging()
+
+    def failed(self) -> None:
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        out = self._out or sys.stderr
+        try:
+            print(f"scopegraph: warning: cannot export telemetry to the OTLP endpoint {self.endpoint}; "
+                  "spans and metrics are dropped", file=out, flush=True)
+        except (OSError, ValueError):  # stderr closed: nothing more to say
+            pass
+
+
+class _WatchedSpanExporter(SpanExporter):
+    def __init__(self, inner: SpanExporter, watch: _ExportWatch) -> None:
+        self._inner = inner
+        self._watch = watch
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._watch.failed()
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _WatchedMetricExporter(MetricExporter):
+    def __init__(self, inner: Any, watch: _ExportWatch) -> None:
+        super().__init__(preferred_temporality=inner._preferred_temporality,
+                         preferred_aggregation=inner._preferred_aggregation)
+        self._inner = inner
+        self._watch = watch
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        try:
+            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            result = MetricExportResult.FAILURE
+        if result is not MetricExportResult.SUCCESS:
+            self._watch.failed()
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return bool(self._inner.force_flush(timeout_millis=timeout_millis))
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+class _Swallow(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        return None
+
+
+def _quiet_otel_logging() -> None:
+    """The exporters log each retry and failure; ``_ExportWatch`` says it once instead."""
+    logger = logging.getLogger("opentelemetry")
+    if not any(isinstance(h, _Swallow) for h in logger.handlers):
+        logger.addHandler(_Swallow())
+    logger.propagate = False
+
+
+def _endpoint_shown() -> str:
+    """The traces endpoint, without any user or password in it."""
+    url = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+           or "(default)")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else url
+    except ValueError:
+        return "(unparsable URL)"

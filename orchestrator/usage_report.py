@@ -41,13 +41,13 @@ from pydantic import create_model
 
 from .approvals import ApprovalRequest
 from .clock import SystemClock
-from .errors import ScopegraphError
+from .errors import PolicyError, ScopegraphError
 from .gateway import (
     _digest as arguments_digest,  # the digest the ledger's decision/tool_call records hold
 )
 from .identity import SpiffeId
 from .ledger import Ledger
-from .policy import SCHEMA_FILE, CallRequest, CedarPolicyEngine
+from .policy import SCHEMA_FILE, CallRequest, CedarPolicyEngine, policy_sources
 from .store import GrantRecord, Store, UseRecord
 from .tools import Risk, Tool, ToolRegistry
 from .trace_view import iso, number, tree_lines
@@ -562,8 +562,8 @@ class _Checker:
             registry = self.definition.registry
             schema_path = self.definition.schema
             try:
-                existing = _policy_sources(self.definition.policies)
-            except OSError:
+                existing = policy_sources(self.definition.policies, baseline=self.definition.baseline)
+            except (OSError, PolicyError):
                 existing = []  # checked alone: the @id may still clash with an unreadable file
         try:
             CedarPolicyEngine([*existing, ("proposed.cedar", cedar)], _schema_text(schema_path), registry)
@@ -606,17 +606,6 @@ def _schema_text(path: str | Path | None) -> str:
     if path is not None:
         return Path(path).read_text()
     return resources.files("scopegraph.policies").joinpath(SCHEMA_FILE).read_text()
-
-
-def _policy_sources(paths: Sequence[str | Path] | None) -> list[tuple[str, str]]:
-    """The workflow's own Cedar files, as ``CedarPolicyEngine.from_paths`` reads them."""
-    if paths is None:
-        return [("baseline.cedar", resources.files("scopegraph.policies").joinpath("baseline.cedar").read_text())]
-    sources: list[tuple[str, str]] = []
-    for p in map(Path, paths):
-        files = sorted(p.glob("*.cedar")) if p.is_dir() else [p]
-        sources.extend((str(f), f.read_text()) for f in files)
-    return sources
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from .errors import ConfigError, RunBusyError, StoreError
 from .loader import load_workflow
 from .runtime import Runtime
 from .store import RunRecord, open_store
+from .timestamps import iso
 
 DRIVE_TASK = "scopegraph.drive_run"
 QUEUE = "scopegraph_runs"
@@ -71,6 +74,21 @@ def install_queue(store_url: str) -> None:
                 conn.execute(SchemaManager.get_schema())
     except psycopg.Error as exc:
         raise StoreError(f"cannot reach the queue's database: {_first_line(exc)}") from exc
+
+
+def _outcome_line(report: Any) -> str:
+    """One line for a run that stopped: paused (and for which approvals) or finished (and why not well)."""
+    if report.status == "paused":
+        pending = [a["id"] for a in report.approvals if a.get("status") == "pending"]
+        return f"run {report.run_id} paused, waiting for approval {', '.join(pending) or '(answered)'}"
+    tail = f": {_one_line(report.error)}" if report.error else ""
+    return f"run {report.run_id} {report.status}{tail}"
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, control and bidirectional characters escaped."""
+    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf") else c.encode("unicode_escape").decode()
+                   for c in text)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -216,21 +234,28 @@ class Worker:
 
     ``stalled_after`` is how long (seconds) a worker may go without a heartbeat before its
     jobs are put back in the queue; ``poll`` how often the store is checked for answered
-    approvals and stalled jobs.
+    approvals and stalled jobs. ``on_event`` is told one line per run started (or
+    resumed), paused and finished, and when a run another driver holds is put off.
     """
 
     store_url: str
     concurrency: int = 1
     stalled_after: float = 30.0
     poll: float = 2.0
+    on_event: Callable[[str], None] | None = None
     _runtimes: threading.local = field(default_factory=threading.local, repr=False)
     _opened: list[Runtime] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         require_postgres(self.store_url)
-        if self.concurrency < 1:
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, not {self.concurrency!r}")
+        for name in ("stalled_after", "poll"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ConfigError(f"{name} {value!r} must be a finite number of seconds above 0")
 
     def run(self, *, once: bool = False,
             on_outage: Callable[[StoreError, float], None] | None = None) -> None:
@@ -309,21 +334,35 @@ class Worker:
                busy: int = 0) -> str:
         rt = self._runtime(target)
         record = rt.store.get_run(run_id)
+        fresh = task is not None and (record is None or record.status == "queued")
+        self._tell(f"run {run_id} {'started' if fresh else 'resumed'} ({rt.workflow.name})")
         try:
-            if task is not None and (record is None or record.status == "queued"):
+            if fresh:
+                assert task is not None
                 report = rt.run(task, initiator=initiator, run_id=run_id)
             else:  # an answered approval, or a job retried after its worker died
                 report = rt.resume(run_id)
         except RunBusyError:
             # Another driver holds the run and takes it to its next stop. Look again later,
             # in case that driver dies: a new job, unless one for the run already waits.
-            if busy + 1 < BUSY_RETRIES:
+            later = busy + 1 < BUSY_RETRIES
+            if later:
                 job: dict[str, Any] = {"run_id": run_id, "target": target, "busy": busy + 1}
                 if task is not None:
                     job.update(task=task, initiator=initiator)
                 _defer(self.store_url, [job], dedupe=True, delay=min(60.0, 2.0 ** busy))
+            self._tell(f"run {run_id} busy: another driver holds it"
+                       + (f"; looking again in {min(60.0, 2.0 ** busy):g} s" if later else ""))
             return "busy"
+        self._tell(_outcome_line(report))
         return str(report.status)
+
+    def _tell(self, line: str) -> None:
+        if self.on_event is None:
+            return
+        stamped = f"{iso(time.time())} {line}"
+        with self._lock:
+            self.on_event(stamped)
 
     def _close_runtimes(self) -> None:
         with self._lock:

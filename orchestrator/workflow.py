@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 class Workflow:
     """A multi-agent workflow with request-time scoping.
 
-    ``policies`` lists Cedar files or directories; ``None`` uses the shipped baseline.
+    ``policies`` lists Cedar files or directories that ADD to the shipped baseline
+    (``policies=["policies/"]``); ``baseline=False`` leaves the baseline out, so the
+    given files replace it. ``None`` (the default) is the baseline alone.
     ``grant_ttl`` (seconds, at most 900) and ``grant_max_uses`` bound every step grant.
     ``approvers`` may answer approval requests (the run's initiator never may);
     ``approval_ttl`` is how long a request stays answerable (default 15 minutes).
@@ -37,6 +40,7 @@ class Workflow:
     planner: Planner
     executor: Executor
     policies: Sequence[str | Path] | None = None
+    baseline: bool = True
     schema: str | Path | None = None
     trust_domain: str = "scopegraph.local"
     grant_ttl: float = DEFAULT_TTL_SECONDS
@@ -56,16 +60,21 @@ class Workflow:
             raise ConfigError(f"planner {self.planner!r} has no plan(ctx) method")
         if not isinstance(self.executor, Executor):
             raise ConfigError(f"executor {self.executor!r} has no execute(ctx) method")
-        if not 0 < self.grant_ttl <= MAX_TTL_SECONDS:
+        if isinstance(self.policies, (str, Path)):
+            raise ConfigError(f"policies {str(self.policies)!r} must be a list of files or directories")
+        if not self.baseline and not self.policies:
+            raise ConfigError("baseline=False needs policies=[...]: without them no policy would permit a call")
+        if not _seconds(self.grant_ttl) or not 0 < self.grant_ttl <= MAX_TTL_SECONDS:
             raise ConfigError(f"grant_ttl {self.grant_ttl!r} must be above 0 and at most {MAX_TTL_SECONDS:g} s")
         self.approvers = ApproverRule.of(self.approvers)
-        if self.approval_ttl <= 0:
-            raise ConfigError(f"approval_ttl {self.approval_ttl!r} must be above 0")
+        if not _seconds(self.approval_ttl) or self.approval_ttl <= 0:
+            raise ConfigError(f"approval_ttl {self.approval_ttl!r} must be a finite number of seconds above 0")
+        _check_retry(self.retry)
         if self.on_denial not in ("fail", "continue"):
             raise ConfigError(f"on_denial {self.on_denial!r} must be 'fail' or 'continue'")
-        if self.max_replans < 0:
+        if not _whole(self.max_replans) or self.max_replans < 0:
             raise ConfigError(f"max_replans {self.max_replans!r} must be 0 or more")
-        if self.grant_max_uses < 1:
+        if not _whole(self.grant_max_uses) or self.grant_max_uses < 1:
             raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
 
     @property
@@ -77,3 +86,23 @@ class Workflow:
     def registry(self) -> ToolRegistry:
         assert isinstance(self.tools, ToolRegistry)
         return self.tools
+
+
+def _seconds(value: object) -> bool:
+    """A finite number of seconds (not a bool): NaN and infinity would never expire or compare."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_retry(retry: RetrySettings) -> None:
+    if not isinstance(retry, RetrySettings):
+        raise ConfigError(f"retry {retry!r} must be a RetrySettings")
+    if not _whole(retry.attempts) or retry.attempts < 1:
+        raise ConfigError(f"retry attempts {retry.attempts!r} must be a whole number of at least 1")
+    for name in ("wait_initial", "wait_max"):
+        value = getattr(retry, name)
+        if not _seconds(value) or value < 0:
+            raise ConfigError(f"retry {name} {value!r} must be a finite number of seconds, 0 or more")

@@ -362,3 +362,39 @@ def test_sdk_disabled_writes_no_trace_file(store_url: str, store_path: Path, tmp
     assert store_path.exists()
     assert not (store_path.parent / "traces.jsonl").exists()
     assert not list(tmp_path.rglob("*.jsonl"))
+
+
+# an unreachable collector ------------------------------------------------------------------
+# Generous for a start-up on a loaded machine, yet short of the ~15 s that exporters retrying
+# at exit used to cost.
+UNREACHABLE_TIMEOUT = 12
+ONE_STEP = '''
+from scopegraph import Workflow, tool
+from scopegraph.agents import DirectExecutor, ScriptedPlanner
+
+@tool
+def lookup(key: str) -> dict:
+    """Look a key up."""
+    return {"key": key}
+
+workflow = Workflow(name="otlpdown", tools=[lookup], executor=DirectExecutor(), planner=ScriptedPlanner(
+    {"steps": [{"id": "look", "tool": "lookup", "constraints": {"key": {"kind": "exact", "value": "k"}}}]}))
+'''
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_an_unreachable_collector_costs_one_warning_line_and_little_time(
+        tmp_path: Path, store_url: str, protocol: str) -> None:
+    from tests.contract.conftest import closed_port
+
+    (tmp_path / "wf_otlpdown.py").write_text(ONE_STEP)
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "scopegraph.cli", "--store", store_url, "run", "wf_otlpdown.py:workflow",
+         "--task", "look k up", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=UNREACHABLE_TIMEOUT, check=False,
+        env=_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "completed"
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("scopegraph: warning: ") and endpoint in line, line

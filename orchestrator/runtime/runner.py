@@ -89,7 +89,7 @@ class Runtime:
     def _setup(self, workflow: Workflow, policy: PolicyEngine | None) -> None:
         # Policies are validated before anything else can happen: an invalid file stops here.
         self.policy = policy or CedarPolicyEngine.from_paths(
-            workflow.policies, workflow.registry, schema=workflow.schema
+            workflow.policies, workflow.registry, schema=workflow.schema, baseline=workflow.baseline
         )
         self.domain = TrustDomain(workflow.trust_domain, self.store, clock=self.clock)
         self.issuer = GrantIssuer(self.domain, self.store, clock=self.clock,

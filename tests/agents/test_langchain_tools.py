@@ -198,7 +198,7 @@ def test_a_basetool_call_runs_when_policy_allows_it(
 ) -> None:
     allow_all = tmp_path / "allow.cedar"
     allow_all.write_text('@id("allow-all")\npermit (principal, action, resource);\n')
-    rt = make_runtime(make_workflow(tools=LC_TOOLS, policies=[allow_all]))
+    rt = make_runtime(make_workflow(tools=LC_TOOLS, policies=[allow_all], baseline=False))
     grant, ctx = mint_grant(rt, "send-report")
     result = call(rt, grant, "send-report", ctx, recipient="boss@example.org", body="all good")
     assert result.ok, result.reason

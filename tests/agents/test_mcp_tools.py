@@ -287,6 +287,12 @@ def test_a_url_with_credentials_or_another_scheme_is_refused() -> None:
         MCPEndpoint(url="file:///etc/passwd")
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1])
+def test_a_timeout_that_is_not_a_finite_positive_number_is_refused(timeout: float) -> None:
+    with pytest.raises(ToolError, match="MCP timeout .* must be a finite number above 0"):
+        MCPEndpoint(url="http://127.0.0.1:1/mcp", timeout=timeout)
+
+
 # calls through the gateway -----------------------------------------------------------------
 def test_a_call_presents_the_step_grant_and_the_server_verifies_it(runtime: Runtime, server: ToolServer) -> None:
     grant, ctx = mint_grant(runtime, "lookup", constraints=LOOKUP_SCOPE)
@@ -467,7 +473,8 @@ def test_an_unanswered_call_is_retried_only_for_a_read(
     allow_all.write_text('@id("allow-all")\npermit (principal, action, resource);\n')
     for risk, attempts, error_type in (("read", 3, "TransientToolError after 3 attempts"),
                                        ("write", 1, "ToolExecutionError")):
-        rt = make_runtime(make_workflow(tools=[mcp_tool(impatient, listed, risk=risk)], policies=[allow_all]))
+        rt = make_runtime(make_workflow(tools=[mcp_tool(impatient, listed, risk=risk)], policies=[allow_all],
+                                        baseline=False))
         server.reset(GrantVerifier(rt.domain.bundle().jwks(), clock=rt.clock))
         grant, ctx = mint_grant(rt, "stall", run_id=f"run-{risk}")
         result = call(rt, grant, "stall", ctx, key="k")

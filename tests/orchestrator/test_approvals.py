@@ -282,7 +282,7 @@ def test_an_approval_does_not_survive_a_policy_change(
     changed = tmp_path / "baseline-edited.cedar"
     changed.write_text(resources.files("scopegraph.policies").joinpath("baseline.cedar").read_text()
                        + "\n// edited after the approval was given\n")
-    second = open_runtime(make_workflow(effects, policies=[changed]))
+    second = open_runtime(make_workflow(effects, policies=[changed], baseline=False))
     assert second.policy.version != approved_under
 
     resumed = second.resume(report.run_id)
@@ -390,7 +390,7 @@ def test_a_narrower_approver_list_for_the_tool_wins(
 # two-person rule -----------------------------------------------------------------------------------
 def test_the_two_person_rule_needs_two_distinct_approvers(
         open_runtime: Any, effects: list[dict[str, Any]], tmp_path: Path) -> None:
-    rt = open_runtime(make_workflow(effects, policies=[two_person_policy(tmp_path)]))
+    rt = open_runtime(make_workflow(effects, policies=[two_person_policy(tmp_path)], baseline=False))
     report, aid = pause(rt)
     request = rt.approvals.get(aid)
     assert request.required_approvals == 2
@@ -420,7 +420,7 @@ def test_the_two_person_rule_needs_two_distinct_approvers(
 def test_the_gateway_rechecks_the_approval_count_at_use_time(
         open_runtime: Any, effects: list[dict[str, Any]], tmp_path: Path) -> None:
     """A request that claims one approver is enough cannot beat a policy that wants two."""
-    rt = open_runtime(make_workflow(effects, policies=[two_person_policy(tmp_path)]))
+    rt = open_runtime(make_workflow(effects, policies=[two_person_policy(tmp_path)], baseline=False))
     report, aid = pause(rt)
     real = rt.approvals.get(aid)
     forged = rt.approvals.request(real.model_copy(update={"id": "apr_one_person", "required_approvals": 1}))

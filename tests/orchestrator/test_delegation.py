@@ -537,7 +537,7 @@ def test_what_children_returned_taints_the_parents_later_calls(
 
     plan = {"steps": [{"id": "web", "tool": "browse", "constraints": {"url": {"kind": "prefix", "prefix": "https://"}}}]}
     sub = SubPlanner({"steps": [child("c1", "browse", url=exact("https://corp.example/start"))]})
-    rt = start(plan, Parent("web", sub, Children(), after=follow_link), policies=[permissive_policies])
+    rt = start(plan, Parent("web", sub, Children(), after=follow_link), policies=[permissive_policies], baseline=False)
     rt.run("browse", initiator="alice", run_id="p3")
     assert ("browse", {"url": EVIL_URL}) not in RAN, "the parent followed an untrusted link without approval"
     [result] = follow

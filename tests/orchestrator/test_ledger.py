@@ -382,11 +382,12 @@ def test_a_wiped_ledger_of_a_store_that_has_runs_does_not_verify(
 def test_run_option_with_an_unknown_run_fails_in_one_line(audited: Audited,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = audit_cli(capsys, audited.store_url, "--run", "no-such-run")
-    assert code != 0
+    assert code == 2  # bad input, not tampering (issue 10)
     text = (out + err).strip()
     assert len(text.splitlines()) == 1 and "no-such-run" in text and "Traceback" not in text
-    code, out, _ = audit_cli(capsys, audited.store_url, "--run", "no-such-run", "--json")
-    assert code != 0 and json.loads(out)["ok"] is False
+    assert "no such run" in text and "TAMPERED" not in text
+    code, out, err = audit_cli(capsys, audited.store_url, "--run", "no-such-run", "--json")
+    assert code == 2 and out == "" and "no such run" in err
     assert verify(audited.path, "note1").ok and verify(audited.path, "read1").ok
 
 

@@ -139,7 +139,8 @@ def permissive_policies(tmp_path: Path) -> Path:
 @pytest.fixture
 def permissive(make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime],
                permissive_policies: Path) -> Runtime:
-    return make_runtime(make_workflow(tools=TOOLS, policies=[permissive_policies], name="permissive"))
+    return make_runtime(make_workflow(tools=TOOLS, policies=[permissive_policies], baseline=False,
+                                    name="permissive"))
 
 
 @pytest.fixture
@@ -443,7 +444,7 @@ def test_a_detour_through_an_unlabelled_step_does_not_clear_the_taint(
          "constraints": {"to": {"kind": "any"}, "body": {"kind": "any"}}},
     ]}
     rt = make_runtime(make_workflow(plan=plan, tools=TOOLS, executor=Relay(), policies=[permissive_policies],
-                                    approvers=["bob"], name="relay"))
+                                    baseline=False, approvers=["bob"], name="relay"))
     report = rt.run("mail the news", initiator="alice", run_id="r1")
     assert ("send_mail", {"to": EVIL, "body": "summary"}) not in RAN, report.summary()
     assert report.status == "paused", report.summary()

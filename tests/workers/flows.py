@@ -68,3 +68,6 @@ crashing = Workflow(name="crashing", tools=[read_part, crash_once], planner=Scri
                     executor=DirectExecutor())
 approval = Workflow(name="approval", tools=[file_expense, read_part], planner=ScriptedPlanner(APPROVAL_PLAN),
                     executor=DirectExecutor(), approvers=["bob", "carol"])
+unplannable = Workflow(name="unplannable", tools=[read_part],
+                       planner=ScriptedPlanner({"steps": [{"id": "x", "tool": "no_such_tool", "constraints": {}}]}),
+                       executor=DirectExecutor())
