@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from .approvals import ApprovalRequest, ApprovalService
+from .display import printable_lines
 from .errors import ApprovalError
 
 
@@ -29,7 +30,7 @@ def describe(a: ApprovalRequest) -> str:
         f"  needs      {a.required_approvals} approver(s) from {', '.join(a.allowed_approvers) or 'nobody'}"
         + (f"; so far: {', '.join(a.approvers)}" if a.approvals else ""),
     ]
-    return "\n".join(lines)
+    return printable_lines(lines)  # the purpose and reasons are others' words: no control characters
 
 
 def prompt_for(
