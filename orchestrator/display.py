@@ -21,8 +21,9 @@ _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 def printable(text: str) -> str:
     """``text`` with control, format and bidirectional characters shown as escapes.
 
-    ``\\x1b`` stays visible as the four characters ``\\x1b``, ``U+202E`` as ``\\u202e``;
-    every other character, including non-ASCII letters and symbols, is kept as it is.
+    ``\\x1b`` stays visible as the four characters ``\\x1b``, ``U+202E`` as ``\\u202e``,
+    a newline as ``\\n``; every other character, including non-ASCII letters and
+    symbols, is kept as it is.
     """
     if text.isprintable() and text.isascii():
         return text  # the common case: nothing to look at
@@ -34,7 +35,12 @@ def printable_lines(lines: list[str]) -> str:
     return "\n".join(printable(line) for line in lines)
 
 
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(ch: str) -> str:
+    if ch in _SHORT:
+        return _SHORT[ch]
     code = ord(ch)
     if code < 0x100:
         return f"\\x{code:02x}"

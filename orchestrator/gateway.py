@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -344,11 +345,10 @@ class Gateway:
         return scrub(text, secrets) if secrets else text
 
     def _scrubbed_decision(self, tool_name: str, decision: Decision, arguments: Mapping[str, Any]) -> Decision:
-        """A denial whose reasons cannot carry a secret argument's value."""
+        """A denial whose reasons cannot carry a secret argument's value, and can be recorded."""
         secrets = self._secret_pairs(tool_name, arguments)
-        if not secrets:
-            return decision
-        return replace(decision, reasons=tuple(scrub(r, secrets) for r in decision.reasons))
+        return replace(decision, reasons=tuple(_recordable(scrub(r, secrets) if secrets else r)
+                                               for r in decision.reasons))
 
     def _failure(self, tool_name: str, error_type: str, exc: object, *argument_sets: Mapping[str, Any]) -> str:
         """A failed call's error: the tool, the exception's type and its scrubbed message.
@@ -359,7 +359,7 @@ class Gateway:
             message = str(exc)
         except Exception:  # an exception whose ``__str__`` raises: its type must do
             message = ""
-        message = self._scrubbed(tool_name, message, *argument_sets)
+        message = _recordable(self._scrubbed(tool_name, message, *argument_sets))
         if len(message) > MAX_ERROR_CHARS:
             message = message[:MAX_ERROR_CHARS] + "…"
         return f"tool {tool_name!r} failed: {error_type}" + (f": {message}" if message else "")
@@ -531,13 +531,22 @@ def _digest(arguments: Mapping[str, Any]) -> str | None:
     try:
         return sha256_hex(json.dumps({"arguments": arguments}, default=str, sort_keys=True,
                                      separators=(",", ":")))
-    except (RecursionError, ValueError, TypeError):
-        return None  # arguments that cannot be written down (refused before they get here)
+    except Exception:  # arguments that cannot be written down (too deep, too big, a broken ``__str__``)
+        return None
 
 
 def _observed(arguments: Mapping[str, Any], secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Numbers and booleans only: enough to propose narrower ranges, no free text, no secret."""
-    return {k: v for k, v in arguments.items() if isinstance(v, (int, float, bool)) and k not in secrets}
+    """Numbers and booleans only: enough to propose narrower ranges, no free text, no secret.
+
+    Only numbers a store can write as JSON: 64-bit integers and finite floats."""
+    return {k: v for k, v in arguments.items() if k not in secrets and (
+        isinstance(v, bool) or (isinstance(v, int) and -(2**63) <= v < 2**63)
+        or (isinstance(v, float) and math.isfinite(v)))}
+
+
+def _recordable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate is written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _check_failed(exc: Exception) -> Decision:

@@ -83,7 +83,8 @@ def build_trace(store: Store, run_id: str, *, now: float | None = None) -> dict[
                 "valid": bool(plan.get("valid")),
                 "digest": plan.get("plan_digest"),
                 "error": plan.get("error"),
-                "steps": [{"id": s["id"], "tool": s["tool"], "depends_on": list(s.get("depends_on") or [])}
+                "steps": [{"id": s["id"], "tool": s["tool"], "depends_on": list(s.get("depends_on") or []),
+                           "purpose": s.get("purpose") or ""}
                           for s in plan.get("steps") or []],
             },
             "revisions": [{"revision": r.get("revision"), "at_ms": ms(r["at"]), "valid": bool(r.get("valid")),
@@ -356,7 +357,8 @@ def _render_planner(planner: Mapping[str, Any]) -> Tree:
     else:
         width = max((len(s["id"]) for s in plan["steps"]), default=0)
         steps: list[Tree] = [(f"{s['id']:<{width}}  {s['tool']}"
-                              + (f"  after {', '.join(s['depends_on'])}" if s["depends_on"] else ""), [])
+                              + (f"  after {', '.join(s['depends_on'])}" if s["depends_on"] else "")
+                              + (f"  purpose: {s['purpose']}" if s.get("purpose") else ""), [])
                              for s in plan["steps"]]
         kids.append((f"{offset(plan['at_ms'])}  plan  {len(plan['steps'])} step(s)  digest {_short(plan['digest'])}",
                      steps))
