@@ -2,7 +2,8 @@
 
 Every hop writes a record: run started / paused / resumed / ended, plan, grant minted,
 decision, approval requested / decided / consumed, tool call (digests of arguments and
-result, never their content), grant revoked, and each step's outcome. Each record holds the previous record's hash;
+result, never their content; a failed call's error message, secrets scrubbed), grant
+revoked, and each step's outcome. Each record holds the previous record's hash;
 the chain head is signed with a trust domain's key when a run ends or pauses. ``verify``
 walks the chain and names the first record that was edited, deleted, reordered, or
 cut off after the signed head.
