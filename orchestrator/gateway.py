@@ -21,6 +21,7 @@ import concurrent.futures
 import contextvars
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -64,6 +65,7 @@ TOOL_POLICY_ID = "scopegraph:tool"
 STORE_POLICY_ID = "scopegraph:store"
 APPROVAL_POLICY_ID = "scopegraph:approval"
 CHECK_POLICY_ID = "scopegraph:check"  # checking the call raised: denied to fail closed
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # a grant, an SVID: any JWS
 MAX_ERROR_CHARS = 1000  # a tool's error message, as kept in records and spans
 
 
@@ -353,13 +355,17 @@ class Gateway:
     def _failure(self, tool_name: str, error_type: str, exc: object, *argument_sets: Mapping[str, Any]) -> str:
         """A failed call's error: the tool, the exception's type and its scrubbed message.
 
-        Scrubbed before it is shortened, so a cut cannot leave part of a secret behind.
+        Scrubbed before it is shortened, so a cut cannot leave part of a secret behind. A
+        token in it (a tool that holds the step's grant may quote its own request) goes too.
         """
         try:
             message = str(exc)
         except Exception:  # an exception whose ``__str__`` raises: its type must do
             message = ""
         message = _recordable(self._scrubbed(tool_name, message, *argument_sets))
+        # Tokens are looked for in a bounded window (the pattern backtracks): any token
+        # cut off at its edge lies past the final cut below.
+        message = _JWT.sub("[token]", message[:MAX_ERROR_CHARS + 4096])
         if len(message) > MAX_ERROR_CHARS:
             message = message[:MAX_ERROR_CHARS] + "…"
         return f"tool {tool_name!r} failed: {error_type}" + (f": {message}" if message else "")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from scopegraph import Runtime, Workflow, tool
+from scopegraph import Runtime, Tool, Workflow, tool
 from scopegraph.agents import DirectExecutor
 from scopegraph.cli import main
 from scopegraph.errors import ToolError, TransientToolError
@@ -275,3 +275,29 @@ def test_a_short_secret_is_scrubbed_too_and_placeholders_are_not_rescrubbed() ->
     assert scrub("bad key e in e-mail", [("a", "e"), ("b", "e-mail")]) == \
         "bad k[secret:a]y [secret:a] in [secret:b]"
     assert scrub("nothing to hide", [("n", None), ("b", True), ("e", "")]) == "nothing to hide"
+
+
+def test_a_tool_that_quotes_its_grant_in_an_error_leaks_no_token(
+        otel: Capture, make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]) -> None:
+    # A tool that holds the step's grant (an MCP client) fails quoting its own request.
+    seen: list[str] = []
+
+    def call_server(arguments: dict[str, Any], grant_token: str | None) -> str:
+        assert grant_token is not None
+        seen.append(grant_token)
+        raise RuntimeError(f"401 from server for request with 'Authorization: Bearer {grant_token}'")
+
+    remote = Tool.from_schema(name="remote_lookup", description="Look up remotely.", risk="read",
+                              parameters={"type": "object", "properties": {"q": {"type": "string"}},
+                                          "required": ["q"]},
+                              fn=call_server, takes_grant=True)
+    plan = {"steps": [{"id": "r", "tool": "remote_lookup", "constraints": {"q": {"kind": "exact", "value": "x"}}}]}
+    rt = make_runtime(make_workflow(plan, tools=[*STANDARD_TOOLS, remote]))
+    report = rt.run("remote", run_id="tok1")
+    (token,) = seen
+    assert report.steps[0].reason == ("tool 'remote_lookup' failed: RuntimeError: 401 from server for request "
+                                      "with 'Authorization: Bearer [token]'")
+    signature = token.split(".")[2]
+    places = [report.model_dump_json(), render_trace(build_trace(rt.store, "tok1")),
+              *(repr(s.to_json()) for s in run_spans(otel.spans(), "tok1"))]
+    assert not [p for p in places if signature in p]
