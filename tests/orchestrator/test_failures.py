@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, field_validator
 
 from scopegraph import Runtime, Tool, Workflow, tool
 from scopegraph.agents import DirectExecutor
@@ -301,3 +302,35 @@ def test_a_tool_that_quotes_its_grant_in_an_error_leaks_no_token(
     places = [report.model_dump_json(), render_trace(build_trace(rt.store, "tok1")),
               *(repr(s.to_json()) for s in run_spans(otel.spans(), "tok1"))]
     assert not [p for p in places if signature in p]
+
+
+class Credentials(BaseModel):
+    key: str
+
+    @field_validator("key")
+    @classmethod
+    def _known_prefix(cls, key: str) -> str:
+        if not key.startswith("sk-"):
+            raise ValueError(f"unknown key {key}")  # pydantic puts this message in its error
+        return key
+
+
+@tool(risk="read", roles={"creds": "secret"})
+def whoami(creds: Credentials) -> str:
+    """Says whose key this is."""
+    return "someone"
+
+
+def test_a_denial_reason_quoting_a_secret_argument_is_scrubbed(
+        otel: Capture, make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]) -> None:
+    key = "pk-9f8e7d6c5b4a"
+    plan = {"steps": [{"id": "w", "tool": "whoami", "constraints": {"creds": {"kind": "any"}}}]}
+    rt = make_runtime(make_workflow(plan, tools=[*STANDARD_TOOLS, whoami], executor=DirectExecutor(
+        builders={"whoami": lambda ctx: {"creds": {"key": key}}})))
+    report = rt.run("who", run_id="cred1")
+    assert report.status == "denied", report.summary()
+    assert report.steps[0].reason == ("invalid arguments for tool 'whoami': creds.key: "
+                                      "Value error, unknown key [secret:creds]")
+    places = [report.model_dump_json(), str(rt.ledger.records("cred1")),
+              *(repr(s.to_json()) for s in run_spans(otel.spans(), "cred1"))]
+    assert not [p for p in places if key in p]
