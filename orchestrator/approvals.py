@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from .canonical import sha256_hex
 from .clock import Clock
 from .constraints import Constraint
+from .display import printable
 from .errors import ApprovalError, ToolArgumentsError
 from .ledger import Ledger
 from .store import Store
@@ -335,14 +336,9 @@ def _same_call(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 # Bidirectional overrides and isolates, and the marks: they can make text read
 # differently from what it is (an approver's reason shown to the next approver).
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
 def shown(text: str) -> str:
     """``text`` as it may be printed to a terminal: control and bidirectional characters escaped."""
-    return "".join(
-        f"\\u{ord(ch):04x}" if ch in _BIDI or ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 else ch
-        for ch in text)
+    return printable(text)
 
 
 def answer_text(given: Mapping[str, Any]) -> str:

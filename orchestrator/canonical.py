@@ -13,7 +13,8 @@ def canonical_json(value: Any) -> str:
 
 
 def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # ``surrogatepass``: a lone surrogate (text no UTF-8 can hold) still has one digest.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def action_digest(*, run_id: str, step_id: str, tool: str, arguments: Any, policy_version: str) -> str:

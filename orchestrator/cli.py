@@ -551,8 +551,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.ok:
-        tail = f" ({result.unsigned} newer record(s) chained, not yet signed)" if result.unsigned else ""
-        print(f"ok: {result.records} records, hash chain intact, head signed at record {result.signed_seq}{tail}")
+        print(result.describe())
     else:
         print(f"TAMPERED: {result.problem}")
     return EXIT_OK if result.ok else EXIT_FAILED

@@ -7,8 +7,11 @@ atomically in the store) → validate the arguments → check them against the g
 constraints → (for an approved call: recompute the action digest and consume the
 approval, atomically) → decide with policy → record an idempotency key → execute →
 label the output → record the use.
-Any failure denies the call with a reason; nothing reaches the tool without an
-``allow`` decided at the moment of the call.
+Any failure denies the call with a reason, including an exception nobody expected
+while checking it (a policy engine's bug, an argument nested too deep to parse):
+nothing reaches the tool without an ``allow`` decided at the moment of the call, and
+nothing raised while deciding escapes the gateway. A tool's own exception becomes the
+call's error, its message kept with every secret argument's value scrubbed out.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import asyncio
 import concurrent.futures
 import contextvars
 import json
+import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -49,6 +54,7 @@ from .identity import SpiffeId
 from .ledger import Ledger
 from .policy import CallRequest, Decision, PolicyEngine
 from .provenance import Observation, trace_arguments
+from .redaction import scrub, secret_values
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
 
@@ -58,6 +64,9 @@ SCOPE_POLICY_ID = "scopegraph:scope"
 TOOL_POLICY_ID = "scopegraph:tool"
 STORE_POLICY_ID = "scopegraph:store"
 APPROVAL_POLICY_ID = "scopegraph:approval"
+CHECK_POLICY_ID = "scopegraph:check"  # checking the call raised: denied to fail closed
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # a grant, an SVID: any JWS
+MAX_ERROR_CHARS = 1000  # a tool's error message, as kept in records and spans
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,19 +131,19 @@ class CallResult:
         message (which may quote what the tool read). A refused call returned nothing."""
         return self.status in ("ok", "error")
 
-    error_type: str | None = None  # the exception class of a failed tool, safe to record
+    error_type: str | None = None  # the exception class of a failed tool
 
     @property
     def reason(self) -> str:
-        """Why the call did not succeed, in full: for the executor, in process."""
+        """Why the call did not succeed: for the executor, in process."""
         return self.error or "; ".join(self.decision.reasons)
 
     @property
     def audit_reason(self) -> str:
-        """Why, without the tool's own error message (it may quote secret arguments):
-        what run records, spans and the ledger keep."""
+        """Why, as run records, spans and the ledger keep it: the tool's error message
+        with its secret arguments scrubbed (the gateway scrubs ``error`` as it makes it)."""
         if self.status == "error":
-            return f"tool {self.tool!r} failed: {self.error_type or 'error'}"
+            return self.error or f"tool {self.tool!r} failed: {self.error_type or 'error'}"
         return "; ".join(self.decision.reasons)
 
 
@@ -223,7 +232,7 @@ class Gateway:
         return CallResult(
             tool=tool, arguments=dict(arguments), status="error",
             decision=Decision(outcome="allow"), attempts=attempt_no,
-            error=f"tool {tool!r} failed after {attempt_no} attempts: {last}",
+            error=self._failure(tool, f"{type(last).__name__} after {attempt_no} attempts", last, arguments),
             error_type=f"{type(last).__name__} after {attempt_no} attempts",
             labels=self.tools[tool].labels if tool in self.tools else frozenset(),
         )
@@ -246,11 +255,15 @@ class Gateway:
                     try:
                         tool, grant, normalized, decision = self._authorize(
                             token, tool_name, arguments, ctx, attempt, approval_id, key)
-                    except _Denied as denied:
-                        self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, denied.decision,
+                    except StoreError:
+                        raise
+                    except Exception as exc:  # _Denied, or anything raised while checking the call
+                        denied = exc if isinstance(exc, _Denied) else _Denied(_check_failed(exc))
+                        refusal = self._scrubbed_decision(tool_name, denied.decision, arguments)
+                        self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, refusal,
                                       None, arguments)
                         return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
-                                          decision=denied.decision, attempts=attempt, grant_id=denied.grant_id)
+                                          decision=refusal, attempts=attempt, grant_id=denied.grant_id)
                     self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
                     earlier = None
                     if decision.outcome == "allow" and key is not None:
@@ -279,33 +292,83 @@ class Gateway:
             return replayed
         with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool_name, tr.GRANT_ID: grant.jti,
                                     tr.ATTEMPT: attempt, tr.RISK: tool.risk.value}) as call_span:
-            result = self._execute(tool, grant, normalized, decision, ctx, attempt, key)
+            try:
+                result = self._execute(tool, grant, normalized, decision, ctx, attempt, key, arguments)
+            except TransientToolError as exc:
+                call_span.set_attribute(tr.CALL_STATUS, "error")
+                tr.record_failure(call_span, type(exc).__name__,
+                                  self._scrubbed(tool_name, str(exc), arguments, normalized))
+                raise
             call_span.set_attribute(tr.CALL_STATUS, result.status)
             if not result.ok:
-                tr.set_error(call_span, "tool call failed")
+                tr.record_failure(call_span, result.error_type or "error", result.error or "")
             return result
 
     def _execute(self, tool: Tool, grant: Grant, normalized: dict[str, Any], decision: Decision,
-                 ctx: CallContext, attempt: int, key: str | None) -> CallResult:
+                 ctx: CallContext, attempt: int, key: str | None, raw: Mapping[str, Any]) -> CallResult:
         started = time.perf_counter()
         try:
             value = _run(tool, normalized, grant.danger_token() if tool.takes_grant else None)
+            result_json = json.dumps(value, default=str, sort_keys=True)
         except TransientToolError as exc:
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None,
-                         error_type=type(exc).__name__)
+                         error_type=type(exc).__name__,
+                         error=self._failure(tool.name, type(exc).__name__, exc, raw, normalized))
             raise exc  # the retry loop in ``call`` authorizes the next attempt from scratch
         except Exception as exc:
-            error = f"tool {tool.name!r} failed: {type(exc).__name__}: {exc}"
+            # A value the tool returned that cannot be recorded (nested too deep, a cycle)
+            # fails the call like an exception: it could not be replayed after a crash.
+            error = self._failure(tool.name, type(exc).__name__, exc, raw, normalized)
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", json.dumps(error),
-                         started, key, None, error_type=type(exc).__name__)
+                         started, key, None, error_type=type(exc).__name__, error=error)
             return CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
                               error=error, attempts=attempt, grant_id=grant.jti,
                               error_type=type(exc).__name__, labels=tool.labels)
-        result_json = json.dumps(value, default=str, sort_keys=True)
         self._called(ctx, tool, grant, decision, attempt, normalized, "ok", result_json, started, key,
                      result_json)
         return CallResult(tool=tool.name, arguments=normalized, status="ok", decision=decision,
                           value=value, labels=tool.labels, attempts=attempt, grant_id=grant.jti)
+
+    def _secret_pairs(self, tool_name: str, *argument_sets: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        tool = self.tools.get(tool_name) if isinstance(tool_name, str) else None
+        if tool is None or not tool.secrets:
+            return []
+        sets = list(argument_sets)
+        for arguments in argument_sets:  # the values as the tool saw them, too (``"0042"`` → 42)
+            try:
+                sets.append(tool.validate_arguments(arguments))
+            except Exception:  # invalid: the tool never saw them, the raw values are all there is
+                continue
+        return secret_values(tool.secrets, *sets)
+
+    def _scrubbed(self, tool_name: str, text: str, *argument_sets: Mapping[str, Any]) -> str:
+        """``text`` without the values of the tool's secret arguments (see ``redaction``)."""
+        secrets = self._secret_pairs(tool_name, *argument_sets)
+        return scrub(text, secrets) if secrets else text
+
+    def _scrubbed_decision(self, tool_name: str, decision: Decision, arguments: Mapping[str, Any]) -> Decision:
+        """A denial whose reasons cannot carry a secret argument's value, and can be recorded."""
+        secrets = self._secret_pairs(tool_name, arguments)
+        return replace(decision, reasons=tuple(_recordable(scrub(r, secrets) if secrets else r)
+                                               for r in decision.reasons))
+
+    def _failure(self, tool_name: str, error_type: str, exc: object, *argument_sets: Mapping[str, Any]) -> str:
+        """A failed call's error: the tool, the exception's type and its scrubbed message.
+
+        Scrubbed before it is shortened, so a cut cannot leave part of a secret behind. A
+        token in it (a tool that holds the step's grant may quote its own request) goes too.
+        """
+        try:
+            message = str(exc)
+        except Exception:  # an exception whose ``__str__`` raises: its type must do
+            message = ""
+        message = _recordable(self._scrubbed(tool_name, message, *argument_sets))
+        # Tokens are looked for in a bounded window (the pattern backtracks): any token
+        # cut off at its edge lies past the final cut below.
+        message = _JWT.sub("[token]", message[:MAX_ERROR_CHARS + 4096])
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS] + "…"
+        return f"tool {tool_name!r} failed: {error_type}" + (f": {message}" if message else "")
 
     def _decided(self, s: Any, ctx: CallContext, tool_name: str, attempt: int, jti: str | None,
                  decision: Decision, tool: Tool | None, arguments: Mapping[str, Any]) -> None:
@@ -316,9 +379,8 @@ class Gateway:
             s.set_attribute(tr.GRANT_ID, jti)
         if tool is not None:
             s.set_attribute(tr.RISK, tool.risk.value)
-        if decision.outcome == "deny":
-            tr.set_error(s, "denied")
-            s.set_attribute(tr.DECISION_REASON, "; ".join(decision.reasons))
+        if decision.outcome == "deny":  # an outcome, not an error: an event and attributes
+            tr.record_denial(s, decision.policy_ids, "; ".join(decision.reasons))
         policy = ",".join(decision.policy_ids) or "none"
         self.metrics.decisions.add(1, {"outcome": decision.outcome, "policy": policy, "tool": tool_name})
         if decision.outcome == "deny":
@@ -337,7 +399,7 @@ class Gateway:
     def _called(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
                 normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
                 started: float, key: str | None, result_json: str | None,
-                error_type: str | None = None) -> None:
+                error_type: str | None = None, error: str | None = None) -> None:
         """Account for one execution: idempotency record, use record, metrics, ledger."""
         elapsed = time.perf_counter() - started
         self.metrics.tool_latency.record(elapsed, {"tool": tool.name, "status": status})
@@ -350,6 +412,7 @@ class Gateway:
                     attempt=attempt, status=status, arguments_digest=_digest(normalized),
                     result_digest=sha256_hex(result_json) if result_json is not None else None,
                     duration_ms=round(elapsed * 1000, 3), error_type=error_type,
+                    **({"error": error} if error is not None else {}),
                 )
 
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
@@ -396,6 +459,18 @@ class Gateway:
             raise _Denied(Decision.deny(f"store unavailable, failing closed: {exc}", STORE_POLICY_ID),
                           grant.jti) from None
         try:
+            return self._check(tool, grant, arguments, ctx, attempt, approval_id, key)
+        except (_Denied, StoreError):
+            raise
+        except Exception as exc:
+            raise _Denied(_check_failed(exc), grant.jti) from None
+
+    def _check(
+        self, tool: Tool, grant: Grant, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
+        approval_id: str | None, key: str | None,
+    ) -> tuple[Tool, Grant, dict[str, Any], Decision]:
+        """Validate, scope and decide one call of a verified grant whose use is taken."""
+        try:
             normalized = tool.validate_arguments(arguments)
         except ToolArgumentsError as exc:
             raise _Denied(Decision.deny(str(exc), SCOPE_POLICY_ID), grant.jti) from None
@@ -419,6 +494,9 @@ class Gateway:
             decision = self.policy.decide(request)
         except ScopegraphError as exc:
             raise _Denied(Decision.deny(f"policy failed, failing closed: {exc}", "policy-error"), grant.jti) from None
+        except Exception as exc:  # a policy engine's bug: its message may quote the arguments
+            raise _Denied(Decision.deny(f"policy evaluation raised {type(exc).__name__}; denied to fail closed",
+                                        "policy-error"), grant.jti) from None
         if decision.outcome == "deny":
             raise _Denied(decision, grant.jti)
         return tool, grant, normalized, decision
@@ -447,10 +525,11 @@ class Gateway:
                 arguments: Mapping[str, Any]) -> None:
         if jti is None:
             return  # no verified grant: nothing to count against
+        known = self.tools.get(tool)
         self.store.record_use(UseRecord(
             jti=jti, run_id=ctx.run_id, step_id=ctx.step_id, tool=tool, attempt=attempt,
             outcome=outcome, decision=decision.outcome, policy_ids=decision.policy_ids,
-            at=self.clock.now(), observed=_observed(arguments),
+            at=self.clock.now(), observed=_observed(arguments, known.secrets if known else frozenset()),
         ))
 
 
@@ -461,14 +540,38 @@ def _cut_off_read(earlier: CallRecord, tool: Tool) -> bool:
     return earlier.status == "started" and tool.risk.value == "read"
 
 
-def _digest(arguments: Mapping[str, Any]) -> str:
-    return sha256_hex(json.dumps({"arguments": arguments}, default=str, sort_keys=True,
-                                 separators=(",", ":")))
+def _digest(arguments: Mapping[str, Any]) -> str | None:
+    try:
+        return sha256_hex(json.dumps({"arguments": arguments}, default=str, sort_keys=True,
+                                     separators=(",", ":")))
+    except Exception:  # arguments that cannot be written down (too deep, too big, a broken ``__str__``)
+        return None
 
 
-def _observed(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """Numbers and booleans only: enough to propose narrower ranges, no free text."""
-    return {k: v for k, v in arguments.items() if isinstance(v, (int, float, bool))}
+def _observed(arguments: Mapping[str, Any], secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Numbers and booleans only: enough to propose narrower ranges, no free text, no secret.
+
+    Only numbers a store can write as JSON: 64-bit integers and finite floats."""
+    return {k: v for k, v in arguments.items() if k not in secrets and (
+        isinstance(v, bool) or (isinstance(v, int) and -(2**63) <= v < 2**63)
+        or (isinstance(v, float) and math.isfinite(v)))}
+
+
+def _recordable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate is written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_failed(exc: Exception) -> Decision:
+    """The denial for an exception nobody expected while checking a call.
+
+    Only the exception's type is named: its message may quote the arguments.
+    """
+    if isinstance(exc, RecursionError):
+        return Decision.deny("the arguments are nested too deeply to check; denied to fail closed",
+                             CHECK_POLICY_ID)
+    return Decision.deny(f"checking the call raised {type(exc).__name__}; denied to fail closed",
+                         CHECK_POLICY_ID)
 
 
 def _binding_mismatch(grant: Grant, ctx: CallContext) -> str | None:

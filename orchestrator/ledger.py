@@ -2,10 +2,20 @@
 
 Every hop writes a record: run started / paused / resumed / ended, plan, grant minted,
 decision, approval requested / decided / consumed, tool call (digests of arguments and
-result, never their content), grant revoked, and each step's outcome. Each record holds the previous record's hash;
+result, never their content; a failed call's error message, secrets scrubbed), grant
+revoked, and each step's outcome. Each record holds the previous record's hash;
 the chain head is signed with a trust domain's key when a run ends or pauses. ``verify``
 walks the chain and names the first record that was edited, deleted, reordered, or
 cut off after the signed head.
+
+Records after the last signed head (the unsigned tail) are those of runs that have not
+paused or ended since: a run in progress, or one cut off by a crash or a store outage.
+They are chained but not signed yet, and reported as such, not as tampering; the next
+pause or end signs them. A store whose only runs were cut off has no signed head at
+all: that is an unsigned tail from the first record. Only a head that should exist is
+missing on purpose: when a record that is written together with a signature
+(``run_paused``, ``run_ended``) is in the chain, or the store has a run that paused or
+ended.
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ import jwt
 from .canonical import canonical_json
 from .clock import Clock
 from .identity import TrustDomain, load_domain_public_key
-from .store import LedgerHead, Store
+from .store import LedgerHead, LedgerRow, Store
 
 GENESIS = "0" * 64
+_SIGNED_WITH = ("run_paused", "run_ended")  # kinds appended in the same write as a signed head
+_UNSIGNED_STATUSES = ("queued", "running")  # runs that have not paused or ended (nothing signed)
 
 RecordKind = Literal[
     "run_started", "run_ended", "run_paused", "run_resumed", "plan", "grant_minted", "decision",
@@ -45,6 +57,19 @@ class VerifyResult:
     problem: str | None = None
     bad_seq: int | None = None
     unsigned: int = 0  # records after the signed head (a run in progress): chained, not yet signed
+
+    def describe(self) -> str:
+        """One line for a person: what was verified, or the first problem found."""
+        if not self.ok:
+            return f"TAMPERED: {self.problem}"
+        if not self.records:
+            return "ok: the ledger is empty"
+        if self.signed_seq is None:
+            return (f"ok: {self.records} records, hash chain intact, no signed head yet: {self.unsigned} "
+                    "record(s) after the last signed head (runs that have not paused or ended, "
+                    "e.g. cut off by an outage)")
+        tail = f" ({self.unsigned} newer record(s) chained, not yet signed)" if self.unsigned else ""
+        return f"ok: {self.records} records, hash chain intact, head signed at record {self.signed_seq}{tail}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "records": self.records, "signed_seq": self.signed_seq,
@@ -128,14 +153,30 @@ class Ledger:
                 bad = head.seq if head.seq in hashes else len(rows) + 1
                 return _bad(len(rows), head.seq, problem, bad)
             signed_seq = head.seq
-        elif rows:
-            return _bad(len(rows), None, "the ledger has records but no signed head", 1)
-        elif self.store.list_runs():
-            return _bad(0, None, "the ledger is empty but the store has runs: it was wiped", None)
+        else:
+            problem = self._missing_head(rows)
+            if problem:
+                return _bad(len(rows), None, problem, 1 if rows else None)
         if run_id is not None and not any(r.run_id == run_id for r in rows):
             return _bad(len(rows), signed_seq, f"no ledger records for run {run_id!r}", None)
         return VerifyResult(ok=True, records=len(rows), signed_seq=signed_seq,
                             unsigned=len(rows) - (signed_seq or 0))
+
+    def _missing_head(self, rows: list[LedgerRow]) -> str | None:
+        """Whether a ledger without a signed head lost it: something in the chain or the
+        store says a head was signed. Otherwise every record is an unsigned tail."""
+        sealed = next((r for r in rows if r.kind in _SIGNED_WITH), None)
+        if sealed is not None:
+            return (f"the ledger has records but no signed head, though record {sealed.seq} "
+                    f"({sealed.kind}) was signed when it was written")
+        runs = self.store.list_runs()
+        settled = next((r for r in runs if r.status not in _UNSIGNED_STATUSES), None)
+        if not rows and any(r.status != "queued" for r in runs):  # a started run has records
+            return "the ledger is empty but the store has runs: it was wiped"
+        if settled is not None:
+            return (f"the ledger has records but no signed head, though run {settled.run_id!r} "
+                    f"is {settled.status}, which signs it")
+        return None
 
     def _check_head(self, head: LedgerHead, hashes: dict[int, str]) -> str | None:
         key = load_domain_public_key(self.store, head.domain)

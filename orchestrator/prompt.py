@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .approvals import ApprovalRequest, ApprovalService, answer_text, shown
+from .display import printable_lines
 from .errors import ApprovalError
 
 
@@ -81,7 +82,7 @@ def describe(a: ApprovalRequest, now: float | None = None) -> str:
         lines.append(f"  so far     {'; '.join(filter(None, [tally(a, now or 0.0), still_needed_text(a)]))}")
     if now is not None and a.effective_status(now) in ("pending", "approved"):
         lines.append(f"  expires    {relative(a.expires_at - now)}")
-    return "\n".join(lines)
+    return printable_lines(lines)  # the purpose and reasons are others' words: no control characters
 
 
 class TerminalReader:

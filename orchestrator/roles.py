@@ -147,8 +147,11 @@ def _call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, A
     """Names the n-th call of a step, so a step re-run after a crash replays, not repeats, it."""
     try:
         args = canonical_json(arguments)
-    except (TypeError, ValueError):
-        args = repr(sorted(arguments.items()))
+    except Exception:  # not JSON (a set, an object), or too big or deep to write down
+        try:
+            args = repr(sorted(arguments.items()))
+        except Exception:  # the gateway decides what to do with such arguments
+            args = "unwritable"
     return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
 
 

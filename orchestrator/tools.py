@@ -5,7 +5,10 @@ argument model from its signature so every call is validated before it runs, and
 records the facts policy needs: how risky the tool is, what its output carries
 (``external`` tools bring in content from outside: their output is ``untrusted``), and
 which arguments say where data or money goes (``destinations``: a recipient, a URL, an
-account, a path), so policy can ask where those values came from.
+account, a path), so policy can ask where those values came from. ``roles`` names what
+an argument is to the outside world: ``destination`` (the same as ``destinations``) or
+``secret`` (a password, an API key: its value is scrubbed from the tool's error
+messages before they reach a run record, a span or the ledger; see ``redaction``).
 
 ``Tool.from_schema`` declares a tool from a JSON Schema instead of a signature: that is
 how LangChain and MCP tools become scoped tools. A tool with ``takes_grant`` receives
@@ -48,13 +51,19 @@ class Tool:
     accepts_confidential: bool = False
     destinations: frozenset[str] = frozenset()
     takes_grant: bool = False  # ``fn(arguments, grant_token)`` instead of ``fn(**arguments)``
+    secrets: frozenset[str] = frozenset()  # arguments whose values never leave the call
 
     def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``arguments`` against the tool's schema and return them normalised.
 
         Raises:
-            ToolArgumentsError: an argument is missing, unknown, or of the wrong type.
+            ToolArgumentsError: an argument is missing, unknown, of the wrong type, or
+                nested more than ``MAX_ARGUMENT_DEPTH`` lists or mappings deep.
         """
+        for name, value in arguments.items():
+            if _deeper_than(value, MAX_ARGUMENT_DEPTH):
+                raise ToolArgumentsError(f"invalid arguments for tool {self.name!r}: {name}: nested more than "
+                                         f"{MAX_ARGUMENT_DEPTH} lists or mappings deep")
         try:
             model = self.args_model.model_validate(dict(arguments))
         except ValidationError as exc:
@@ -94,6 +103,7 @@ class Tool:
         destinations: Iterable[str] = (),
         accepts_confidential: bool = False,
         takes_grant: bool = False,
+        roles: Mapping[str, str] | None = None,
     ) -> Tool:
         """A tool whose arguments are described by a JSON Schema object (``parameters``).
 
@@ -101,14 +111,14 @@ class Tool:
         ``takes_grant``; it may be async.
 
         Raises:
-            ToolError: bad name, risk tier or schema, or a destination the schema lacks.
+            ToolError: bad name, risk tier, schema or role, or a destination the schema lacks.
         """
         _check_name(name)
         model = _model_from_json_schema(name, parameters)
         return _declare(
             name=name, description=description, risk=_tier(risk), labels=labels, external=external,
             destinations=destinations, accepts_confidential=accepts_confidential, model=model, fn=fn,
-            is_async=inspect.iscoroutinefunction(fn), takes_grant=takes_grant,
+            is_async=inspect.iscoroutinefunction(fn), takes_grant=takes_grant, roles=roles,
         )
 
 
@@ -121,6 +131,7 @@ def tool(
     external: bool = False,
     destinations: Iterable[str] = (),
     accepts_confidential: bool = False,
+    roles: Mapping[str, str] | None = None,
 ) -> Any:
     """Declare a function as a tool.
 
@@ -131,6 +142,12 @@ def tool(
     names the arguments that say where data or money goes (recipient, URL, account,
     path); policy sees where their values came from. ``accepts_confidential`` marks an
     egress tool the organisation trusts with confidential data (policy may use it).
+    ``roles`` maps argument names to what they are: ``"destination"`` (as if listed in
+    ``destinations``) or ``"secret"`` (its value is scrubbed from the tool's error
+    messages, and kept out of run records, spans, the ledger and usage records).
+
+    Raises:
+        ToolError: an unknown risk tier, role or argument name.
     """
 
     tier = _tier(risk)
@@ -144,12 +161,15 @@ def tool(
             external=external,
             destinations=destinations,
             accepts_confidential=accepts_confidential,
+            roles=roles,
         )
 
     return wrap(fn) if fn is not None else wrap
 
 
 UNTRUSTED = "untrusted"
+ROLES = ("destination", "secret")  # what an argument can be to the outside world
+MAX_ARGUMENT_DEPTH = 64  # lists and mappings inside one argument: deeper is refused, not parsed
 
 
 def _tier(risk: Risk | str) -> Risk:
@@ -176,6 +196,7 @@ def _build_tool(
     external: bool,
     destinations: Iterable[str],
     accepts_confidential: bool,
+    roles: Mapping[str, str] | None = None,
 ) -> Tool:
     _check_name(name)
     signature = inspect.signature(f)
@@ -191,7 +212,7 @@ def _build_tool(
     return _declare(
         name=name, description=inspect.getdoc(f) or "", risk=risk, labels=labels, external=external,
         destinations=destinations, accepts_confidential=accepts_confidential, model=model, fn=f,
-        is_async=inspect.iscoroutinefunction(f), takes_grant=False,
+        is_async=inspect.iscoroutinefunction(f), takes_grant=False, roles=roles,
     )
 
 
@@ -206,20 +227,55 @@ def _arguments_model(name: str, fields: Mapping[str, Any]) -> type[BaseModel]:
 def _declare(
     *, name: str, description: str, risk: Risk, labels: Iterable[str], external: bool,
     destinations: Iterable[str], accepts_confidential: bool, model: type[BaseModel],
-    fn: Callable[..., Any], is_async: bool, takes_grant: bool,
+    fn: Callable[..., Any], is_async: bool, takes_grant: bool, roles: Mapping[str, str] | None = None,
 ) -> Tool:
     if isinstance(labels, str) or isinstance(destinations, str):
         raise ToolError(f"tool {name!r}: labels and destinations are lists of names, not one string")
     label_set = frozenset(labels) | ({UNTRUSTED} if external else frozenset())
-    dest_set = frozenset(destinations)
+    by_role = _roles(name, roles or {}, model)
+    dest_set = frozenset(destinations) | by_role["destination"]
     unknown = sorted(dest_set - set(model.model_fields))
     if unknown:
         raise ToolError(f"tool {name!r} declares destination {unknown[0]!r}, which is not one of its arguments")
     return Tool(
         name=name, description=description, risk=risk, labels=label_set, args_model=model, fn=fn,
         is_async=is_async, accepts_confidential=accepts_confidential, destinations=dest_set,
-        takes_grant=takes_grant,
+        takes_grant=takes_grant, secrets=by_role["secret"],
     )
+
+
+def _roles(name: str, roles: Mapping[str, str], model: type[BaseModel]) -> dict[str, frozenset[str]]:
+    """The arguments of each role, from ``{argument: role}``."""
+    if not isinstance(roles, Mapping):
+        raise ToolError(f"tool {name!r}: roles map argument names to roles, e.g. {{'api_key': 'secret'}}")
+    for arg, role in roles.items():
+        if role not in ROLES:
+            raise ToolError(f"tool {name!r}: unknown role {role!r} for argument {arg!r}: use "
+                            + " or ".join(repr(r) for r in ROLES))
+        if arg not in model.model_fields:
+            raise ToolError(f"tool {name!r} declares role {role!r} for {arg!r}, which is not one of its arguments")
+    return {r: frozenset(a for a, role in roles.items() if role == r) for r in ROLES}
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists, tuples, sets or mappings nest more than ``limit`` deep in ``value``.
+
+    Iterative: a value nested thousands deep (or a list that contains itself) is
+    measured without recursion, before pydantic, JSON or Cedar would recurse into it.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            inner: Iterable[Any] = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            inner = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((v, depth + 1) for v in inner)
+    return False
 
 
 _JSON_TYPES: dict[str, Any] = {

@@ -6,9 +6,11 @@ dict as a Unicode tree for a terminal. Timings are offsets from the run's start.
 
 The ledger is the source of events; the store adds what the ledger does not keep: each
 grant's consumed uses and revocation, and each approval's current status and votes
-(approvals answered through the CLI have no ``approval_decided`` record). Step status is
-not in the ledger either: it is derived from the step's last call (see ``_step_status``).
+(approvals answered through the CLI have no ``approval_decided`` record). A step's status
+is derived from its last call (see ``_step_status``); a ``step_ended`` record written after
+it that says the step failed or was denied overrides it and gives the reason.
 Nothing here reads tokens or keys: the ledger and the store's grant rows hold none.
+Text that others wrote (planners, tools, approvers) is drawn through ``printable``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from .approvals import ApprovalRequest
 from .clock import SystemClock
+from .display import printable_lines
 from .errors import ConfigError
 from .ledger import Ledger
 from .store import GrantRecord, Store
@@ -80,7 +83,8 @@ def build_trace(store: Store, run_id: str, *, now: float | None = None) -> dict[
                 "valid": bool(plan.get("valid")),
                 "digest": plan.get("plan_digest"),
                 "error": plan.get("error"),
-                "steps": [{"id": s["id"], "tool": s["tool"], "depends_on": list(s.get("depends_on") or [])}
+                "steps": [{"id": s["id"], "tool": s["tool"], "depends_on": list(s.get("depends_on") or []),
+                           "purpose": s.get("purpose") or ""}
                           for s in plan.get("steps") or []],
             },
             "revisions": [{"revision": r.get("revision"), "at_ms": ms(r["at"]), "valid": bool(r.get("valid")),
@@ -184,14 +188,34 @@ def _step(step_id: str, tool: str, depends_on: list[str], records: Sequence[Mapp
                            "spiffe_id": g.subject}, g, ms)
             items.append((10**12, node))
     ordered = [node for _, node in sorted(items, key=lambda item: item[0])]
+    status, reason = _step_status(tool, records, approvals, now), None
+    ended = _step_ended(records)
+    if ended is not None:
+        status, reason = str(ended["status"]), str(ended.get("reason") or "") or None
     return {
         "step_id": step_id,
         "tool": tool,
         "depends_on": depends_on,
         "spiffe_id": spiffe_id,
-        "status": _step_status(tool, records, approvals, now),
+        "status": status,
+        "reason": reason,
         "items": ordered,
     }
+
+
+def _step_ended(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The step's ``step_ended`` record, if it is the last word on a failed or denied step:
+    written after every call and approval request of the step (the runtime writes it as it
+    revokes the step's grant, so it also covers an executor that raised after its calls)."""
+    last = None
+    for r in records:
+        if r["kind"] in (*_CALL_KINDS, "approval_requested", "grant_minted"):
+            last = None
+        elif r["kind"] == "step_ended":
+            last = r
+    if last is None or last.get("status") not in ("failed", "denied"):
+        return None
+    return last
 
 
 def _grant(r: Mapping[str, Any], stored: GrantRecord | None, ms: Any) -> dict[str, Any]:
@@ -236,7 +260,8 @@ def _tool_call(r: Mapping[str, Any], ms: Any) -> dict[str, Any]:
     return {"type": "tool_call", "seq": r["seq"], "at_ms": ms(r["at"]), "tool": r.get("tool"),
             "grant_id": r.get("grant_id"), "status": r.get("status"), "attempt": r.get("attempt"),
             "duration_ms": r.get("duration_ms"), "arguments_digest": r.get("arguments_digest"),
-            "result_digest": r.get("result_digest")}
+            "result_digest": r.get("result_digest"), "error_type": r.get("error_type"),
+            "error": r.get("error")}
 
 
 def _approval(r: Mapping[str, Any], stored: ApprovalRequest | None, ms: Any, now: float) -> dict[str, Any]:
@@ -281,8 +306,8 @@ def _step_status(tool: str, records: Sequence[Mapping[str, Any]],
 
     The last call decides (a step completes when its last call was a successful call
     of its own tool), unless an approval was requested after that call: then the
-    approval's status does. Executor exceptions leave no ledger record, so a step that
-    failed that way after a successful call still reads as completed.
+    approval's status does. An executor that raised after a successful call left no call
+    record saying so: the step's ``step_ended`` record tells (see ``_step_ended``).
     """
     if not any(r["kind"] == "grant_minted" for r in records):
         return "not_started"
@@ -319,7 +344,7 @@ def render_trace(trace: Mapping[str, Any]) -> str:
     children.extend(_render_step(s) for s in trace["steps"])
     for e in trace["run_events"]:
         children.append((_render_run_event(e), []))
-    return "\n".join(tree_lines((head, children)))
+    return printable_lines(tree_lines((head, children)))
 
 
 def _render_planner(planner: Mapping[str, Any]) -> Tree:
@@ -332,7 +357,8 @@ def _render_planner(planner: Mapping[str, Any]) -> Tree:
     else:
         width = max((len(s["id"]) for s in plan["steps"]), default=0)
         steps: list[Tree] = [(f"{s['id']:<{width}}  {s['tool']}"
-                              + (f"  after {', '.join(s['depends_on'])}" if s["depends_on"] else ""), [])
+                              + (f"  after {', '.join(s['depends_on'])}" if s["depends_on"] else "")
+                              + (f"  purpose: {s['purpose']}" if s.get("purpose") else ""), [])
                              for s in plan["steps"]]
         kids.append((f"{offset(plan['at_ms'])}  plan  {len(plan['steps'])} step(s)  digest {_short(plan['digest'])}",
                      steps))
@@ -354,7 +380,8 @@ def _render_step(step: Mapping[str, Any]) -> Tree:
             kids.append(_render_approval(item))
         else:
             kids.append(_render_call(item))
-    return (f"step {step['step_id']}  {step['tool']}  {step['status']}", kids)
+    why = f": {step['reason']}" if step.get("reason") else ""
+    return (f"step {step['step_id']}  {step['tool']}  {step['status']}{why}", kids)
 
 
 def _render_grant(g: Mapping[str, Any]) -> Tree:
@@ -386,7 +413,9 @@ def _render_call(e: Mapping[str, Any]) -> Tree:
         return (label, reasons)
     if e["type"] == "tool_call":
         took = "?" if e["duration_ms"] is None else f"{e['duration_ms']:.3g} ms"
-        return (f"{at}  tool call {e['status']}  {e['tool']}  attempt {e['attempt']}  {took}", [])
+        failure = e.get("error") or (f"{e['error_type']}" if e.get("error_type") else None)
+        return (f"{at}  tool call {e['status']}  {e['tool']}  attempt {e['attempt']}  {took}",
+                [(failure, [])] if e["status"] != "ok" and failure else [])
     return (f"{at}  approval {e['approval_id']} consumed", [])
 
 

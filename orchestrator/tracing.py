@@ -5,11 +5,17 @@ configure the SDK and exporters (see ``scopegraph.telemetry``). Names follow the
 GenAI semantic conventions where they exist; what they lack (decisions, grants,
 approvals) sits under ``scopegraph.*``. Tokens and keys never become attributes:
 grants appear by their ``jti`` only.
+
+A denial (by policy or by a person) is an outcome, not an error: it is an event and
+attributes on its span, whose status stays unset. A failure (a tool raised, the store
+is down, the plan is malformed) sets the span's status to ERROR; a failed tool call
+also gets ``error.type`` and an ``exception`` event carrying the scrubbed message
+(never ``record_exception``: its stack trace would quote the unscrubbed message).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +43,15 @@ GRANT_REVOKE = "scopegraph.grant.revoke"
 DECIDE = "scopegraph.decide"
 APPROVAL_WAIT = "scopegraph.approval.wait"
 TOOL_CALL = "scopegraph.tool.call"
+
+# events
+DENIED_EVENT = "scopegraph.denied"           # a call or step denied: policy ids and reason
+EXCEPTION_EVENT = "exception"                # OpenTelemetry's exception event, scrubbed
+
+# OpenTelemetry semantic convention attributes
+ERROR_TYPE = "error.type"
+EXCEPTION_TYPE = "exception.type"
+EXCEPTION_MESSAGE = "exception.message"
 
 # GenAI semantic convention attributes
 GEN_AI_OPERATION = "gen_ai.operation.name"
@@ -103,6 +118,23 @@ def span(name: str, attributes: Mapping[str, Any] | None = None, *,
 
 def set_error(s: Span, description: str) -> None:
     s.set_status(Status(StatusCode.ERROR, description))
+
+
+def record_failure(s: Span, error_type: str, message: str) -> None:
+    """Mark ``s`` failed: ``error.type``, an ``exception`` event and ERROR status.
+
+    ``message`` must already be scrubbed of secrets (the gateway scrubs tool errors).
+    """
+    s.set_attribute(ERROR_TYPE, error_type)
+    s.add_event(EXCEPTION_EVENT, {EXCEPTION_TYPE: error_type, EXCEPTION_MESSAGE: message})
+    set_error(s, error_type)
+
+
+def record_denial(s: Span, policy_ids: Iterable[str], reason: str) -> None:
+    """Record a denial on ``s`` as an attribute and an event; its status stays unset."""
+    ids = [str(p) for p in policy_ids]
+    s.set_attribute(DECISION_REASON, reason)
+    s.add_event(DENIED_EVENT, {POLICY_IDS: ids, DECISION_REASON: reason})
 
 
 def inject_traceparent() -> dict[str, str]:

@@ -408,7 +408,7 @@ def unlock(pin: int) -> str:
     return "unlocked"
 
 
-@tool
+@tool(roles={"pin": "secret"})
 def parse_pin(pin: str) -> int:
     """Parse a PIN given as text."""
     return int(pin)  # a non-numeric PIN fails with Python's own message
@@ -485,7 +485,7 @@ def test_a_denied_numeric_secret_stays_out_of_denial_reasons(
 def test_a_failing_tool_does_not_carry_its_secret_argument_into_the_ledger(
         otel: Capture, make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]) -> None:
     # ``int(pin)`` fails with "invalid literal for int() with base 10: '<pin>'". The
-    # tool_call record keeps only the error type; no other record may keep the message.
+    # message is kept (issue 10) with the secret argument's value scrubbed out of it.
     plan = {"steps": [{"id": "p", "tool": "parse_pin", "constraints": {"pin": {"kind": "any"}}}]}
     rt = make_runtime(make_workflow(
         plan, tools=[*STANDARD_TOOLS, parse_pin],
@@ -494,6 +494,8 @@ def test_a_failing_tool_does_not_carry_its_secret_argument_into_the_ledger(
     assert report.status == "failed", report.summary()
     (call,) = [r for r in rt.ledger.records("parse1") if r["kind"] == "tool_call"]
     assert call["error_type"] == "ValueError" and call["status"] == "error"
+    assert call["error"] == "tool 'parse_pin' failed: ValueError: invalid literal for int() with base 10: " \
+                            "'[secret:pin]'"
     hay = _secret_hay(otel, rt, "parse1")
     assert not _where(hay, SECRET_PASSWORD), _where(hay, SECRET_PASSWORD)
 

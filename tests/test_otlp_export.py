@@ -253,8 +253,9 @@ def assert_demo_trace(spans: list[Span], record: dict[str, Any], store_path: Pat
     decides = [s for s in spans if s.parent_id == receipt.span_id and s.name == "scopegraph.decide"]
     outcomes = sorted((d.attributes["gen_ai.tool.name"], d.attributes["scopegraph.decision"], d.status)
                       for d in decides)
-    assert outcomes == [("read_receipt", "allow", "UNSET"), ("read_receipt", "deny", "ERROR"),
-                        ("send_email", "deny", "ERROR")]
+    # Denials are outcomes, not errors (issue 10): their status stays unset.
+    assert outcomes == [("read_receipt", "allow", "UNSET"), ("read_receipt", "deny", "UNSET"),
+                        ("send_email", "deny", "UNSET")]
     filing = next(s for s in spans if s.name == "execute_tool file_expense")
     assert filing.attributes["scopegraph.decision"] == "needs_approval"
     assert filing.attributes["scopegraph.approval.id"] == record["approvals"][0]["id"]

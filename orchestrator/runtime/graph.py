@@ -316,7 +316,9 @@ def _close_step_span(s: Any, record: dict[str, Any]) -> None:
     s.set_attribute(tr.POLICY_IDS, list(record.get("policy_ids") or []))
     if record.get("approval_id"):
         s.set_attribute(tr.APPROVAL_ID, record["approval_id"])
-    if record.get("status") in ("failed", "denied"):
+    if record.get("status") == "denied":  # an outcome, not an error (see ``tracing``)
+        tr.record_denial(s, record.get("policy_ids") or [], record.get("reason") or "")
+    elif record.get("status") == "failed":
         tr.set_error(s, record["status"])
 
 
@@ -462,8 +464,9 @@ def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:
         tr.APPROVER: ", ".join(approval.approvers) or (approval.denial.approver if approval.denial else ""),
         tr.GEN_AI_TOOL_NAME: approval.tool,
     })
-    if state in ("denied", "expired"):
-        tr.set_error(s, state)
+    if state in ("denied", "expired"):  # a person's answer (or none): an outcome, not an error
+        tr.record_denial(s, ["scopegraph:approval"], f"denied by {approval.denial.approver}: {approval.denial.reason}"
+                         if approval.denial else "expired before it was answered")
     s.end(end_time=int(max(end, approval.created_at) * 1e9))
 
 

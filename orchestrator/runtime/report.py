@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..approvals import answer_text
+from ..display import printable_lines
 
 RunStatus = Literal["running", "completed", "paused", "denied", "failed", "cancelled"]
 StepStatus = Literal["completed", "awaiting_approval", "denied", "failed", "not_started", "skipped"]
@@ -72,12 +73,14 @@ class RunReport(BaseModel):
         if self.error:
             lines.append(f"  error: {self.error}")
         lines.append(f"  grants minted={self.grants_minted} revoked={self.grants_revoked}")
-        return "\n".join(lines)
+        return printable_lines(lines)  # reasons and errors quote planners, tools and people
 
 
 def _step_lines(s: StepReport, indent: str) -> list[str]:
     widened = "  (widened by a re-plan)" if s.widened else ""
     lines = [f"{indent}step {s.step_id:<12} {s.tool:<16} {s.status}{widened}"]
+    if s.status in ("failed", "denied") and s.reason:
+        lines.append(f"{indent}  reason    {s.reason}")
     if s.spiffe_id:
         lines.append(f"{indent}  identity  {s.spiffe_id}")
         lines.append(f"{indent}  grant     {s.grant_id}  revoked={'yes' if s.revoked else 'NO'}")

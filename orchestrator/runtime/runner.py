@@ -295,7 +295,7 @@ class Runtime:
                 self._trace_contexts.pop(run_id, None)
                 self._plans.pop(run_id, None)
                 root.set_attribute(tr.RUN_STATUS, status)
-                if status not in ("completed", "paused"):
+                if status not in ("completed", "paused", "denied"):  # a denial is an outcome, not an error
                     tr.set_error(root, status)
         return self.report(run_id, error=error, state=final)
 

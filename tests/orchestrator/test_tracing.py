@@ -196,7 +196,11 @@ def test_planner_span_and_step_spans_carry_data_labels_read_so_far(
 
 
 # denied ----------------------------------------------------------------------------------
-def test_denied_calls_and_steps_have_error_status_and_the_deciding_policies(
+def _denial_events(span: Any) -> list[dict[str, Any]]:
+    return [dict(e.attributes or {}) for e in span.events if e.name == "scopegraph.denied"]
+
+
+def test_denied_calls_and_steps_are_events_not_errors_with_the_deciding_policies(
         otel: Capture, make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]) -> None:
     rt = make_runtime(make_workflow(MAIL_AFTER_READ, executor=_curious()))
     report = rt.run("read then mail", initiator="alice", run_id="deny1")
@@ -204,7 +208,8 @@ def test_denied_calls_and_steps_have_error_status_and_the_deciding_policies(
     spans = run_spans(otel.spans(), "deny1")
     _trace_of(spans)
     root = _root(spans, "testwf")
-    assert is_error(root) and root.attributes["scopegraph.run.status"] == "denied"
+    # A denial is an outcome, not an error (issue 10): no ERROR status anywhere.
+    assert not is_error(root) and root.attributes["scopegraph.run.status"] == "denied"
 
     doc_step = next(s for s in report.steps if s.step_id == "doc")
     doc = _step_span(spans, "read_doc", "doc")
@@ -213,7 +218,11 @@ def test_denied_calls_and_steps_have_error_status_and_the_deciding_policies(
     assert [d.attributes["scopegraph.decision"] for d in decides] == ["deny", "deny", "allow"]
     assert [list(d.attributes["scopegraph.decision.policy_ids"]) for d in decides] == [
         ["scopegraph:grant"], ["scopegraph:scope"], ["allow-planned-calls"]]
-    assert [is_error(d) for d in decides] == [True, True, False]
+    assert [is_error(d) for d in decides] == [False, False, False]
+    assert [len(_denial_events(d)) for d in decides] == [1, 1, 0]
+    (event,) = _denial_events(decides[1])
+    assert list(event["scopegraph.decision.policy_ids"]) == ["scopegraph:scope"]
+    assert event["scopegraph.decision.reason"] == decides[1].attributes["scopegraph.decision.reason"]
     assert decides[0].attributes["gen_ai.tool.name"] == "send_mail"
     assert "send_mail" in decides[0].attributes["scopegraph.decision.reason"]
     assert "scope" in decides[1].attributes["scopegraph.decision.reason"]
@@ -223,7 +232,9 @@ def test_denied_calls_and_steps_have_error_status_and_the_deciding_policies(
 
     mail_step = next(s for s in report.steps if s.step_id == "mail")
     mail = _step_span(spans, "send_mail", "mail")
-    assert is_error(mail)
+    assert not is_error(mail)
+    (step_event,) = _denial_events(mail)
+    assert step_event["scopegraph.decision.reason"] == mail_step.reason
     assert mail.attributes["scopegraph.decision"] == "deny"
     assert "no-confidential-egress" in mail.attributes["scopegraph.decision.policy_ids"]
     assert list(mail.attributes["scopegraph.data_labels"]) == ["confidential"]
@@ -231,7 +242,7 @@ def test_denied_calls_and_steps_have_error_status_and_the_deciding_policies(
     kids = sorted(children(spans, mail), key=lambda k: k.start_time)
     assert [k.name for k in kids] == [MINT, DECIDE, REVOKE], "a denied call has no tool.call span"
     decide = kids[1]
-    assert is_error(decide)
+    assert not is_error(decide) and len(_denial_events(decide)) == 1
     assert list(decide.attributes["scopegraph.decision.policy_ids"]) == list(mail_step.policy_ids)
     assert decide.attributes["scopegraph.grant.id"] == mail_step.grant_id
     (ledger_decision,) = _ledger(rt, "deny1", "decision", step_id="mail")
@@ -317,7 +328,7 @@ def test_approval_resumed_by_another_runtime_stays_in_the_same_trace(
     assert consumed["grant_id"] == step.grant_id
 
 
-def test_denied_approval_marks_the_wait_step_and_run_as_errors(
+def test_denied_approval_marks_the_wait_step_and_run_with_denial_events_not_errors(
         otel: Capture, make_workflow: Callable[..., Workflow], make_runtime: Callable[..., Runtime]) -> None:
     workflow = make_workflow(NOTE_PLAN, approvers=["bob"])
     first = make_runtime(workflow)
@@ -329,15 +340,17 @@ def test_denied_approval_marks_the_wait_step_and_run_as_errors(
     spans = run_spans(otel.spans(), "apr2")
     _trace_of(spans)
     resumed = _step_span(spans, "write_note", "note", index=1)
-    assert is_error(resumed)
+    assert not is_error(resumed) and _denial_events(resumed)
     kids = children(spans, resumed)
     assert [k.name for k in kids] == [WAIT], "a denied call mints nothing and calls nothing"
     wait = kids[0]
-    assert is_error(wait)
+    assert not is_error(wait)
+    (event,) = _denial_events(wait)
+    assert event["scopegraph.decision.reason"] == "denied by bob: not this quarter"
     assert wait.attributes["scopegraph.approval.status"] == "denied"
     assert wait.attributes["scopegraph.approval.approver"] == "bob"
     roots = sorted(by_name(spans, "invoke_workflow testwf"), key=lambda s: s.start_time)
-    assert is_error(roots[1]) and roots[1].attributes["scopegraph.run.status"] == "denied"
+    assert not is_error(roots[1]) and roots[1].attributes["scopegraph.run.status"] == "denied"
 
 
 def test_a_run_cancelled_mid_step_and_resumed_by_another_runtime_stays_in_its_trace(
