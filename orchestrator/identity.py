@@ -3,9 +3,10 @@
 Each run's planner and each executor step get their own SPIFFE ID, proved by a
 JWT-SVID and an X.509-SVID. X.509-SVIDs (and grants) are signed by the trust domain's
 Ed25519 key; JWT-SVIDs by its ES256 (ECDSA P-256) key, because the SPIFFE JWT-SVID
-standard, and so standard tooling such as py-spiffe, accepts no EdDSA. The keys are made
-on first use and kept in the store; they never leave this module in clear text except
-to the store, and redact themselves in ``repr``.
+standard, and so standard tooling such as py-spiffe, accepts no EdDSA. The Ed25519 key
+is made on first use and kept in the store; the ES256 key is derived from it (HKDF), so
+the store holds no second secret. Neither leaves this module in clear text except the
+Ed25519 key to the store, and both redact themselves in ``repr``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from typing import Any
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
@@ -167,7 +169,6 @@ class TrustDomain:
         self.key = _load_or_create_key(store, f"trust-domain:{name}", self.clock.now())
         self.issuer = f"spiffe://{name}"
         self._ca_cert: x509.Certificate | None = None
-        self._store = store
         self._jwt_svid_key: JwtSvidKey | None = None
 
     def __repr__(self) -> str:
@@ -183,10 +184,9 @@ class TrustDomain:
 
     @property
     def jwt_svid_key(self) -> JwtSvidKey:
-        """The ES256 key of JWT-SVIDs, made on first use (a domain that never issues one never makes it)."""
+        """The ES256 key of JWT-SVIDs, derived from the domain's key on first use."""
         if self._jwt_svid_key is None:
-            self._jwt_svid_key = _load_or_create_jwt_svid_key(
-                self._store, f"trust-domain-jwt-svid:{self.name}", self.clock.now())
+            self._jwt_svid_key = JwtSvidKey(_derive_jwt_svid_key(self.key.danger_private_key(), self.name))
         return self._jwt_svid_key
 
     def sign_jwt_svid(self, claims: dict[str, Any]) -> str:
@@ -334,17 +334,17 @@ def _load_or_create_key(store: Store, name: str, now: float) -> SigningKey:
     return SigningKey(key)
 
 
-def _load_or_create_jwt_svid_key(store: Store, name: str, now: float) -> JwtSvidKey:
-    pem = store.load_signing_key(name)
-    if pem is None:
-        fresh = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        pem = store.save_signing_key(name, fresh, now)  # the first of two racing processes wins
-    key = serialization.load_pem_private_key(pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise IdentityError(f"stored key {name!r} is not an ECDSA P-256 key")
-    return JwtSvidKey(key)
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _derive_jwt_svid_key(key: Ed25519PrivateKey, domain: str) -> ec.EllipticCurvePrivateKey:
+    """A P-256 key derived from the domain's Ed25519 key: HKDF-SHA256 to 384 bits, reduced into [1, n-1]
+    (the extra 128 bits make the bias negligible, as in FIPS 186-5 A.2.1)."""
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=b"scopegraph jwt-svid p-256 v1",
+               info=domain.encode("utf-8")).derive(raw)
+    return ec.derive_private_key(int.from_bytes(okm, "big") % (_P256_ORDER - 1) + 1, ec.SECP256R1())
 
 
 def load_domain_public_key(store: Store, name: str) -> Ed25519PublicKey | None:

@@ -349,6 +349,24 @@ def test_pkcs11_refuses_an_imported_key_planted_under_its_label(hsm: SoftHsm, to
         keystore.close()
 
 
+def test_pkcs11_refuses_an_extractable_key_generated_under_its_label(hsm: SoftHsm, token: str) -> None:
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    keystore = Pkcs11Keystore(module=hsm.module, token_label=token, pin=USER_PIN)
+    try:
+        keystore.signer("grant")
+        with pkcs11.lib(hsm.module).get_token(token_label=token).open(rw=True) as session:
+            session.generate_keypair(
+                KeyType.EC_EDWARDS, mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, label="scopegraph/grant/2",
+                store=True, public_template={Attribute.EC_PARAMS: bytes.fromhex("06032b6570")},
+                private_template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
+        with pytest.raises(KeystoreError, match="'scopegraph/grant/2' is or was extractable: refusing it"):
+            keystore.signer("grant")
+    finally:
+        keystore.close()
+
+
 def test_pkcs11_refuses_a_wrong_pin_a_missing_token_and_a_pin_in_the_uri(hsm: SoftHsm, token: str) -> None:
     with pytest.raises(KeystoreError, match=rf"the PIN for PKCS#11 token '{token}' was refused"):
         Pkcs11Keystore(module=hsm.module, token_label=token, pin="0000-wrong")

@@ -191,3 +191,23 @@ def test_keystore_signed_svids_grants_and_heads_pass_standard_checks(keystore: K
 
 def _utc(timestamp: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc)
+
+
+def test_the_jwt_svid_key_is_derived_not_stored_and_never_shown(domain: TrustDomain, tmp_path: Path) -> None:
+    key = domain.jwt_svid_key
+    private = key.danger_private_key()
+    scalar = format(private.private_numbers().private_value, "x")
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    shown = " ".join([repr(key), str(key), repr(domain), json.dumps(domain.jwt_svid_bundle())])
+    assert scalar not in shown and pem.splitlines()[1] not in shown and key.kid in shown
+    again = SqliteStore(tmp_path / "store.db")  # as another process would: the same key, from the same seed
+    try:
+        assert TrustDomain("example.org", again).jwt_svid_key.kid == key.kid
+    finally:
+        again.close()
+    other = SqliteStore(tmp_path / "other.db")
+    try:
+        assert TrustDomain("example.org", other).jwt_svid_key.kid != key.kid
+    finally:
+        other.close()
