@@ -9,6 +9,7 @@
     │   └── ToolArgumentsError
     ├── PlanError              malformed plan: unknown tool, bad constraint, cycle
     ├── IdentityError          SPIFFE IDs, SVIDs, trust bundle
+    ├── KeystoreError          a private key cannot be found, made, read safely or used
     ├── GrantError             a grant failed verification (never retried)
     │   ├── GrantExpiredError
     │   ├── GrantRevokedError
@@ -61,6 +62,10 @@ class PlanError(ScopegraphError):
 
 class IdentityError(ScopegraphError):
     """A SPIFFE ID, SVID or trust bundle is invalid."""
+
+
+class KeystoreError(ScopegraphError):
+    """A keystore is missing, unsafe (readable by others), locked, or holds no usable key."""
 
 
 class GrantError(ScopegraphError):

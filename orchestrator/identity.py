@@ -1,9 +1,12 @@
 """Workload identity: trust domains, SPIFFE IDs, SVIDs and the trust bundle.
 
 Each run's planner and each executor step get their own SPIFFE ID, proved by a
-JWT-SVID and an X.509-SVID signed by the trust domain's Ed25519 key. The key is made
-on first use and kept in the store; it never leaves this module in clear text except
-to the store, and redacts itself in ``repr``.
+JWT-SVID and an X.509-SVID. X.509-SVIDs (and grants) are signed by the trust domain's
+Ed25519 key; JWT-SVIDs by its ES256 (ECDSA P-256) key, because the SPIFFE JWT-SVID
+standard, and so standard tooling such as py-spiffe, accepts no EdDSA. The Ed25519 key
+is made on first use and kept in the store; the ES256 key is derived from it (HKDF), so
+the store holds no second secret. Neither leaves this module in clear text except the
+Ed25519 key to the store, and both redact themselves in ``repr``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from typing import Any
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
 from .errors import IdentityError
+from .keys.base import jwk_thumbprint, public_jwk_members
 from .store import Store
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
@@ -88,6 +94,29 @@ class SigningKey:
     __str__ = __repr__
 
 
+class JwtSvidKey:
+    """The trust domain's ES256 key for JWT-SVIDs, that never shows itself; kid = RFC 7638 thumbprint."""
+
+    __slots__ = ("_key", "kid")
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+        self.kid = jwk_thumbprint(key.public_key())
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+    def danger_private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The raw key, for signing code only. Never log or return it."""
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"JwtSvidKey(kid={self.kid!r}, private=<redacted>)"
+
+    __str__ = __repr__
+
+
 class Svid:
     """A proved identity: the SPIFFE ID with its JWT-SVID and X.509-SVID.
 
@@ -107,7 +136,7 @@ class Svid:
     def danger_jwt(self) -> str:
         """The JWT-SVID token. Never log or trace it."""
         if self._jwt is None:
-            self._jwt = self._domain.sign({
+            self._jwt = self._domain.sign_jwt_svid({
                 "iss": self._domain.issuer, "sub": str(self.spiffe_id), "aud": [JWT_SVID_AUDIENCE],
                 "iat": int(self.issued_at), "exp": int(self.expires_at), "jti": uuid.uuid4().hex,
             })
@@ -140,6 +169,7 @@ class TrustDomain:
         self.key = _load_or_create_key(store, f"trust-domain:{name}", self.clock.now())
         self.issuer = f"spiffe://{name}"
         self._ca_cert: x509.Certificate | None = None
+        self._jwt_svid_key: JwtSvidKey | None = None
 
     def __repr__(self) -> str:
         return f"TrustDomain({self.name!r}, kid={self.key.kid!r})"
@@ -151,6 +181,24 @@ class TrustDomain:
     def sign(self, claims: dict[str, Any]) -> str:
         return jwt.encode(claims, self.key.danger_private_key(), algorithm="EdDSA",
                           headers={"kid": self.key.kid})
+
+    @property
+    def jwt_svid_key(self) -> JwtSvidKey:
+        """The ES256 key of JWT-SVIDs, derived from the domain's key on first use."""
+        if self._jwt_svid_key is None:
+            self._jwt_svid_key = JwtSvidKey(_derive_jwt_svid_key(self.key.danger_private_key(), self.name))
+        return self._jwt_svid_key
+
+    def sign_jwt_svid(self, claims: dict[str, Any]) -> str:
+        key = self.jwt_svid_key
+        return jwt.encode(claims, key.danger_private_key(), algorithm="ES256", headers={"kid": key.kid})
+
+    def jwt_svid_bundle(self) -> dict[str, Any]:
+        """The JWT-SVID authorities as a JWK Set (SPIFFE bundle form, ``use: jwt-svid``): what a
+        verifier such as py-spiffe's ``JwtBundle.parse`` needs to check this domain's JWT-SVIDs."""
+        key = self.jwt_svid_key
+        return {"keys": [{**public_jwk_members(key.public_key), "kid": key.kid, "alg": "ES256",
+                          "use": "jwt-svid"}]}
 
     def issue_svid(self, spiffe_id: SpiffeId, ttl: float = SVID_TTL_SECONDS) -> Svid:
         if spiffe_id.trust_domain != self.name:
@@ -164,7 +212,7 @@ class TrustDomain:
         """
         try:
             claims = jwt.decode(
-                token, self.key.public_key, algorithms=["EdDSA"], audience=audience, issuer=self.issuer,
+                token, self.jwt_svid_key.public_key, algorithms=["ES256"], audience=audience, issuer=self.issuer,
                 # Lifetime is judged by the domain's clock below, so tests can fix time.
                 options={"require": ["exp", "iat", "sub", "iss"], "verify_exp": False, "verify_iat": False},
             )
@@ -218,6 +266,11 @@ class TrustDomain:
             .add_extension(x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # The X.509-SVID standard: a leaf must be usable for signatures, never to sign certificates.
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False), critical=True)
             .sign(self.key.danger_private_key(), None)
         )
         return cert, leaf_key
@@ -279,6 +332,19 @@ def _load_or_create_key(store: Store, name: str, now: float) -> SigningKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"stored key {name!r} is not an Ed25519 key")
     return SigningKey(key)
+
+
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _derive_jwt_svid_key(key: Ed25519PrivateKey, domain: str) -> ec.EllipticCurvePrivateKey:
+    """A P-256 key derived from the domain's Ed25519 key: HKDF-SHA256 to 384 bits, reduced into [1, n-1]
+    (the extra 128 bits make the bias negligible, as in FIPS 186-5 A.2.1)."""
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=b"scopegraph jwt-svid p-256 v1",
+               info=domain.encode("utf-8")).derive(raw)
+    return ec.derive_private_key(int.from_bytes(okm, "big") % (_P256_ORDER - 1) + 1, ec.SECP256R1())
 
 
 def load_domain_public_key(store: Store, name: str) -> Ed25519PublicKey | None:

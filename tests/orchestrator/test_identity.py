@@ -218,8 +218,11 @@ def test_bundle_jwks_holds_the_public_key_only(domain: TrustDomain) -> None:
     raw = domain.key.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert base64.urlsafe_b64decode(key["x"] + "=" * (-len(key["x"]) % 4)) == raw
     svid = domain.issue_svid(domain.id("agent"))
-    public = jwt.PyJWK.from_dict(key).key
-    claims = jwt.decode(svid.danger_jwt(), public, algorithms=["EdDSA"], audience="scopegraph")
+    # JWT-SVIDs are ES256 (the SPIFFE standard allows no EdDSA): their keys are the JWT-SVID bundle's.
+    [svid_key] = domain.jwt_svid_bundle()["keys"]
+    assert "d" not in svid_key and svid_key["use"] == "jwt-svid" and svid_key["kid"] != key["kid"]
+    public = jwt.PyJWK.from_dict(svid_key).key
+    claims = jwt.decode(svid.danger_jwt(), public, algorithms=["ES256"], audience="scopegraph")
     assert claims["sub"] == "spiffe://example.org/agent"
 
 
