@@ -332,7 +332,7 @@ PLAN = {"steps": [{"id": "pay", "tool": "pay", "purpose": "pay the invoice",
 workflow = Workflow(name="payments", tools=[pay], planner=ScriptedPlanner(PLAN),
                     executor=DirectExecutor(builders={"pay": lambda ctx: {"amount": 120}}),
                     approvers=["alice", "bob", "carol"],
-                    policies=[str(Path(__file__).with_name("two-person.cedar"))])
+                    policies=[str(Path(__file__).with_name("two-person.cedar"))], baseline=False)
 '''
 
 

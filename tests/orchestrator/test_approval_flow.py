@@ -387,7 +387,7 @@ def test_a_pending_approval_survives_closing_the_runtime(open_runtime: Any, effe
 # two approvers in the run record ---------------------------------------------------------------------
 def test_the_summary_names_who_approved_and_who_denied_under_a_two_person_rule(
         open_runtime: Any, effects: Any, tmp_path: Path) -> None:
-    rt = open_runtime(make_workflow(effects, SINGLE_PLAN, policies=[two_person_policy(tmp_path)]))
+    rt = open_runtime(make_workflow(effects, SINGLE_PLAN, policies=[two_person_policy(tmp_path)], baseline=False))
     report = rt.run("file the claim", initiator=INITIATOR)
     aid = step(report, "file").approval_id
     rt.approvals.approve(aid, approver="carol", reason="amount matches")
