@@ -34,10 +34,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 @contextmanager
-def _opened_store(args: argparse.Namespace) -> Iterator[Any]:
+def _opened_store(args: argparse.Namespace, *, create: bool = True) -> Iterator[Any]:
+    """The store ``--store`` names; commands that only read pass ``create=False``, so a
+    mistyped URL is an error (``no store at …``) rather than a new, empty store."""
     from .store import open_store
 
-    store = open_store(args.store)
+    store = open_store(args.store, create=create)
     try:
         yield store
     finally:
@@ -262,13 +264,13 @@ def _resume(args: argparse.Namespace) -> int:
     return _print_report(report, args.json)
 
 
-def _approval_service(args: argparse.Namespace) -> Any:
+def _approval_service(args: argparse.Namespace, *, create: bool = True) -> Any:
     from .approvals import ApprovalService
     from .clock import SystemClock
     from .ledger import Ledger
     from .store import open_store
 
-    store = open_store(args.store)
+    store = open_store(args.store, create=create)
     clock = SystemClock()
     return store, ApprovalService(store, clock=clock, ledger=Ledger(store, clock=clock))
 
@@ -276,7 +278,7 @@ def _approval_service(args: argparse.Namespace) -> Any:
 def _approvals(args: argparse.Namespace) -> int:
     from .prompt import describe
 
-    store, service = _approval_service(args)
+    store, service = _approval_service(args, create=False)
     try:
         now = service.clock.now()
         if args.approvals_command == "show":
@@ -377,7 +379,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from .clock import SystemClock
     from .ledger import Ledger
 
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         result = Ledger(store, clock=SystemClock()).verify(run_id=args.run)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -392,7 +394,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from .trace_view import build_trace, render_trace
 
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         view = build_trace(store, args.run_id)
     print(json.dumps(view, indent=2) if args.json else render_trace(view))
     return EXIT_OK
@@ -401,7 +403,7 @@ def _trace(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .usage_report import build_report, render_report
 
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         view = build_report(store, workflow=args.workflow)
     print(json.dumps(view, indent=2) if args.json else render_report(view))
     return EXIT_OK
@@ -411,7 +413,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from .identity import TrustDomain
 
     workflow = load_workflow(args.target)
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         print(TrustDomain(workflow.trust_domain, store).bundle().jwks_json())
     return EXIT_OK
 
