@@ -72,10 +72,12 @@ def statuses(store: Store) -> dict[str, str]:
 
 # the store 0.1.0 wrote --------------------------------------------------------------------------
 def test_the_fixture_is_what_0_1_0_wrote() -> None:
-    with closing(sqlite3.connect(f"{FIXTURE.as_uri()}?mode=ro", uri=True)) as conn:
+    # immutable: not even SQLite's -shm file is made beside the committed fixture
+    with closing(sqlite3.connect(f"{FIXTURE.as_uri()}?immutable=1", uri=True)) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert conn.execute("SELECT value FROM sg_meta WHERE key = 'schema_version'").fetchone() == ("1",)
     assert "sg_schema_migrations" not in tables and {"checkpoints", "writes", "sg_ledger"} <= tables
+    assert sorted(p.name for p in FIXTURE.parent.iterdir()) == ["README.md", FIXTURE.name]
 
 
 def test_a_store_written_by_0_1_0_migrates_in_place_with_everything_intact(
