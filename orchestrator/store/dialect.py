@@ -1,26 +1,22 @@
 """What differs between the SQL stores' databases, and nothing else.
 
 Statements are written once (see ``queries``), with ``?`` for parameters and ``${word}``
-for the few words that differ:
+for the few words that differ (SQLite / PostgreSQL):
 
-=================  ====================================  ==============================================
-word               SQLite                                PostgreSQL
-=================  ====================================  ==============================================
-``?``              ``?``                                 ``%s``
-``${for_update}``  (nothing: ``BEGIN IMMEDIATE`` already  `` FOR UPDATE``: lock the rows read, until
-                   made this the only writer)            commit
-``${serial:T.C}``  ``(SELECT COALESCE(MAX(C), 0) + 1      ``DEFAULT`` (an identity column)
-                   FROM T)``: safe, writers are serial
-``${float}``       ``REAL``                              ``DOUBLE PRECISION``
-``${int}``         ``INTEGER``                           ``BIGINT``
-``${blob}``        ``BLOB``                              ``BYTEA``
-``${id_pk}``       ``INTEGER PRIMARY KEY AUTOINCREMENT``  ``BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY``
-``${serial}``      ``INTEGER NOT NULL``                  ``BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE``
-``${timestamp}``   ``TEXT``                              ``TIMESTAMPTZ``
-=================  ====================================  ==============================================
+- ``?``: ``?`` / ``%s``;
+- ``${for_update}``: nothing, since ``BEGIN IMMEDIATE`` already made the transaction the one
+  writer / `` FOR UPDATE``, locking the rows read until the commit;
+- ``${serial:TABLE.COLUMN}``, an insert's value for a counter column:
+  ``(SELECT COALESCE(MAX(COLUMN), 0) + 1 FROM TABLE)``, safe with one writer / ``DEFAULT``
+  (an identity column);
+- in schema statements: ``${float}`` ``REAL`` / ``DOUBLE PRECISION``; ``${int}`` ``INTEGER`` /
+  ``BIGINT``; ``${blob}`` ``BLOB`` / ``BYTEA``; ``${timestamp}`` ``TEXT`` / ``TIMESTAMPTZ``;
+  ``${id_pk}`` (an autoincrement key) ``INTEGER PRIMARY KEY AUTOINCREMENT`` / ``BIGINT GENERATED
+  ALWAYS AS IDENTITY PRIMARY KEY``; ``${serial}`` (a counter column) ``INTEGER NOT NULL`` /
+  ``BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE``.
 
 Upserts (``INSERT … ON CONFLICT … DO NOTHING | DO UPDATE SET … = excluded.…``) and
-``RETURNING`` are spelled the same by both (SQLite 3.35 or newer), so they need no word.
+``RETURNING`` are spelled the same by both (SQLite 3.24 and 3.35 or newer), so they need no word.
 A statement is rendered once per dialect and kept.
 """
 
