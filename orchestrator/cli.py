@@ -94,10 +94,12 @@ def _count_option(text: str) -> int:
 
 
 @contextmanager
-def _opened_store(args: argparse.Namespace) -> Iterator[Any]:
+def _opened_store(args: argparse.Namespace, *, create: bool = True) -> Iterator[Any]:
+    """The store ``--store`` names; commands that only read pass ``create=False``, so a
+    mistyped URL is an error (``no store at …``) rather than a new, empty store."""
     from .store import open_store
 
-    store = open_store(args.store)
+    store = open_store(args.store, create=create)
     try:
         yield store
     finally:
@@ -397,13 +399,13 @@ def _resume(args: argparse.Namespace) -> int:
     return _print_report(report, args)
 
 
-def _approval_service(args: argparse.Namespace) -> Any:
+def _approval_service(args: argparse.Namespace, *, create: bool = True) -> Any:
     from .approvals import ApprovalService
     from .clock import SystemClock
     from .ledger import Ledger
     from .store import open_store
 
-    store = open_store(args.store)
+    store = open_store(args.store, create=create)
     clock = SystemClock()
     return store, ApprovalService(store, clock=clock, ledger=Ledger(store, clock=clock))
 
@@ -411,7 +413,7 @@ def _approval_service(args: argparse.Namespace) -> Any:
 def _approvals(args: argparse.Namespace) -> int:
     from .prompt import approval_json, describe, render_list
 
-    store, service = _approval_service(args)
+    store, service = _approval_service(args, create=False)
     try:
         now = service.clock.now()
         if args.approvals_command == "show":
@@ -544,7 +546,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from .clock import SystemClock
     from .ledger import Ledger
 
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         if args.run is not None and store.get_run(args.run) is None and not store.ledger_rows(run_id=args.run):
             raise UsageError(f"scopegraph audit verify: no such run {args.run!r}")
         result = Ledger(store, clock=SystemClock()).verify(run_id=args.run)
@@ -560,7 +562,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from .trace_view import build_trace, render_trace
 
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         view = build_trace(store, args.run_id)
     if args.json:
         _print_json(view)
@@ -572,7 +574,7 @@ def _trace(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .usage_report import build_report, render_report
 
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         view = build_report(store, workflow=args.workflow)
     if args.json:
         _print_json(view)
@@ -585,7 +587,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from .identity import TrustDomain
 
     workflow = load_workflow(args.target)
-    with _opened_store(args) as store:
+    with _opened_store(args, create=False) as store:
         print(TrustDomain(workflow.trust_domain, store).bundle().jwks_json())
     return EXIT_OK
 

@@ -36,6 +36,7 @@ from .errors import ConfigError, RunBusyError, StoreError
 from .loader import load_workflow
 from .runtime import Runtime
 from .store import RunRecord, open_store
+from .store.postgres import ensure_schema, redact_url
 from .timestamps import iso
 
 DRIVE_TASK = "scopegraph.drive_run"
@@ -63,12 +64,14 @@ def install_queue(store_url: str) -> None:
 
     Raises:
         ConfigError: the store is not PostgreSQL.
-        StoreError: the database cannot be reached.
+        StoreError: the database cannot be reached, or the store's schema is missing and
+            cannot be created (the message gives the command that creates it).
     """
     require_postgres(store_url)
     try:
         with psycopg.connect(store_url, connect_timeout=5) as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            ensure_schema(conn, redact_url(store_url))  # the queue's tables go in the store's schema
             row = conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL").fetchone()
             if not (row and row[0]):
                 conn.execute(SchemaManager.get_schema())

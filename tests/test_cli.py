@@ -17,6 +17,7 @@ from scopegraph import Runtime, policies
 from scopegraph.agents import demo
 from scopegraph.cli import main
 from scopegraph.clock import SystemClock
+from scopegraph.store import open_store
 
 from .helpers import mint_grant
 
@@ -229,6 +230,7 @@ def test_unsupported_store_urls_exit_2(capsys: pytest.CaptureFixture[str], url: 
 
 # bundle ------------------------------------------------------------------------------------------
 def test_bundle_jwks_verifies_grants_of_that_store(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
+    open_store(store_url).close()  # `bundle` creates no store (it may add the domain's key to one)
     code, out, err = run_cli(capsys, "--store", store_url, "bundle", "--jwks")
     assert code == 0, err
     jwks = json.loads(out)

@@ -393,6 +393,7 @@ def test_run_option_with_an_unknown_run_fails_in_one_line(audited: Audited,
 
 def test_audit_verify_on_a_fresh_store_is_ok_with_no_records(store_url: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    SqliteStore(store_url[len("sqlite:///"):]).close()  # `audit verify` only reads: it creates no store
     code, out, _ = audit_cli(capsys, store_url, "--json")
     assert code == 0
     assert json.loads(out) == {"ok": True, "records": 0, "signed_seq": None, "unsigned": 0,
