@@ -18,6 +18,8 @@
     ├── PolicyError            invalid policy files or schema; evaluation failure
     ├── ApprovalError          an approval cannot be given, found or used
     ├── StoreError             the durable store is unreachable or unwritable
+    ├── SecretError            a downstream credential cannot be issued, found or revoked
+    │   └── SecretRefusedError the credential would grant more than the step's scope implies
     ├── RunBusyError           another process is driving the run right now
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
@@ -98,6 +100,15 @@ class ApprovalError(ScopegraphError):
 
 class StoreError(ScopegraphError):
     """The durable store cannot be read or written."""
+
+
+class SecretError(ScopegraphError):
+    """A downstream credential (a broker's role or token, a static secret) cannot be
+    issued, found or revoked."""
+
+
+class SecretRefusedError(SecretError):
+    """A broker refuses to issue: what it would grant exceeds what the step's scope implies."""
 
 
 class RunBusyError(ScopegraphError):

@@ -67,6 +67,16 @@ CREATE TABLE sg_runs (
     updated_at ${{float}} NOT NULL, lease_owner TEXT, lease_until ${{float}});
 CREATE INDEX sg_runs_workflow ON sg_runs (workflow, created_at);
 """),
+    Migration(version=2, name="downstream credentials", sql="""
+CREATE TABLE sg_secrets (
+    handle TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL, tool TEXT NOT NULL,
+    workflow TEXT NOT NULL, name TEXT NOT NULL, broker TEXT NOT NULL, kind TEXT NOT NULL,
+    principal TEXT NOT NULL, grant_id TEXT, issued_at ${float} NOT NULL, expires_at ${float},
+    max_uses ${int}, uses ${int} NOT NULL DEFAULT 0, state TEXT NOT NULL,
+    revoked_at ${float}, revoke_reason TEXT);
+CREATE INDEX sg_secrets_run ON sg_secrets (run_id, step_id);
+CREATE INDEX sg_secrets_state ON sg_secrets (state);
+"""),
 )
 
 VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS sg_schema_migrations (version INTEGER PRIMARY KEY, "

@@ -37,6 +37,7 @@ from .base import (
     run_from_row,
 )
 from .dialect import Dialect
+from .secrets import SecretRecords
 
 _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
 _USE_COLUMNS = "jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at, observed"
@@ -67,7 +68,7 @@ class _Current(threading.local):
     tx: Tx | None = None
 
 
-class SqlStore:
+class SqlStore(SecretRecords):
     """The ``Store`` protocol in SQL; subclasses connect, begin, end and map errors."""
 
     url: str
