@@ -113,7 +113,8 @@ def test_after_revocation_the_credential_no_longer_connects_and_its_sessions_are
     with pytest.raises(psycopg.OperationalError, match="does not exist"):
         cred.connect()
     assert roles(admin, broker.prefix) == []
-    assert admin.execute("SELECT count(*) FROM pg_policies WHERE schemaname = %s", (postgres_schema,)).fetchone() == (0,)
+    policies = admin.execute("SELECT count(*) FROM pg_policies WHERE schemaname = %s", (postgres_schema,))
+    assert policies.fetchone() == (0,)
     broker.revoke("h-1", cred.user)  # idempotent
 
 
