@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tenacity import (
     RetryError,
@@ -45,6 +45,7 @@ from .errors import (
     ApprovalError,
     GrantError,
     ScopegraphError,
+    SecretError,
     StoreError,
     ToolArgumentsError,
     TransientToolError,
@@ -57,6 +58,9 @@ from .provenance import Observation, trace_arguments
 from .redaction import scrub, secret_values
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
+
+if TYPE_CHECKING:
+    from .brokers.service import SecretService
 
 CallStatus = Literal["ok", "denied", "needs_approval", "error"]
 GRANT_POLICY_ID = "scopegraph:grant"
@@ -178,7 +182,9 @@ class Gateway:
         approvals: ApprovalService | None = None,
         ledger: Ledger | None = None,
         metrics: tr.Metrics | None = None,
+        secrets: SecretService | None = None,
     ) -> None:
+        self.secrets = secrets  # downstream credentials, issued per step after a call is allowed
         self.approvals = approvals
         self.ledger = ledger
         self.metrics = metrics or tr.Metrics()
@@ -308,7 +314,8 @@ class Gateway:
                  ctx: CallContext, attempt: int, key: str | None, raw: Mapping[str, Any]) -> CallResult:
         started = time.perf_counter()
         try:
-            value = _run(tool, normalized, grant.danger_token() if tool.takes_grant else None)
+            value = _run(tool, normalized, grant.danger_token() if tool.takes_grant else None,
+                         self._credentials(tool, grant))
             result_json = json.dumps(value, default=str, sort_keys=True)
         except TransientToolError as exc:
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None,
@@ -329,17 +336,28 @@ class Gateway:
         return CallResult(tool=tool.name, arguments=normalized, status="ok", decision=decision,
                           value=value, labels=tool.labels, attempts=attempt, grant_id=grant.jti)
 
+    def _credentials(self, tool: Tool, grant: Grant) -> dict[str, Any] | None:
+        """The downstream credentials ``tool`` declares, issued for this call's step: passed
+        to the tool only, never to the executor (see ``scopegraph.brokers``)."""
+        if not tool.credentials:
+            return None
+        if self.secrets is None:
+            raise SecretError(f"tool {tool.name!r} declares credentials, but no broker serves this gateway")
+        return self.secrets.credentials_for(tool, grant)
+
     def _secret_pairs(self, tool_name: str, *argument_sets: Mapping[str, Any]) -> list[tuple[str, Any]]:
         tool = self.tools.get(tool_name) if isinstance(tool_name, str) else None
+        # The secrets of the credentials it holds are scrubbed like secret arguments.
+        held = self.secrets.scrub_pairs() if tool is not None and tool.credentials and self.secrets else []
         if tool is None or not tool.secrets:
-            return []
+            return held
         sets = list(argument_sets)
         for arguments in argument_sets:  # the values as the tool saw them, too (``"0042"`` → 42)
             try:
                 sets.append(tool.validate_arguments(arguments))
             except Exception:  # invalid: the tool never saw them, the raw values are all there is
                 continue
-        return secret_values(tool.secrets, *sets)
+        return secret_values(tool.secrets, *sets) + held
 
     def _scrubbed(self, tool_name: str, text: str, *argument_sets: Mapping[str, Any]) -> str:
         """``text`` without the values of the tool's secret arguments (see ``redaction``)."""
@@ -602,18 +620,19 @@ def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str
     return None
 
 
-def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None) -> Any:
+def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None,
+         credentials: Mapping[str, Any] | None = None) -> Any:
     if not tool.is_async:
-        return tool.invoke(arguments, grant_token)
+        return tool.invoke(arguments, grant_token, credentials)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(tool.invoke(arguments, grant_token))  # type: ignore[arg-type]
+        return asyncio.run(tool.invoke(arguments, grant_token, credentials))  # type: ignore[arg-type]
     # Called from inside an event loop (an async host, an async LangChain tool): this
     # thread's loop is busy, so the coroutine gets a loop of its own in a worker thread,
     # with this thread's context (the current span) carried over.
     context = contextvars.copy_context()
-    coroutine = tool.invoke(arguments, grant_token)
+    coroutine = tool.invoke(arguments, grant_token, credentials)
 
     def run_in_own_loop() -> Any:
         return asyncio.run(coroutine)  # type: ignore[arg-type]

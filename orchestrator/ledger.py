@@ -40,6 +40,7 @@ RecordKind = Literal[
     "run_started", "run_ended", "run_paused", "run_resumed", "plan", "grant_minted", "decision",
     "approval_requested", "approval_decided", "approval_consumed", "tool_call", "grant_revoked",
     "step_ended", "delegation_plan",
+    "secret_issued", "secret_revoked", "secret_refused", "token_exchanged",
 ]
 
 

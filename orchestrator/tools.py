@@ -13,6 +13,9 @@ messages before they reach a run record, a span or the ledger; see ``redaction``
 ``Tool.from_schema`` declares a tool from a JSON Schema instead of a signature: that is
 how LangChain and MCP tools become scoped tools. A tool with ``takes_grant`` receives
 the step's grant as a bearer token (an MCP server verifies it against our JWKS).
+``secrets`` declares downstream credentials (``postgres_role(...)``, ``static_secret(...)``):
+parameters left out of the argument schema, filled by a broker after the gateway
+allowed a call (see ``scopegraph.brokers``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from .brokers.base import SecretSpec
 from .errors import ToolArgumentsError, ToolError, UnknownToolError
 
 
@@ -52,6 +56,8 @@ class Tool:
     destinations: frozenset[str] = frozenset()
     takes_grant: bool = False  # ``fn(arguments, grant_token)`` instead of ``fn(**arguments)``
     secrets: frozenset[str] = frozenset()  # arguments whose values never leave the call
+    # Downstream credentials a broker issues per step: keyword parameters outside the schema.
+    credentials: tuple[SecretSpec, ...] = ()
 
     def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``arguments`` against the tool's schema and return them normalised.
@@ -80,14 +86,16 @@ class Tool:
     def json_schema(self) -> dict[str, Any]:
         return self.args_model.model_json_schema()
 
-    def invoke(self, arguments: Mapping[str, Any], grant_token: str | None = None) -> Any | Awaitable[Any]:
+    def invoke(self, arguments: Mapping[str, Any], grant_token: str | None = None,
+               credentials: Mapping[str, Any] | None = None) -> Any | Awaitable[Any]:
         """Run the underlying function; returns an awaitable for async tools.
 
-        Only the gateway calls this, and passes the grant only to a ``takes_grant`` tool.
+        Only the gateway calls this, and passes the grant only to a ``takes_grant`` tool,
+        and the brokers' ``credentials`` only to a tool that declares them.
         """
         if self.takes_grant:
             return self.fn(dict(arguments), grant_token)
-        return self.fn(**arguments)
+        return self.fn(**arguments, **(credentials or {}))
 
     @classmethod
     def from_schema(
@@ -132,6 +140,7 @@ def tool(
     destinations: Iterable[str] = (),
     accepts_confidential: bool = False,
     roles: Mapping[str, str] | None = None,
+    secrets: Iterable[SecretSpec] = (),
 ) -> Any:
     """Declare a function as a tool.
 
@@ -145,9 +154,14 @@ def tool(
     ``roles`` maps argument names to what they are: ``"destination"`` (as if listed in
     ``destinations``) or ``"secret"`` (its value is scrubbed from the tool's error
     messages, and kept out of run records, spans, the ledger and usage records).
+    ``secrets`` lists downstream credentials (``postgres_role("db", ...)``,
+    ``static_secret("api_key")``): each names a parameter of the function that is not an
+    argument (the executor and the model never see it); a broker fills it for each
+    step after the gateway allowed the call, and revokes it when the step ends.
 
     Raises:
-        ToolError: an unknown risk tier, role or argument name.
+        ToolError: an unknown risk tier, role or argument name, or a credential that
+            names no parameter or asks for more than the tool's risk tier allows.
     """
 
     tier = _tier(risk)
@@ -162,6 +176,7 @@ def tool(
             destinations=destinations,
             accepts_confidential=accepts_confidential,
             roles=roles,
+            secrets=secrets,
         )
 
     return wrap(fn) if fn is not None else wrap
@@ -197,14 +212,18 @@ def _build_tool(
     destinations: Iterable[str],
     accepts_confidential: bool,
     roles: Mapping[str, str] | None = None,
+    secrets: Iterable[SecretSpec] = (),
 ) -> Tool:
     _check_name(name)
     signature = inspect.signature(f)
     hints = get_type_hints(f)
+    credentials = _credential_specs(name, secrets, signature)
     fields: dict[str, Any] = {}
     for param in signature.parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ToolError(f"tool {name!r} may not take *args or **kwargs")
+        if any(spec.param == param.name for spec in credentials):
+            continue  # filled by a broker, never an argument
         annotation = hints.get(param.name, Any)
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (annotation, default)
@@ -212,8 +231,26 @@ def _build_tool(
     return _declare(
         name=name, description=inspect.getdoc(f) or "", risk=risk, labels=labels, external=external,
         destinations=destinations, accepts_confidential=accepts_confidential, model=model, fn=f,
-        is_async=inspect.iscoroutinefunction(f), takes_grant=False, roles=roles,
+        is_async=inspect.iscoroutinefunction(f), takes_grant=False, roles=roles, credentials=credentials,
     )
+
+
+def _credential_specs(name: str, secrets: Iterable[SecretSpec], signature: inspect.Signature) -> tuple[SecretSpec, ...]:
+    """The declared credentials, each naming a keyword parameter of its own."""
+    if isinstance(secrets, (str, SecretSpec)) or not isinstance(secrets, Iterable):
+        raise ToolError(f"tool {name!r}: secrets is a list of declarations, e.g. [postgres_role('db', ...)]")
+    specs = tuple(secrets)
+    seen: set[str] = set()
+    for spec in specs:
+        if not isinstance(spec, SecretSpec):
+            raise ToolError(f"tool {name!r}: {spec!r} is not a credential declaration (postgres_role, static_secret)")
+        param = signature.parameters.get(spec.param)
+        if param is None or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            raise ToolError(f"tool {name!r} declares credential {spec.param!r}, which is not one of its parameters")
+        if spec.param in seen:
+            raise ToolError(f"tool {name!r} declares credential {spec.param!r} twice")
+        seen.add(spec.param)
+    return specs
 
 
 def _arguments_model(name: str, fields: Mapping[str, Any]) -> type[BaseModel]:
@@ -228,6 +265,7 @@ def _declare(
     *, name: str, description: str, risk: Risk, labels: Iterable[str], external: bool,
     destinations: Iterable[str], accepts_confidential: bool, model: type[BaseModel],
     fn: Callable[..., Any], is_async: bool, takes_grant: bool, roles: Mapping[str, str] | None = None,
+    credentials: tuple[SecretSpec, ...] = (),
 ) -> Tool:
     if isinstance(labels, str) or isinstance(destinations, str):
         raise ToolError(f"tool {name!r}: labels and destinations are lists of names, not one string")
@@ -237,10 +275,12 @@ def _declare(
     unknown = sorted(dest_set - set(model.model_fields))
     if unknown:
         raise ToolError(f"tool {name!r} declares destination {unknown[0]!r}, which is not one of its arguments")
+    for spec in credentials:
+        spec.check_tool(name, list(model.model_fields), risk.value)
     return Tool(
         name=name, description=description, risk=risk, labels=label_set, args_model=model, fn=fn,
         is_async=is_async, accepts_confidential=accepts_confidential, destinations=dest_set,
-        takes_grant=takes_grant, secrets=by_role["secret"],
+        takes_grant=takes_grant, secrets=by_role["secret"], credentials=credentials,
     )
 
 

@@ -43,6 +43,10 @@ GRANT_REVOKE = "scopegraph.grant.revoke"
 DECIDE = "scopegraph.decide"
 APPROVAL_WAIT = "scopegraph.approval.wait"
 TOOL_CALL = "scopegraph.tool.call"
+SECRET_ISSUE = "scopegraph.secret.issue"      # a broker issues a downstream credential for one step
+SECRET_REVOKE = "scopegraph.secret.revoke"    # ... and destroys it when the step ends
+SECRET_SWEEP = "scopegraph.secret.sweep"      # credentials of ended or abandoned steps, revoked
+TOKEN_EXCHANGE = "scopegraph.token.exchange"  # a step grant exchanged for a downstream token (RFC 8693)
 
 # events
 DENIED_EVENT = "scopegraph.denied"           # a call or step denied: policy ids and reason
@@ -80,6 +84,12 @@ APPROVAL_STATUS = "scopegraph.approval.status"
 ATTEMPT = "scopegraph.attempt"
 CALL_STATUS = "scopegraph.call.status"
 REVOKED_COUNT = "scopegraph.grant.revoked_count"
+SECRET_HANDLE = "scopegraph.secret.handle"    # a credential's handle: never the secret
+SECRET_BROKER = "scopegraph.secret.broker"
+SECRET_KIND = "scopegraph.secret.kind"        # "ephemeral" | "static"
+SECRET_NAME = "scopegraph.secret.name"        # the tool parameter that receives it
+SECRET_PRINCIPAL = "scopegraph.secret.principal"  # the downstream name: a role, an audience
+TOKEN_AUDIENCE = "scopegraph.token.audience"
 
 _propagator = TraceContextTextMapPropagator()
 
@@ -179,5 +189,9 @@ class Metrics:
             "scopegraph.grants.revoked", unit="{grant}", description="Grants revoked")
         self.approval_wait = meter.create_histogram(
             "scopegraph.approval.wait", unit="s", description="Time from approval request to answer")
+        self.secrets_issued = meter.create_counter(
+            "scopegraph.secrets.issued", unit="{credential}", description="Downstream credentials issued")
+        self.secrets_revoked = meter.create_counter(
+            "scopegraph.secrets.revoked", unit="{credential}", description="Downstream credentials revoked")
         self.tool_latency = meter.create_histogram(
             "scopegraph.tool.duration", unit="s", description="Tool execution time")

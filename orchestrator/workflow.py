@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from .approvals import DEFAULT_APPROVAL_TTL_SECONDS, ApproverRule
+from .brokers.base import SecretBroker
 from .credentials import DEFAULT_MAX_USES, DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
 from .errors import ConfigError
 from .gateway import RetrySettings
@@ -33,6 +34,9 @@ class Workflow:
     steps in flight; ``continue`` lets steps that do not depend on it run, and the run
     then ends ``denied`` as well, but having done everything else.
     ``max_replans`` bounds how often an executor may send the run back to the planner.
+    ``brokers`` names the brokers and secret sources that issue the downstream credentials
+    tools declare (``{"postgres": PostgresRoleBroker(url)}``); ``env`` (static secrets from
+    ``SCOPEGRAPH_SECRET_*`` variables) is always there.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Workflow:
     approval_ttl: float = DEFAULT_APPROVAL_TTL_SECONDS
     on_denial: Literal["fail", "continue"] = "fail"
     max_replans: int = 2
+    brokers: Mapping[str, SecretBroker] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -76,6 +81,7 @@ class Workflow:
             raise ConfigError(f"max_replans {self.max_replans!r} must be 0 or more")
         if not _whole(self.grant_max_uses) or self.grant_max_uses < 1:
             raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
+        _check_brokers(self.brokers)
 
     @property
     def approver_rule(self) -> ApproverRule:
@@ -95,6 +101,16 @@ def _seconds(value: object) -> bool:
 
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_brokers(brokers: Mapping[str, SecretBroker]) -> None:
+    if not isinstance(brokers, Mapping):
+        raise ConfigError("brokers maps names to brokers, e.g. {'postgres': PostgresRoleBroker(url)}")
+    for name, broker in brokers.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"invalid broker name {name!r}: use 1-64 letters, digits, '.', '-', '_'")
+        if not isinstance(broker, SecretBroker):
+            raise ConfigError(f"broker {name!r} ({type(broker).__name__}) has no accepts/issue/revoke/leftovers")
 
 
 def _check_retry(retry: RetrySettings) -> None:

@@ -296,6 +296,7 @@ def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
             _step_ended(rt, run_id, ended)
     if revoked:
         rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
+    rt.secrets.end_step(run_id, step.id)  # the step's downstream credentials end with its grant
 
 
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:

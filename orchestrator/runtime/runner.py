@@ -26,6 +26,7 @@ from opentelemetry.context import Context
 
 from .. import tracing as tr
 from ..approvals import ApprovalService
+from ..brokers.service import SecretService
 from ..canonical import sha256_hex
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
@@ -97,14 +98,20 @@ class Runtime:
         self.ledger = Ledger(self.store, clock=self.clock)
         self.metrics = tr.Metrics()
         self.approvals = ApprovalService(self.store, clock=self.clock, ledger=self.ledger)
+        self.secrets = SecretService(brokers=workflow.brokers, store=self.store, ledger=self.ledger,
+                                     clock=self.clock, workflow=workflow.name, metrics=self.metrics,
+                                     owner_alive=_owner_alive)
+        self.secrets.check_tools(workflow.registry)
         self.gateway = Gateway(tools=workflow.registry, issuer=self.issuer, policy=self.policy,
                                store=self.store, clock=self.clock, retry=workflow.retry,
-                               approvals=self.approvals, ledger=self.ledger, metrics=self.metrics)
+                               approvals=self.approvals, ledger=self.ledger, metrics=self.metrics,
+                               secrets=self.secrets)
         self._trace_contexts: dict[str, Context] = {}
         self._plans: dict[str, tuple[Any, Plan]] = {}
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
         self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
+        self.secrets.sweep()  # downstream credentials a crash left behind (ended or abandoned steps)
 
     def __enter__(self) -> Runtime:
         return self
@@ -210,7 +217,8 @@ class Runtime:
         return self._trace_contexts.get(run_id)
 
     def revoke_run(self, run_id: str, *, reason: str) -> int:
-        """Revoke every live grant of ``run_id``, and audit it."""
+        """Revoke every live grant of ``run_id``, and audit it (its downstream credentials too)."""
+        self.secrets.end_run(run_id, reason=reason)
         live = [g.jti for g in self.store.grants_for_run(run_id) if g.revoked_at is None]
         if not live:
             return 0

@@ -93,11 +93,11 @@ class SecretRecords:
                         record.expires_at, record.max_uses, record.uses, record.state, record.revoked_at,
                         record.revoke_reason))
 
-    def mark_secret_issued(self: _Sql, handle: str, *, expires_at: float | None) -> bool:
-        """The credential exists downstream now; ``False`` if it was revoked meanwhile."""
+    def mark_secret_issued(self: _Sql, handle: str, *, principal: str, expires_at: float | None) -> bool:
+        """The credential exists downstream now, as ``principal``; ``False`` if it was revoked meanwhile."""
         with self._tx() as tx:
-            cur = tx.execute(self._q("UPDATE sg_secrets SET state = 'issued', expires_at = ? "
-                                     "WHERE handle = ? AND state = 'issuing'"), (expires_at, handle))
+            cur = tx.execute(self._q("UPDATE sg_secrets SET state = 'issued', principal = ?, expires_at = ? "
+                                     "WHERE handle = ? AND state = 'issuing'"), (principal, expires_at, handle))
             return bool(cur.rowcount == 1)
 
     def use_secret(self: _Sql, handle: str) -> UseState:

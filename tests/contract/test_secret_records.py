@@ -21,9 +21,9 @@ def secret(handle: str, *, run_id: str = "run-1", step_id: str = "s1", max_uses:
 def test_a_credential_is_recorded_issuing_then_issued_then_revoked(store: Any) -> None:
     store.add_secret(secret("h1"))
     assert store.get_secret("h1").state == "issuing" and store.get_secret("h1").live
-    assert store.mark_secret_issued("h1", expires_at=T0 + 60) is True
+    assert store.mark_secret_issued("h1", principal="sgr_role", expires_at=T0 + 60) is True
     got = store.get_secret("h1")
-    assert (got.state, got.expires_at, got.issued_at) == ("issued", T0 + 60, T0)
+    assert (got.state, got.expires_at, got.issued_at, got.principal) == ("issued", T0 + 60, T0, "sgr_role")
     assert store.revoke_secret("h1", reason="step ended", at=T0 + 1) is True
     assert store.revoke_secret("h1", reason="again", at=T0 + 2) is False  # once
     got = store.get_secret("h1")
@@ -31,7 +31,7 @@ def test_a_credential_is_recorded_issuing_then_issued_then_revoked(store: Any) -
     # A credential revoked while it was being made is not resurrected by its maker.
     store.add_secret(secret("h2"))
     store.revoke_secret("h2", reason="run ended", at=T0)
-    assert store.mark_secret_issued("h2", expires_at=None) is False
+    assert store.mark_secret_issued("h2", principal="x", expires_at=None) is False
     assert store.get_secret("h2").state == "revoked"
     assert store.get_secret("nope") is None
 
@@ -39,11 +39,11 @@ def test_a_credential_is_recorded_issuing_then_issued_then_revoked(store: Any) -
 def test_uses_are_counted_up_to_max_uses_and_never_after_revocation(store: Any) -> None:
     store.add_secret(secret("t1", max_uses=2))
     assert store.use_secret("t1") == "revoked"  # not issued yet: not usable
-    store.mark_secret_issued("t1", expires_at=T0 + 60)
+    store.mark_secret_issued("t1", principal="aud", expires_at=T0 + 60)
     assert [store.use_secret("t1") for _ in range(3)] == ["ok", "ok", "exhausted"]
     assert store.get_secret("t1").uses == 2
     store.add_secret(secret("t2"))
-    store.mark_secret_issued("t2", expires_at=None)
+    store.mark_secret_issued("t2", principal="aud", expires_at=None)
     assert [store.use_secret("t2") for _ in range(5)] == ["ok"] * 5  # no bound
     store.revoke_secret("t2", reason="x", at=T0)
     assert store.use_secret("t2") == "revoked" and store.use_secret("missing") == "unknown"
@@ -52,7 +52,7 @@ def test_uses_are_counted_up_to_max_uses_and_never_after_revocation(store: Any) 
 def test_racing_users_of_a_credential_take_exactly_its_uses(backend: Backend) -> None:
     first = backend.open()
     first.add_secret(secret("t1", max_uses=3))  # type: ignore[attr-defined]
-    first.mark_secret_issued("t1", expires_at=None)  # type: ignore[attr-defined]
+    first.mark_secret_issued("t1", principal="aud", expires_at=None)  # type: ignore[attr-defined]
     stores = [backend.open() for _ in range(6)]
     results = race(6, lambda i: stores[i].use_secret("t1"))  # type: ignore[attr-defined]
     assert sorted(results) == ["exhausted"] * 3 + ["ok"] * 3
