@@ -6,51 +6,20 @@ Every test makes its tables in its own schema and its roles under a prefix of it
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from scopegraph.brokers.base import StepScope
 from scopegraph.brokers.postgres import PostgresCredential, PostgresRoleBroker, postgres_role
 from scopegraph.constraints import AnyValue, Exact, OneOf, Prefix
 from scopegraph.errors import SecretError, SecretRefusedError, ToolError
-
-from .test_store_contract import race
+from tests.contract.test_store_contract import race
 
 EXPIRES = 1_800_000_060.0
 ORDERS = postgres_role("db", select={"orders": ["id", "customer_id", "amount"]},
                        rows={"orders": {"customer_id": "customer"}})
-
-
-@pytest.fixture
-def admin(postgres_url: str, postgres_schema: str) -> Iterator[psycopg.Connection[Any]]:
-    """An admin session in the test's schema, with two customers' orders under row-level security."""
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        s = sql.Identifier(postgres_schema)
-        conn.execute(sql.SQL("CREATE TABLE {}.orders (id int PRIMARY KEY, customer_id text NOT NULL, "
-                             "amount int NOT NULL, card text)").format(s))
-        conn.execute(sql.SQL("ALTER TABLE {}.orders ENABLE ROW LEVEL SECURITY").format(s))
-        conn.execute(sql.SQL("CREATE TABLE {}.cards (customer_id text, number text)").format(s))
-        conn.execute(sql.SQL("CREATE TABLE {}.notes (id int, body text)").format(s))  # no row-level security
-        conn.execute(sql.SQL("INSERT INTO {}.orders VALUES (1, 'c-1', 100, '4111'), (2, 'c-1', 250, '4111'), "
-                             "(3, 'c-2', 999, '5500'), (4, 'c-3', 7, '3400')").format(s))
-        conn.execute(sql.SQL("INSERT INTO {}.notes VALUES (1, 'hello')").format(s))
-        conn.execute(sql.SQL("SET search_path TO {}").format(s))
-        yield conn
-
-
-@pytest.fixture
-def broker(postgres_url: str, postgres_schema: str, admin: psycopg.Connection[Any]) -> Iterator[PostgresRoleBroker]:
-    b = PostgresRoleBroker(postgres_url, schema=postgres_schema, prefix=f"t{uuid.uuid4().hex[:8]}_")
-    try:
-        yield b
-    finally:  # whatever a test left behind
-        for handle, role in b.leftovers():
-            b.revoke(handle, role)
 
 
 def scope(step: str = "s1", *, run: str = "run-1", risk: str = "read", **constraints: Any) -> StepScope:
