@@ -203,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="check PATHS alone, as Workflow(policies=PATHS, baseline=False) loads them")
     validate.add_argument("--json", action="store_true")
 
+    serve = sub.add_parser("serve", help="serve token exchange and introspection over HTTP")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8700, help="port to listen on (default 8700)")
+    serve.add_argument("--audience", action="append", default=[], metavar="AUDIENCE=TOOL[,TOOL...]",
+                       help="a downstream audience step grants may be exchanged for, and the tools whose "
+                            "grants may ('*': any); repeat for more")
+    serve.add_argument("--client", action="append", default=[], metavar="ID=AUDIENCE[,AUDIENCE...]",
+                       help="a resource server that may introspect tokens of these audiences (tool:NAME for "
+                            "a step grant); its secret is read from $SCOPEGRAPH_CLIENT_SECRET_<ID>")
+    serve.add_argument("--token-ttl", type=_seconds_option, default=60.0, metavar="SECONDS",
+                       help="lifetime of exchanged tokens, never past their grant (default 60)")
+    serve.add_argument("--token-uses", type=_count_option, default=10, metavar="N",
+                       help="introspections an exchanged token answers active (default 10)")
+
     init = sub.add_parser("init", help="scaffold a workflow module, a starter policy and a test")
     init.add_argument("dir", nargs="?", default=".", help="where to write them (default: here)")
     return parser
@@ -272,6 +286,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _policy_validate(args)
     if args.command == "init":
         return _init(args)
+    if args.command == "serve":
+        return _serve(args)
     raise UsageError(f"scopegraph: unknown command {args.command!r}")  # pragma: no cover
 
 
@@ -610,6 +626,13 @@ def _policy_validate(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"valid": True, "files": list(engine.files), "version": engine.version}
     print(json.dumps(out) if args.json else f"ok: {len(engine.files)} file(s) valid, version {engine.version}")
     return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.store, host=args.host, port=args.port, audiences=args.audience, clients=args.client,
+                 token_ttl=args.token_ttl, token_uses=args.token_uses)
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@
     ├── ApprovalError          an approval cannot be given, found or used
     ├── StoreError             the durable store is unreachable or unwritable
     ├── SecretError            a downstream credential cannot be issued, found or revoked
-    │   └── SecretRefusedError the credential would grant more than the step's scope implies
+    │   ├── SecretRefusedError the credential would grant more than the step's scope implies
+    │   └── TokenRequestError  a token exchange or introspection request is refused (an OAuth error code)
     ├── RunBusyError           another process is driving the run right now
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
@@ -109,6 +110,18 @@ class SecretError(ScopegraphError):
 
 class SecretRefusedError(SecretError):
     """A broker refuses to issue: what it would grant exceeds what the step's scope implies."""
+
+
+class TokenRequestError(SecretError):
+    """A token exchange (RFC 8693) or introspection (RFC 7662) request is refused.
+
+    ``code`` is the OAuth error code the HTTP layer answers with (``invalid_grant``,
+    ``invalid_target``, ``invalid_request``, ``invalid_scope``, ``unsupported_grant_type``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RunBusyError(ScopegraphError):
