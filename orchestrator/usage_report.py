@@ -22,6 +22,9 @@ Every Cedar text is checked with ``CedarPolicyEngine`` against the workflow's to
 own policies, then probed: it must deny a value outside the proposal and not one inside.
 When the workflow cannot be loaded, argument-typed proposals are only parsed, and the
 report says so. Nothing here reads tokens or keys.
+
+Each workflow also lists the downstream credentials its tools were issued, ephemeral or
+static, how often, and proposes moving static ones behind a broker (``credential_report``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pydantic import create_model
 
 from .approvals import ApprovalRequest
 from .clock import SystemClock
+from .credential_report import credential_usage, render_credentials
 from .errors import PolicyError, ScopegraphError
 from .gateway import (
     _digest as arguments_digest,  # the digest the ledger's decision/tool_call records hold
@@ -93,7 +97,9 @@ def build_report(store: Store, workflow: str | None = None, *, now: float | None
     for name in sorted(by_workflow):
         stats = by_workflow[name]
         checker = _Checker.for_workflow(name, given.get(name), stats.latest_target)
-        out.append(stats.to_dict(checker))
+        entry = stats.to_dict(checker)
+        entry["credentials"] = credential_usage(store, stats.runs, checker.definition)  # ephemeral vs static
+        out.append(entry)
     return {
         "generated_at": now,
         "generated_at_iso": iso(now),
@@ -638,6 +644,7 @@ def render_report(report: Mapping[str, Any]) -> str:
                                  [_render_row(s) for s in wf["steps"]])))
         lines.append("")
         lines.extend(_render_proposals(wf))
+        lines.extend(render_credentials(wf["credentials"], wf["workflow"]))
     return "\n".join(lines)
 
 
