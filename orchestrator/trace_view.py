@@ -30,6 +30,7 @@ from .store import GrantRecord, Store
 Tree = tuple[str, list["Tree"]]
 
 _CALL_KINDS = ("decision", "tool_call")
+_CREDENTIAL_KINDS = ("secret_issued", "secret_refused", "secret_revoked", "token_exchanged")  # by handle
 
 
 def build_trace(store: Store, run_id: str, *, now: float | None = None) -> dict[str, Any]:
@@ -161,6 +162,13 @@ def _step(step_id: str, tool: str, depends_on: list[str], records: Sequence[Mapp
             owner = by_grant.get(r.get("grant_id") or "") or live
             if owner is not None:
                 owner["events"].append(event)
+            else:
+                items.append((r["seq"], event))
+        elif kind in _CREDENTIAL_KINDS:
+            event = _credential(r, ms)
+            holder = by_grant.get(r.get("grant_id") or "")  # issued under a grant; revoked after it
+            if holder is not None:
+                holder["events"].append(event)
             else:
                 items.append((r["seq"], event))
         elif kind == "approval_requested":
@@ -402,7 +410,28 @@ def _render_grant(g: Mapping[str, Any]) -> Tree:
     return (label, kids)
 
 
+def _credential(r: Mapping[str, Any], ms: Any) -> dict[str, Any]:
+    """A downstream credential's issue, refusal, revocation or exchange: its handle, never a secret."""
+    return {"type": "credential", "what": r["kind"], "seq": r["seq"], "at_ms": ms(r["at"]), "handle": r.get("handle"),
+            "principal": r.get("principal") or r.get("audience"), "broker": r.get("broker"),
+            "kind": r.get("secret_kind"), "name": r.get("name"), "reason": r.get("reason")}
+
+
+def _render_credential(e: Mapping[str, Any]) -> Tree:
+    at = offset(e["at_ms"])
+    if e["what"] == "secret_issued":
+        return (f"{at}  credential {e['name']} issued  {e['kind']} ({e['broker']})  {e['principal']}  "
+                f"[{e['handle']}]", [])
+    if e["what"] == "secret_refused":
+        return (f"{at}  credential {e['name']} refused  ({e['broker']})  [{e['handle']}]", [(e["reason"] or "", [])])
+    if e["what"] == "token_exchanged":
+        return (f"{at}  token exchanged for {e['principal']}  [{e['handle']}]", [])
+    return (f"{at}  credential revoked  {e['principal'] or ''}  [{e['handle']}]: {e['reason']}", [])
+
+
 def _render_call(e: Mapping[str, Any]) -> Tree:
+    if e["type"] == "credential":
+        return _render_credential(e)
     at = offset(e["at_ms"])
     if e["type"] == "decision":
         ids = ", ".join(e["policy_ids"]) or "-"

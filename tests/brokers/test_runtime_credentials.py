@@ -14,6 +14,7 @@ from scopegraph import Runtime, Workflow
 from scopegraph.agents import DirectExecutor
 from scopegraph.brokers.postgres import PostgresCredential, PostgresRoleBroker
 from scopegraph.credentials import Grant
+from scopegraph.trace_view import build_trace, render_trace
 from tests.helpers import mint_grant
 from tests.otel_capture import Capture, by_name, otel
 
@@ -75,6 +76,11 @@ def test_a_step_reads_its_customers_rows_through_a_role_made_for_it_and_dropped_
     assert issued["granted"]["rows"] == {"orders": {"customer_id": ["c-1"]}}
     assert issued["grant_id"] == report.steps[0].grant_id
     assert_nowhere(rt, password(cred))
+    # The trace shows the credential under its step's grant, by handle and role.
+    text = render_trace(build_trace(rt.store, report.run_id))
+    assert f"credential db issued  ephemeral (postgres)  {cred.user}  [{record.handle}]" in text
+    assert f"credential revoked  {cred.user}  [{record.handle}]: step ended" in text
+    assert password(cred) not in text
 
 
 def test_concurrent_steps_get_distinct_roles_each_seeing_its_own_customer(
