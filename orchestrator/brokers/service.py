@@ -187,16 +187,23 @@ class SecretService:
         """Revoke the credentials of a step and of its delegated children; never raises
         (one that cannot be revoked now stays recorded as live, for the sweep)."""
         if not self.active:
-            return 0
+            return 0  # no tool declares one: nothing to look for at every step's end
         self._forget(lambda x: x.run_id == run_id and (x.step_id == step_id or x.step_id.startswith(step_id + ".")))
-        return self._revoke_all(self.store.live_secrets(run_id, step_id), reason)
+        try:
+            live = self.store.live_secrets(run_id, step_id)
+        except Exception:  # the store is down: the records stay live, and the sweep revokes them later
+            return 0
+        return self._revoke_all(live, reason)
 
     def end_run(self, run_id: str, *, reason: str) -> int:
-        """Revoke every credential of a run (never raises; see ``end_step``)."""
-        if not self.active:
-            return 0
+        """Revoke every credential of a run, tokens exchanged for its grants included (never
+        raises; see ``end_step``)."""
         self._forget(lambda x: x.run_id == run_id)
-        return self._revoke_all(self.store.live_secrets(run_id), reason)
+        try:
+            live = self.store.live_secrets(run_id)
+        except Exception:
+            return 0
+        return self._revoke_all(live, reason)
 
     def sweep(self, *, reason: str = "swept: its step ended or was abandoned") -> int:
         """Revoke the credentials of steps that ended or were abandoned, and drop what a
@@ -210,8 +217,9 @@ class SecretService:
         now = self.clock.now()
         with tr.span(tr.SECRET_SWEEP, {}) as s:
             try:
+                # Only this workflow's: another workflow may call a broker of another server by the same name.
                 stale = [c.record for c in self.store.secret_sweep_candidates(now=now)
-                         if c.record.broker in self.brokers and (
+                         if c.record.workflow == self.workflow and c.record.broker in self.brokers and (
                              c.live_grants == 0 or c.lease_owner is None or (c.lease_until or 0.0) <= now
                              or not self.owner_alive(c.lease_owner))]
             except Exception as exc:  # a sweep that cannot read the store retries on the next start

@@ -110,3 +110,18 @@ def test_the_sweep_drops_a_role_its_record_says_is_revoked(
     assert role_exists(admin, role)
     assert rt.secrets.sweep() >= 1
     assert not role_exists(admin, role) and store.get_secret("h-1").state == "revoked"
+
+
+def test_the_sweep_leaves_another_workflows_credentials_to_that_workflows_runtimes(
+        broker: PostgresRoleBroker, make_runtime: Callable[..., Runtime]) -> None:
+    """Another workflow's broker of the same name may be another server: only its own runtimes sweep it."""
+    from scopegraph.store.secrets import SecretRecord
+
+    rt = make_runtime(orders_workflow(broker, orders_plan("c-1")))
+    store: Any = rt.store
+    store.add_secret(SecretRecord(handle="h-other", run_id="r9", step_id="s1", tool="customer_orders",
+                                  workflow="someone-else", name="db", broker="postgres", kind="ephemeral",
+                                  principal="", grant_id="g", issued_at=rt.clock.now()))
+    assert rt.secrets.sweep() == 0 and store.get_secret("h-other").state == "issuing"
+    theirs = make_runtime(orders_workflow(broker, orders_plan("c-1"), name="someone-else"))  # sweeps on start
+    assert theirs.store.get_secret("h-other").state == "revoked"  # type: ignore[attr-defined]

@@ -126,6 +126,11 @@ def test_a_tool_exchanges_its_grant_and_the_downstream_service_sees_the_revocati
     assert (record["handle"], record["audience"], record["grant_id"]) == (claims["jti"], AUDIENCE,
                                                                           report.steps[0].grant_id)
     assert call["token"] not in json.dumps(rt.ledger.records())
+    # The run's end revoked the token's record too (the report counts it as ended, not live).
+    (token_record,) = rt.store.secrets_for_run(report.run_id)  # type: ignore[attr-defined]
+    assert (token_record.handle, token_record.state, token_record.revoke_reason, token_record.uses) == (
+        claims["jti"], "revoked", "run completed", 1)
+    assert [r["handle"] for r in rt.ledger.records(report.run_id) if r["kind"] == "secret_revoked"] == [claims["jti"]]
 
 
 def test_introspection_counts_uses_and_a_token_dies_after_its_last(store: Store, runtime: Runtime) -> None:
