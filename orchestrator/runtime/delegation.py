@@ -38,6 +38,7 @@ from ..roles import (
     ToolHandle,
 )
 from .outcome import step_outcome
+from .repeat import identity_segments
 from .state import StepInput
 
 if TYPE_CHECKING:
@@ -63,8 +64,8 @@ class _Delegation:
         self.rt, self.payload, self.step, self.identity = rt, payload, step, identity
         self.grant, self.handle, self.children = grant, handle, children
         self.run_id = payload["run_id"]
-        self.planner_id = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, "step", step.id, "sub",
-                                       "planner")
+        self.planner_id = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, *identity_segments(step.id),
+                                       "sub", "planner")
 
     def run(self, task: str, planner: Planner, executor: Executor) -> DelegationResult:
         plan = self._plan(task, planner)
@@ -113,8 +114,8 @@ class _Delegation:
     def _run_child(self, plan: Plan, child: Step, dependencies: dict[str, Any], executor: Executor) -> dict[str, Any]:
         rt = self.rt
         path = f"{self.step.id}{CHILD_SEPARATOR}{child.id}"
-        identity = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, "step", self.step.id, "sub", child.id,
-                                "executor")
+        identity = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, *identity_segments(self.step.id), "sub",
+                                child.id, "executor")
         try:
             grant = self._mint(child, path, identity)
         except GrantError as exc:  # the child asked for more than its parent holds

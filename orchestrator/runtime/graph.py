@@ -19,6 +19,10 @@ Routing after a step: a node's conditional edge sees the state with only its own
 writes. When a step ran alone in its superstep that is the whole truth, and the edge
 routes straight on (one superstep per sequential step). When siblings ran beside it,
 it goes through ``schedule``, a join that routes once all of them have landed.
+
+A repeated step (``for_each``) is sent as one task per item, each its own step record
+(``send[0]``, ``send[1]``…); routing and the run's outcome read them back through
+``repeat.plan_view`` as one record per plan step.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ..roles import (
     ToolHandle,
 )
 from ..tools import ToolRegistry
+from . import repeat
 from .delegation import delegator_for
 from .outcome import step_outcome
 from .state import RunState, StepInput
@@ -79,7 +84,8 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
     steps = state.get("steps") or {}
     previous = rt.plan_for(run_id, state["plan"]) if state.get("plan") else None
     asking = sorted(sid for sid, rec in steps.items() if rec.get("status") == "replan")
-    completed = tuple(sorted(sid for sid, rec in steps.items() if rec.get("status") == "completed"))
+    completed = tuple(sorted(sid for sid, rec in repeat.plan_view(previous, steps).items()
+                             if rec.get("status") == "completed")) if previous else ()
     ctx = PlanningContext(
         task=state["task"], workflow=wf.name, run_id=run_id,
         identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
@@ -128,7 +134,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
 def _check_revision(previous: Plan, revised: Plan, kept: tuple[str, ...]) -> None:
     """A revision may change what is left to do, never a step that has run or is running:
     completed steps, steps waiting for a human, steps that failed or were denied."""
-    for sid in kept:
+    for sid in sorted({repeat.base_id(k) for k in kept}):  # an iteration keeps its whole step
         try:
             same = revised.step(sid) == previous.step(sid)
         except PlanError:
@@ -146,7 +152,7 @@ def _within(step: Step, original: Plan, tools: ToolRegistry) -> bool:
     fields = tools.get_tool(step.tool).args_model.model_fields
 
     def inside(o: Step) -> bool:
-        if o.tool != step.tool:
+        if o.tool != step.tool or not repeat.repeats_within(step, o):
             return False
         for name, c in step.constraints.items():
             if name not in o.constraints or not narrows(c, o.constraints[name]):
@@ -181,17 +187,20 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
         return END
     if "replan" in statuses.values():
         return "plan"
-    done = {sid for sid, st in statuses.items() if st == "completed"}
-    ready = plan.ready_steps(done, started=steps.keys())
-    if ready:
-        results = {sid: steps[sid].get("result") for sid in done}
-        batch = _dispatch([s.id for s in ready])
-        return [Send("step", _step_input(state, step, results, batch)) for step in ready]
+    view = repeat.plan_view(plan, steps)
+    done = {sid for sid, rec in view.items() if rec["status"] == "completed"}
+    results = {sid: view[sid].get("result") for sid in done}
+    ready = plan.ready_steps(done, started=view.keys())
+    tasks = [t for s in ready for t in repeat.tasks_for(s, results)]
+    tasks += repeat.missing_iterations(plan, view, steps, results)
+    if tasks:
+        batch = _dispatch(tasks)
+        return [Send("step", _step_input(state, repeat.task_step(plan, t), results, batch, view)) for t in tasks]
     waiting = [sid for sid, st in statuses.items() if st == "awaiting_approval"]
     if waiting:
         batch = _dispatch(waiting)
-        results = {sid: steps[sid].get("result") for sid in done}
-        return [Send("approval", _step_input(state, plan.step(sid), results, batch)) for sid in waiting]
+        return [Send("approval", _step_input(state, repeat.task_step(plan, sid), results, batch, view))
+                for sid in waiting]
     return END
 
 
@@ -213,15 +222,17 @@ def _with_labels(update: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     return {**update, "data_labels": labels} if labels else update
 
 
-def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any]) -> StepInput:
+def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any],
+                view: dict[str, Any] | None = None) -> StepInput:
     steps = state.get("steps") or {}
+    records = steps if view is None else view
     return StepInput(
         run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
         planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
         dependencies={d: results[d] for d in step.depends_on if d in results},
-        dependency_labels={d: steps[d].get("labels") or [] for d in step.depends_on if d in results},
+        dependency_labels={d: records[d].get("labels") or [] for d in step.depends_on if d in results},
         data_labels=state.get("data_labels") or [],
-        widened=step.id in (state.get("widened") or ()),
+        widened=repeat.base_id(step.id) in (state.get("widened") or ()),
         replans=int(state.get("replans") or 0),
         record=steps.get(step.id, {}),
         dispatch=batch,
@@ -246,19 +257,21 @@ def final_status(state: dict[str, Any]) -> str:
     """The run's outcome from its last state (a paused run is decided by the runtime)."""
     if state.get("status") == "failed":
         return "failed"
-    statuses = [s["status"] for s in (state.get("steps") or {}).values()]
+    steps = state.get("steps") or {}
+    statuses = [s["status"] for s in steps.values()]
     plan_size = len(state["plan"]["steps"]) if state.get("plan") else 0
     if "failed" in statuses:
         return "failed"
     if "denied" in statuses:
         return "denied"
-    if plan_size and statuses.count("completed") == plan_size:
+    view = repeat.plan_view(Plan.model_validate(state["plan"]), steps) if plan_size else {}
+    if plan_size and [r["status"] for r in view.values()].count("completed") == plan_size:
         return "completed"
     return "failed"
 
 
 def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
-    return rt.domain.id("wf", rt.workflow.name, "run", run_id, "step", step_id, "executor")
+    return rt.domain.id("wf", rt.workflow.name, "run", run_id, *repeat.identity_segments(step_id), "executor")
 
 
 def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tuple[Svid, Grant]:
@@ -324,7 +337,11 @@ def _close_step_span(s: Any, record: dict[str, Any]) -> None:
 
 def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     plan = rt.plan_for(payload["run_id"], payload["plan"])
-    step = plan.step(payload["step_id"])
+    step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
+    if step.for_each is not None:  # a repeated step with no iteration to run: why is its record
+        record = repeat.unrepeated_record(step, payload["dependencies"])
+        _step_ended(rt, payload["run_id"], record)
+        return {"steps": {step.id: record}, **_landed(payload)}
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
         update = _run_step(rt, payload, plan, step, identity)  # records the outcome as it revokes
@@ -436,7 +453,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     if state == "pending":
         return _landed(payload)  # e.g. one of two approvers so far: ask again
     plan = rt.plan_for(payload["run_id"], payload["plan"])
-    step = plan.step(payload["step_id"])
+    step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
         _wait_span(approval, state, rt.clock.now())
