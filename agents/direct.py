@@ -20,8 +20,9 @@ class DirectExecutor:
     first value, ``from_step`` the first value at its path in the named step's result that
     the (bound) constraint allows (in a repeated step, that is this iteration's item), and
     any other constraint (``prefix``, ``pattern``, ``range``, ``any``) takes the value of the
-    same name from the dependencies' results (a mapping result exposes its keys). An argument neither source has needs a builder: ``builders`` maps a tool name to
-    a function of the ``StepContext`` returning some of that tool's arguments, e.g.
+    same name from the dependencies' results (a mapping result exposes its keys). An
+    argument neither source has needs a builder: ``builders`` maps a tool name to a
+    function of the ``StepContext`` returning some of that tool's arguments, e.g.
     ``DirectExecutor(builders={"read_receipt": lambda ctx: {"path": "/receipts/2026/r-1.json"}})``.
     What a builder returns is checked by the gateway like any other call.
 

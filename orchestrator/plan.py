@@ -46,9 +46,9 @@ class ForEach(BaseModel):
     def _one_source(self) -> ForEach:
         if (self.items is None) == (self.step is None):
             raise ValueError("for_each needs either items or a step, not both")
-        if self.items is not None and (self.path or len(self.items) > self.max):
-            if self.path:
-                raise ValueError("for_each path goes with a step, not with items")
+        if self.items is not None and self.path:
+            raise ValueError("for_each path goes with a step, not with items")
+        if self.items is not None and len(self.items) > self.max:
             raise ValueError(f"for_each lists {len(self.items)} items, more than its max of {self.max}")
         if self.step is not None and not _STEP_ID.match(self.step):
             raise ValueError(f"step id {self.step!r} must be 1-64 letters, digits, '_' or '-'")
@@ -63,7 +63,7 @@ class ForEach(BaseModel):
         (``""`` for items the plan gives); ``None`` when the step's output holds no list there."""
         if self.items is not None:
             return [("", item) for item in self.items]
-        if self.step not in results:
+        if self.step is None or self.step not in results:
             return None
         found = select(results[self.step], self.path)
         if None in parse_path(self.path):  # a wildcard: the values it selects are the items

@@ -27,6 +27,7 @@ from ..gateway import SCOPE_POLICY_ID
 from ..identity import SpiffeId
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
+from ..redaction import recorded_constraints
 from ..roles import (
     DelegationResult,
     Delegator,
@@ -107,7 +108,8 @@ class _Delegation:
                                   planner=str(self.planner_id), valid=True,
                                   plan_digest=sha256_hex(canonical_json(dumped)),
                                   steps=[{"id": st.id, "tool": st.tool,
-                                          "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
+                                          "constraints": recorded_constraints(
+                                              st.constraints, wf.registry[st.tool].secrets)}
                                          for st in plan.steps])
         return plan
 
@@ -171,7 +173,8 @@ class _Delegation:
             rt.ledger.append("grant_minted", self.run_id, step_id=path, grant_id=grant.jti,
                              spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
                              expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=self.grant.jti,
-                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
+                             constraints=recorded_constraints(grant.constraints,
+                                                              rt.workflow.registry[child.tool].secrets),
                              act=dict(grant.act))
             s.set_attribute(tr.GRANT_ID, grant.jti)
         rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": child.tool})

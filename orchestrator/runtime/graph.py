@@ -43,6 +43,7 @@ from ..gateway import CallContext, CallResult
 from ..identity import SpiffeId, Svid
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
+from ..redaction import recorded_constraints
 from ..roles import (
     FAILURE_KINDS,
     NeedsApproval,
@@ -121,7 +122,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
                          failures=[steps[sid]["failure"] for sid in asking], widened=widened,
                          steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on),
                                  "purpose": st.purpose,
-                                 "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
+                                 "constraints": recorded_constraints(st.constraints, wf.registry[st.tool].secrets)}
                                 for st in plan.steps])
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
     if previous is None:
@@ -289,12 +290,16 @@ def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tu
                              spiffe_id=str(identity), tool=step.tool, issued_at=grant.issued_at,
                              expires_at=grant.expires_at,
                              max_uses=grant.max_uses,
-                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
+                             constraints=recorded_constraints(grant.constraints, _secrets(rt, step.tool)),
                              act=dict(grant.act))
         s.set_attribute(tr.GRANT_ID, grant.jti)
         s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
     rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
     return svid, grant
+
+
+def _secrets(rt: Runtime, tool: str) -> frozenset[str]:
+    return rt.workflow.registry.get_tool(tool).secrets
 
 
 def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
@@ -427,6 +432,7 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
         id=approval_id(payload["run_id"], step.id, digest, sequence), run_id=payload["run_id"],
         step_id=step.id, workflow=wf.name, initiator=payload["initiator"], requester=str(identity),
         tool=result.tool, arguments=dict(result.arguments), digest=digest,
+        secret_arguments=sorted(tool.secrets & set(result.arguments)),
         policy_version=rt.policy.version, risk=tool.risk.value,
         policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
         data_labels=sorted(payload["data_labels"]), purpose=step.purpose,

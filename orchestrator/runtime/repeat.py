@@ -125,7 +125,8 @@ def unrepeated_record(step: Step, dependencies: Mapping[str, Any]) -> dict[str, 
     """The record of a repeated step that ran no iteration: completed over an empty list,
     or failed before anything ran."""
     items = items_of(step, dependencies)
-    record = {"step_id": step.id, "tool": step.tool, "decision": None, "policy_ids": [], "revoked": True,
+    record: dict[str, Any] = {"step_id": step.id, "tool": step.tool, "decision": None, "policy_ids": [],
+                              "revoked": True,
               "calls": [], "iterations": 0}
     if isinstance(items, str):
         return {**record, "status": "failed", "reason": items}

@@ -344,7 +344,7 @@ class Runtime:
 
 def _step_report(s: dict[str, Any], tool: str, grants: list[Any], widened: bool = False) -> StepReport:
     sid = s["step_id"]
-    status = "failed" if s["status"] == "running" else s["status"]  # a repeated step cut short
+    status: Any = "failed" if s["status"] == "running" else s["status"]  # a repeated step cut short
     return StepReport(
         step_id=sid, tool=s.get("tool") or tool, status=status, spiffe_id=s.get("spiffe_id"),
         grant_id=s.get("grant_id"), decision=s.get("decision"),
