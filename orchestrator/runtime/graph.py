@@ -523,13 +523,17 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
     ctx = _call_context(rt, payload, plan, step, identity, frozenset(record.get("labels") or ()))
     ended: dict[str, Any] | None = None
+    # Approved under policies that have changed since (an upgrade while the run was paused):
+    # the approval names the old version and cannot be used; the call is decided afresh,
+    # and asked about again if it still needs a human.
+    stale = state == "approved" and approval.policy_version != rt.policy.version
     try:
-        if state in ("approved", "consumed"):
+        if state in ("approved", "consumed") and not stale:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
                                      call_key=f"approval:{approval.id}", approval_id=approval.id)
         else:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"proposal:{approval.id}")
+                                     call_key=f"{'reasked' if stale else 'proposal'}:{approval.id}")
         record["calls"] = [*record.get("calls", []), _call_summary(result)]
         if result.status == "needs_approval":
             request = _request_approval(rt, payload, step, identity, result)
