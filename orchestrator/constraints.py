@@ -126,7 +126,8 @@ class Prefix(_Constraint):
     def allows(self, value: Any) -> bool:
         if not isinstance(value, str):
             return False
-        return _under(value, self.prefix) and (_nfkc(value) == value or _under(_nfkc(value), _nfkc(self.prefix)))
+        forms = _forms(value)
+        return _under(value, self.prefix) and (len(forms) == 1 or _under(forms[1], _nfkc(self.prefix)))
 
     def describe(self) -> str:
         return f"a string starting with {self.prefix!r}"
@@ -309,8 +310,9 @@ def _nfkc(text: str) -> str:
 
 def _forms(text: str) -> tuple[str, ...]:
     """``text`` as given and, if it differs, NFKC-normalised: both must pass a check."""
-    normal = _nfkc(text)
-    return (text,) if normal == text else (text, normal)
+    if unicodedata.is_normalized("NFKC", text):
+        return (text,)
+    return (text, _nfkc(text))
 
 
 @functools.lru_cache(maxsize=512)

@@ -513,9 +513,10 @@ def _nfkc_arguments(arguments: Mapping[str, Any]) -> dict[str, Any] | None:
     def normal(value: Any, depth: int = 0) -> Any:
         nonlocal changed
         if isinstance(value, str):
-            out = unicodedata.normalize("NFKC", value)
-            changed = changed or out != value
-            return out
+            if unicodedata.is_normalized("NFKC", value):
+                return value
+            changed = True
+            return unicodedata.normalize("NFKC", value)
         if depth < 8 and isinstance(value, (list, tuple)):
             return type(value)(normal(v, depth + 1) for v in value)
         return value

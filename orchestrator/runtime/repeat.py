@@ -141,6 +141,8 @@ def plan_view(plan: Plan, steps: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     theirs, in order), else the most pressing of theirs: awaiting approval, replan,
     failed, denied.
     """
+    if not any(s.for_each is not None for s in plan.steps):  # the common case: records as they are
+        return {s.id: steps[s.id] for s in plan.steps if s.id in steps}
     view: dict[str, dict[str, Any]] = {}
     order = graphlib.TopologicalSorter({s.id: set(s.depends_on) for s in plan.steps}).static_order()
     for step_id in order:
