@@ -121,6 +121,15 @@ def test_a_step_repeats_over_an_earlier_step_s_list_each_iteration_under_its_own
     assert all(c.revoked and c.spiffe_id for c in tell.children)
     assert_all_revoked(rt, "r1", at_least=3)
     assert "tell[1]" in report.summary()
+    # ``scopegraph trace`` shows the iterations in the step's place; ``report`` counts them for it.
+    from scopegraph.trace_view import build_trace
+    from scopegraph.usage_report import build_report
+
+    trace = build_trace(rt.store, "r1", now=rt.clock.now())
+    assert [s["step_id"] for s in trace["steps"]] == ["team", "tell[0]", "tell[1]"]
+    [row] = [r for r in build_report(rt.store, "rep", now=rt.clock.now())["workflows"][0]["steps"]
+             if r["step_id"] == "tell"]
+    assert row["runs_executed"] == 1 and row["grants"]["minted"] == 2 and row["calls"]["ok"] == 2
 
 
 class Swapping(DirectExecutor):
