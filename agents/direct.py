@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from scopegraph.constraints import Exact, OneOf
+from scopegraph.constraints import Exact, FromStep, OneOf
 from scopegraph.errors import ToolArgumentsError
 from scopegraph.roles import StepContext
+from scopegraph.valuepath import select
 
 ArgumentBuilder = Callable[[StepContext], Mapping[str, Any]]
 
@@ -16,10 +17,12 @@ class DirectExecutor:
     """Calls the step's tool once, with arguments taken from the plan and the dependencies.
 
     For each constrained argument: an ``exact`` value is used as is, ``one_of`` takes its
-    first value, and any other constraint (``prefix``, ``pattern``, ``range``, ``any``) takes
-    the value of the same name from the dependencies' results (a mapping result exposes its
-    keys). An argument neither source has needs a builder: ``builders`` maps a tool name to
-    a function of the ``StepContext`` returning some of that tool's arguments, e.g.
+    first value, ``from_step`` the first value at its path in the named step's result that
+    the (bound) constraint allows (in a repeated step, that is this iteration's item), and
+    any other constraint (``prefix``, ``pattern``, ``range``, ``any``) takes the value of the
+    same name from the dependencies' results (a mapping result exposes its keys). An
+    argument neither source has needs a builder: ``builders`` maps a tool name to a
+    function of the ``StepContext`` returning some of that tool's arguments, e.g.
     ``DirectExecutor(builders={"read_receipt": lambda ctx: {"path": "/receipts/2026/r-1.json"}})``.
     What a builder returns is checked by the gateway like any other call.
 
@@ -43,7 +46,8 @@ class DirectExecutor:
             elif isinstance(constraint, OneOf):
                 args[name] = constraint.values[0]
             else:
-                found = _from_dependencies(name, ctx.dependencies)
+                found = _bound_value(constraint, ctx.dependencies) if isinstance(constraint, FromStep) \
+                    else _from_dependencies(name, ctx.dependencies)
                 if found is _MISSING:
                     raise ToolArgumentsError(
                         f"step {ctx.step.id!r}: no value for argument {name!r} in the plan or its dependencies;"
@@ -57,6 +61,13 @@ class DirectExecutor:
 
 
 _MISSING = object()
+
+
+def _bound_value(constraint: FromStep, dependencies: Mapping[str, Any]) -> Any:
+    if constraint.step not in dependencies:
+        return _MISSING
+    candidates = (v for _, v in select(dependencies[constraint.step], constraint.path))
+    return next((v for v in candidates if constraint.allows(v)), _MISSING)
 
 
 def _from_dependencies(name: str, dependencies: Mapping[str, Any]) -> Any:

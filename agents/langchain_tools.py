@@ -33,10 +33,12 @@ def from_langchain(
     destinations: Iterable[str] = (),
     accepts_confidential: bool = False,
     name: str | None = None,
+    roles: Mapping[str, str] | None = None,
 ) -> Tool:
     """Declare a LangChain tool as a scoped tool with an explicit risk tier.
 
-    ``labels``, ``external``, ``destinations`` and ``accepts_confidential`` mean what they
+    ``labels``, ``external``, ``destinations``, ``accepts_confidential`` and ``roles``
+    (``{"url": "destination", "body": "content", "api_key": "secret"}``) mean what they
     mean for ``@scopegraph.tool``. ``name`` overrides the LangChain name (scopegraph
     names use letters, digits, ``_``, ``-`` and ``.``). A tool with only an async
     implementation is called with ``ainvoke``; any other with ``invoke``.
@@ -44,7 +46,7 @@ def from_langchain(
     Raises:
         ToolError: ``tool`` is not a LangChain tool, the risk tier is unknown, the tool
             needs injected arguments no caller can supply, its schema is unusable, or a
-            destination is not one of its arguments.
+            destination or role is not one of its arguments or an unknown role.
     """
     if not isinstance(tool, BaseTool):
         raise ToolError(f"{tool!r} is not a LangChain tool (langchain_core.tools.BaseTool)")
@@ -65,7 +67,7 @@ def from_langchain(
     return Tool.from_schema(
         name=tool_name, description=tool.description or "", parameters=parameters, fn=fn, risk=risk,
         labels=labels, external=external, destinations=destinations,
-        accepts_confidential=accepts_confidential,
+        accepts_confidential=accepts_confidential, roles=roles,
     )
 
 

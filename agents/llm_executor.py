@@ -15,7 +15,7 @@ from typing import Any, cast
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from scopegraph.constraints import AnyValue, Exact, OneOf, Pattern, Prefix, Range
+from scopegraph.constraints import Exact, OneOf, Pattern, Prefix, Range
 from scopegraph.errors import ConfigError, ScopegraphError
 from scopegraph.gateway import CallResult
 from scopegraph.roles import FAILURE_KINDS, FailureKind, ReplanRequested, StepContext
@@ -156,8 +156,7 @@ def _constraint_schema(constraint: Any) -> dict[str, Any]:
     if isinstance(constraint, Range):
         bounds = {"minimum": constraint.min, "maximum": constraint.max}
         return {"type": "number", **{k: v for k, v in bounds.items() if v is not None}}
-    assert isinstance(constraint, AnyValue)
-    return {}
+    return {}  # any, from_step: its description says where the value must come from
 
 
 def step_messages(ctx: StepContext, *, instructions: str | None = None, replan: bool = True) -> list[BaseMessage]:

@@ -38,9 +38,16 @@ Rules:
 - Constrain every argument a step will pass: an argument without a constraint cannot be passed at all, \
 and every required argument needs one.
 - Prefer exact values ({"kind": "exact", "value": ...}) for destinations (recipients, URLs, accounts, \
-paths: the catalogue lists them per tool) and for anything the task fixes. Use one_of, prefix, pattern \
-or range for a value the task only bounds. Use {"kind": "any"} only when the executor must choose the \
-value, typically from an earlier step's result.
+paths: the catalogue lists each tool's argument roles) and for anything the task fixes. Use one_of, prefix, \
+pattern (RE2 syntax, full match) or range for a value the task only bounds.
+- When a value is one an earlier step will return ("the largest file", "the IBAN on the bill"), bind it: \
+{"kind": "from_step", "step": "<that step's id>", "path": "files[*].id"}; the step must be in depends_on. \
+A path names keys with '.', list items with [N], every item with [*]; "" is the whole result.
+- Use {"kind": "any"} only when the executor must choose a value no earlier result holds.
+- To do the same call for each item of a list, repeat the step: "for_each": {"items": [...], "max": N} for a \
+list the task gives, or {"step": "<id>", "path": "<path to the list>", "max": N} for a list an earlier step \
+returns (in depends_on); N bounds the count, at most 100. Pin an argument to the item with {"kind": "item"}, \
+or to a field of it with {"kind": "item", "path": "email"}.
 - A step that needs another step's result lists that step in depends_on; independent steps may run at once.
 - Plan only what the task asks for. The higher a tool's risk tier (read < write < egress), the tighter \
 its constraints; write and egress calls may wait for a human approval."""

@@ -114,6 +114,7 @@ def mcp_tools(
     accepts_confidential: Iterable[str] = (),
     list_token: str | None = None,
     descriptions: Mapping[str, str] | None = None,
+    roles: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[Tool]:
     """List an MCP server's tools once and declare them as scoped tools.
 
@@ -129,7 +130,7 @@ def mcp_tools(
         return asyncio.run(mcp_tools_async(
             endpoint, risks=risks, include=include, labels=labels, destinations=destinations,
             external=external, accepts_confidential=accepts_confidential, list_token=list_token,
-            descriptions=descriptions,
+            descriptions=descriptions, roles=roles,
         ))
     raise ConfigError("mcp_tools() was called inside a running event loop; await mcp_tools_async() instead")
 
@@ -145,13 +146,15 @@ async def mcp_tools_async(
     accepts_confidential: Iterable[str] = (),
     list_token: str | None = None,
     descriptions: Mapping[str, str] | None = None,
+    roles: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[Tool]:
     """List an MCP server's tools once and declare them as scoped tools.
 
     Every declared tool needs a risk tier in ``risks`` (by the server's tool name): an
     MCP tool's risk is unknown until someone says it. ``include`` restricts the
     declaration to those names, so a server's other tools can be left out rather than
-    given a made-up tier. ``labels`` and ``destinations`` are per tool name;
+    given a made-up tier. ``labels``, ``destinations`` and ``roles`` (``{argument:
+    role}``, as for ``@scopegraph.tool``) are per tool name;
     ``accepts_confidential`` names the tools that may receive confidential data. Tools
     keep the server's names, since a grant's audience (``tool:<name>``) is what the
     server checks. ``list_token`` is sent as the bearer token for the listing only, for
@@ -162,18 +165,19 @@ async def mcp_tools_async(
 
     Raises:
         ToolError: the server cannot be listed; a tool has no declared or an unknown
-            risk tier; a name in ``risks``, ``include``, ``labels``, ``destinations`` or
-            ``accepts_confidential`` is not one of the server's tools; or a tool's name
-            or schema cannot be declared.
+            risk tier; a name in ``risks``, ``include``, ``labels``, ``destinations``,
+            ``roles`` or ``accepts_confidential`` is not one of the server's tools; or a
+            tool's name, schema or roles cannot be declared.
     """
     endpoint = _endpoint(endpoint)
     listed = {t.name: t for t in await _list(endpoint, list_token)}
     wanted = list(listed) if include is None else list(dict.fromkeys(include))
     labels, destinations, descriptions = labels or {}, destinations or {}, descriptions or {}
+    roles = roles or {}
     confidential = set(accepts_confidential)
     for what, names in (("include", wanted), ("risks", risks), ("labels", labels),
                         ("destinations", destinations), ("accepts_confidential", confidential),
-                        ("descriptions", descriptions)):
+                        ("descriptions", descriptions), ("roles", roles)):
         unknown = sorted(set(names) - set(listed))
         if unknown:
             raise ToolError(f"MCP server {endpoint.url!r} offers no tool {unknown[0]!r} (named in {what})")
@@ -184,7 +188,7 @@ async def mcp_tools_async(
     return [
         mcp_tool(endpoint, listed[name], risk=risks[name], labels=labels.get(name, ()), external=external,
                  destinations=destinations.get(name, ()), accepts_confidential=name in confidential,
-                 description=descriptions.get(name))
+                 description=descriptions.get(name), roles=roles.get(name))
         for name in wanted
     ]
 
@@ -199,14 +203,16 @@ def mcp_tool(
     destinations: Iterable[str] = (),
     accepts_confidential: bool = False,
     description: str | None = None,
+    roles: Mapping[str, str] | None = None,
 ) -> Tool:
     """Declare one tool from a server's listing (``mcp_types.Tool``) without connecting.
 
-    ``description`` replaces the server's (see ``mcp_tools_async`` on tool poisoning).
+    ``description`` replaces the server's (see ``mcp_tools_async`` on tool poisoning);
+    ``roles`` maps its arguments to roles as for ``@scopegraph.tool``.
 
     Raises:
-        ToolError: unknown risk tier, unusable name or schema, or a destination that is
-            not one of the tool's arguments.
+        ToolError: unknown risk tier, unusable name or schema, or a destination or role
+            that is not one of the tool's arguments.
     """
     endpoint = _endpoint(endpoint)
     name = listed.name
@@ -233,7 +239,7 @@ def mcp_tool(
         name=name, description=listed.description or "" if description is None else description,
         parameters=listed.input_schema, fn=call, risk=risk,
         labels=labels, external=external, destinations=destinations,
-        accepts_confidential=accepts_confidential, takes_grant=True,
+        accepts_confidential=accepts_confidential, takes_grant=True, roles=roles,
     )
 
 

@@ -72,6 +72,14 @@ class ApprovalRequest(BaseModel):
     decided_at: float | None = None
     consumed_at: float | None = None
     consumed_by: str | None = None  # the idempotency key of the one call that used it
+    # Arguments the tool declares secret: kept here so the approved call can be replayed,
+    # masked wherever the request is shown (``shown_arguments``, ``answers``).
+    secret_arguments: list[str] = []
+
+    def shown_arguments(self, arguments: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``arguments`` (default: the request's) as people see them: secret values masked."""
+        given = self.arguments if arguments is None else arguments
+        return {k: (f"[secret:{k}]" if k in self.secret_arguments else v) for k, v in given.items()}
 
     def effective_status(self, now: float) -> ApprovalStatus:
         """``expired`` once past expiry unless already consumed or denied."""
@@ -92,13 +100,15 @@ class ApprovalRequest(BaseModel):
 
     def answers(self) -> list[dict[str, Any]]:
         """Every answer so far, in the order given: who, approve or deny, why, and for a
-        denial the arguments it proposed instead (``None`` when it proposed none)."""
+        denial the arguments it proposed instead (``None`` when it proposed none; secret
+        values masked)."""
         given: list[dict[str, Any]] = [
             {"approver": v.approver, "answer": "approve", "reason": v.reason, "at": v.at}
             for v in self.approvals]
         if self.denial is not None:
+            proposed = None if self.proposed_arguments is None else self.shown_arguments(self.proposed_arguments)
             given.append({"approver": self.denial.approver, "answer": "deny", "reason": self.denial.reason,
-                          "at": self.denial.at, "proposed_arguments": self.proposed_arguments})
+                          "at": self.denial.at, "proposed_arguments": proposed})
         return sorted(given, key=lambda g: g["at"])
 
 

@@ -4,7 +4,9 @@ A grant binds one step identity (``sub``) to one tool (``aud``), the step's argu
 constraints, an expiry and a use count, with the delegation chain in ``act``
 (initiator → planner → executor, RFC 8693 nesting: the outermost ``act`` is the most
 recent delegator). The store keeps each grant's facts, never its token, and is the
-authority on revocation and remaining uses.
+authority on revocation and remaining uses. A delegated grant names its ancestors
+(``parents``): each use of it takes a use of every ancestor too, so the calls made
+across a delegation tree never exceed the root grant's ``max_uses``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Grant:
     expires_at: float
     max_uses: int
     act: Mapping[str, Any]
+    parents: tuple[str, ...] = ()  # the jti of each ancestor grant, nearest first (delegation)
     _token: str = field(repr=False, compare=False)
 
     def danger_token(self) -> str:
@@ -113,9 +116,10 @@ class GrantIssuer:
 
         With ``parent`` (delegation), the new grant must lie inside the parent's scope:
         same tool, every constraint narrowing the parent's, no argument the parent does
-        not allow, and no life beyond the parent's; minting spends one of the parent's
-        uses. This is checked here, at the only place grants are made, not trusted to the
-        caller.
+        not allow, and no life beyond the parent's; the parent must be live (not revoked,
+        uses left). Each use of the new grant takes a use of the parent as well (see
+        ``consume_use``). This is checked here, at the only place grants are made, not
+        trusted to the caller.
 
         Raises:
             GrantScopeError: the delegated scope is wider than the parent's.
@@ -124,16 +128,16 @@ class GrantIssuer:
         expires_at = now + self.ttl
         if parent is not None:
             _check_subscope(tool, constraints, parent)
-            # Each delegation spends one use of the parent, atomically with the revocation
-            # check: a revoked or spent parent has nothing to hand down, and a parent cannot
-            # multiply its uses by delegating.
-            state = self.store.consume_grant_use(parent.jti)
+            # A revoked or spent parent has nothing to hand down. Minting spends nothing: the
+            # child's calls spend the parent's uses, so delegating cannot multiply them.
+            state = self.store.grant_state(parent.jti)
             if state != "ok":
                 raise GrantScopeError(f"parent grant {parent.jti!r} is {state}: nothing to delegate")
             expires_at = min(expires_at, parent.expires_at)
             if expires_at <= now:
                 raise GrantScopeError(f"parent grant {parent.jti!r} has expired: nothing to delegate")
         jti = uuid.uuid4().hex
+        parents = (parent.jti, *parent.parents) if parent is not None else ()
         serial = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in constraints.items()}
         claims = {
             "iss": self.domain.issuer,
@@ -148,6 +152,7 @@ class GrantIssuer:
             "run": run_id,
             "step": step_id,
             "wf": workflow,
+            **({"parents": list(parents)} if parents else {}),
         }
         token = self.domain.sign(claims)
         self.store.add_grant(GrantRecord(
@@ -158,7 +163,7 @@ class GrantIssuer:
             jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
             constraints=_CONSTRAINTS.validate_python(serial) if _needs_parse(constraints) else dict(constraints),
             issued_at=now, expires_at=expires_at,
-            max_uses=self.max_uses, act=dict(act), _token=token,
+            max_uses=self.max_uses, act=dict(act), parents=parents, _token=token,
         )
         with self._signed_lock:
             self._signed[token] = grant
@@ -212,7 +217,7 @@ class GrantIssuer:
                 run_id=claims["run"], step_id=claims["step"], workflow=claims["wf"],
                 constraints=constraints, issued_at=float(claims["iat"]),
                 expires_at=float(claims["exp"]), max_uses=int(scope["max_uses"]),
-                act=claims["act"], _token=token,
+                act=claims["act"], parents=tuple(str(p) for p in claims.get("parents") or ()), _token=token,
             )
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise GrantError(f"grant {claims.get('jti')!r} has malformed claims: {type(exc).__name__}") from None
@@ -236,21 +241,24 @@ class GrantIssuer:
                 del self._signed[token]
 
     def consume_use(self, grant: Grant) -> None:
-        """Take one use of ``grant``, atomically with the revocation check.
+        """Take one use of ``grant`` and of each of its ancestors, each atomically with its
+        revocation check. A refused use may leave earlier ones taken: a refused call spends.
 
         Raises:
-            GrantRevokedError: the grant was revoked.
-            GrantExhaustedError: the grant has no uses left.
-            GrantError: the store has never seen this grant.
+            GrantRevokedError: the grant, or an ancestor, was revoked.
+            GrantExhaustedError: the grant, or an ancestor, has no uses left.
+            GrantError: the store has never seen the grant or an ancestor.
         """
-        state = self.store.consume_grant_use(grant.jti)
-        if state == "ok":
-            return
-        if state == "revoked":
-            raise GrantRevokedError(f"grant {grant.jti!r} is revoked")
-        if state == "exhausted":
-            raise GrantExhaustedError(f"grant {grant.jti!r} has no uses left")
-        raise GrantError(f"grant {grant.jti!r} is unknown to the store")
+        for jti in (grant.jti, *grant.parents):
+            state = self.store.consume_grant_use(jti)
+            if state == "ok":
+                continue
+            which = f"grant {jti!r}" if jti == grant.jti else f"parent grant {jti!r} of grant {grant.jti!r}"
+            if state == "revoked":
+                raise GrantRevokedError(f"{which} is revoked")
+            if state == "exhausted":
+                raise GrantExhaustedError(f"{which} has no uses left")
+            raise GrantError(f"{which} is unknown to the store")
 
     def revoke(self, jti: str, *, reason: str) -> bool:
         self._forget(jti)

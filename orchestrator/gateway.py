@@ -40,6 +40,7 @@ from . import tracing as tr
 from .approvals import ApprovalService
 from .canonical import action_digest, sha256_hex
 from .clock import Clock
+from .constraints import admits
 from .credentials import Grant, GrantIssuer
 from .errors import (
     ApprovalError,
@@ -612,7 +613,7 @@ def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str
         if name not in constraints:
             return f"argument {name!r} of tool {grant.tool!r} is not in the grant's scope"
     for name, constraint in constraints.items():
-        if name in normalized and not constraint.allows(normalized[name]):
+        if name in normalized and not admits(constraint, raw.get(name), normalized[name]):
             # The value itself stays out of the reason: reasons reach spans, the ledger and
             # the executor's model, and an out-of-scope value may be exactly what must not leak.
             return (f"argument {name!r} is outside the grant's scope: it must be "

@@ -1,25 +1,77 @@
 """Plans: the planner's output, checked before anything runs.
 
 A plan is a list of steps; each names one tool, constrains each argument it will pass,
-says why, and lists the steps it depends on. ``validate_plan`` rejects a plan that
-names an unknown tool, constrains an argument the tool does not take, pins a value the
-tool's schema refuses, leaves a required argument unconstrained, or has a cycle.
+says why, and lists the steps it depends on. A step may repeat (``for_each``) over a
+list the plan gives or an earlier step returns, at most ``max`` times. ``validate_plan``
+rejects a plan that names an unknown tool, constrains an argument the tool does not
+take, pins a value the tool's schema refuses, leaves a required argument unconstrained,
+binds a value to a step it does not depend on, or has a cycle.
 """
 
 from __future__ import annotations
 
 import graphlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .constraints import Constraint, Exact, OneOf
+from .constraints import Constraint, Exact, FromStep, Item, OneOf
 from .errors import PlanError, UnknownToolError
 from .tools import ToolRegistry
+from .valuepath import PathError, join, parse_path, select
 
 _STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+MAX_REPEAT = 100  # iterations one repeated step may have, whatever its plan says
+
+
+class ForEach(BaseModel):
+    """Repeat a step once per item of a list, at most ``max`` times.
+
+    The list is either given in the plan (``items``: the planner copies it from the task)
+    or returned by an earlier step the step depends on (``step``, and ``path`` to the list
+    in its output; with ``[*]`` in the path, the values it selects). Each iteration has its
+    own identity and grant; an ``item`` constraint pins an argument to its iteration's item.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    items: tuple[Any, ...] | None = None
+    step: str | None = None
+    path: str = ""
+    max: int = Field(ge=1, le=MAX_REPEAT)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ForEach:
+        if (self.items is None) == (self.step is None):
+            raise ValueError("for_each needs either items or a step, not both")
+        if self.items is not None and self.path:
+            raise ValueError("for_each path goes with a step, not with items")
+        if self.items is not None and len(self.items) > self.max:
+            raise ValueError(f"for_each lists {len(self.items)} items, more than its max of {self.max}")
+        if self.step is not None and not _STEP_ID.match(self.step):
+            raise ValueError(f"step id {self.step!r} must be 1-64 letters, digits, '_' or '-'")
+        try:
+            parse_path(self.path)
+        except PathError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def select_items(self, results: Mapping[str, Any]) -> list[tuple[str, Any]] | None:
+        """The items to repeat over, each with the path that names it in its step's output
+        (``""`` for items the plan gives); ``None`` when the step's output holds no list there."""
+        if self.items is not None:
+            return [("", item) for item in self.items]
+        if self.step is None or self.step not in results:
+            return None
+        found = select(results[self.step], self.path)
+        if None in parse_path(self.path):  # a wildcard: the values it selects are the items
+            return found
+        if len(found) != 1 or not isinstance(found[0][1], (list, tuple)):
+            return None
+        where, values = found[0]
+        return [(join(where, f"[{i}]"), v) for i, v in enumerate(values)]
 
 
 class Step(BaseModel):
@@ -32,6 +84,7 @@ class Step(BaseModel):
     constraints: dict[str, Constraint] = Field(default_factory=dict)
     purpose: str = ""
     depends_on: tuple[str, ...] = ()
+    for_each: ForEach | None = None
 
     @field_validator("id")
     @classmethod
@@ -123,6 +176,7 @@ def _check_step(step: Step, tools: ToolRegistry, ids: set[str]) -> None:
                 f"step {step.id!r} leaves required argument {arg!r} of tool {t.name!r} "
                 "unconstrained; use {'kind': 'any'} to let the executor choose"
             )
+    _check_bindings(step)
     # Pinned values must be values the tool accepts, or the step could never run.
     for arg, constraint in step.constraints.items():
         candidates: Iterable[Any] = ()
@@ -130,6 +184,8 @@ def _check_step(step: Step, tools: ToolRegistry, ids: set[str]) -> None:
             candidates = (constraint.value,)
         elif isinstance(constraint, OneOf):
             candidates = constraint.values
+        elif isinstance(constraint, Item) and step.for_each is not None and step.for_each.items is not None:
+            candidates = _item_values(step, arg, constraint)
         for value in candidates:
             try:
                 t.args_model.__pydantic_validator__.validate_assignment(
@@ -140,3 +196,32 @@ def _check_step(step: Step, tools: ToolRegistry, ids: set[str]) -> None:
                     f"step {step.id!r} pins {arg!r} to {value!r}, which tool {t.name!r} refuses: "
                     f"{exc.errors()[0]['msg']}"
                 ) from None
+
+
+def _check_bindings(step: Step) -> None:
+    """``from_step`` and ``for_each`` name steps this one depends on; ``item`` needs a ``for_each``."""
+    for arg, constraint in step.constraints.items():
+        if isinstance(constraint, FromStep):
+            if constraint.step not in step.depends_on:
+                raise PlanError(f"step {step.id!r} binds {arg!r} to step {constraint.step!r}, "
+                                "which it does not depend on")
+            if constraint.bound is not None:
+                raise PlanError(f"step {step.id!r}: the from_step constraint on {arg!r} is bound by the runtime, "
+                                "not by the plan")
+        if isinstance(constraint, Item) and step.for_each is None:
+            raise PlanError(f"step {step.id!r} pins {arg!r} to an item, but the step does not repeat (for_each)")
+    repeat = step.for_each
+    if repeat is not None and repeat.step is not None and repeat.step not in step.depends_on:
+        raise PlanError(f"step {step.id!r} repeats over step {repeat.step!r}, which it does not depend on")
+
+
+def _item_values(step: Step, arg: str, constraint: Item) -> list[Any]:
+    """The value ``arg`` takes in each iteration over the plan's own items."""
+    assert step.for_each is not None and step.for_each.items is not None
+    values = []
+    for i, item in enumerate(step.for_each.items):
+        found = select(item, constraint.path)
+        if len(found) != 1:
+            raise PlanError(f"step {step.id!r}: item {i} has no single value at {constraint.path!r} for {arg!r}")
+        values.append(found[0][1])
+    return values

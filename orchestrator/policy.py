@@ -11,6 +11,10 @@ is an ``@escalate`` forbid and the same request with an approval would be allowe
 escalating forbid may say ``@approvals("2")`` to require two distinct approvers (its
 ``unless`` clause should then test ``context.approval_count >= 2``).
 Cedar evaluation errors fail closed: the call is denied.
+
+The context carries each argument's role (``destination``, ``content``, ``secret``) with
+its provenance. A call whose string arguments change under Unicode NFKC normalisation
+is decided twice, as given and normalised; if the two decisions differ it is denied.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -34,6 +39,7 @@ from .tools import Tool, ToolRegistry
 
 Outcome = Literal["allow", "deny", "needs_approval"]
 DEFAULT_DENY_ID = "default-deny"
+UNICODE_POLICY_ID = "scopegraph:unicode"  # decided differently once normalised: denied
 SCHEMA_FILE = "schema.cedarschema"
 BASELINE_FILE = "baseline.cedar"
 
@@ -190,6 +196,19 @@ class CedarPolicyEngine:
         return cls(sources, schema_text, tools)
 
     def decide(self, request: CallRequest) -> Decision:
+        decision = self._decide(request)
+        normal = _nfkc_arguments(request.arguments)
+        if normal is None:
+            return decision
+        # A value that means one thing to policy and another once a tool or server
+        # normalises it (full-width "．．", "＠") must not get the kinder of two decisions.
+        again = self._decide(replace(request, arguments=normal))
+        if (again.outcome, again.policy_ids) != (decision.outcome, decision.policy_ids):
+            return Decision.deny("an argument is decided differently once Unicode-normalised (NFKC)",
+                                 UNICODE_POLICY_ID)
+        return decision
+
+    def _decide(self, request: CallRequest) -> Decision:
         first = self._evaluate(request, approved=request.approved, approval_count=request.approval_count)
         if first.outcome != "deny" or request.approved or not first.escalations:
             return first.decision
@@ -248,16 +267,26 @@ class CedarPolicyEngine:
     def _context(self, request: CallRequest, approved: bool, approval_count: int) -> dict[str, Any]:
         origins = {name: request.provenance.get(name) or Origin(source="executor", labels=request.data_labels)
                    for name in request.arguments}
-        destinations = sorted(request.tool.destinations & set(request.arguments))
+        tool = request.tool
+        roles = tool.roles
+        destinations = sorted(tool.destinations & set(request.arguments))
+        contents = sorted(tool.contents & set(request.arguments))
         # Without declared destinations any argument may say where data goes: then the
         # destination is "in the plan" only if the plan fixed every argument.
         where = destinations or sorted(request.arguments)
+        open_destinations = [n for n in where if origins[n].source not in FIXED_SOURCES]
         return {
-            "provenance": {name: o.as_context() for name, o in origins.items()},
+            "provenance": {name: {**o.as_context(), "role": roles.get(name, "")} for name, o in origins.items()},
             "destinations": destinations,
             "untrusted_destinations": [d for d in where if "untrusted" in origins[d].labels],
             "untrusted_arguments": sorted(n for n, o in origins.items() if "untrusted" in o.labels),
-            "destinations_in_plan": all(origins[n].source in FIXED_SOURCES for n in where),
+            "destinations_in_plan": not open_destinations,
+            # Only declared destinations: without them no argument is known to be one.
+            "destinations_in_user_data": bool(destinations) and all(origins[n].user_data for n in open_destinations),
+            "contents": contents,
+            "untrusted_contents": [c for c in contents if "untrusted" in origins[c].labels],
+            # A read tool given a destination (a URL, a host) sends data there: egress for it.
+            "egress": tool.risk.value == "egress" or (tool.risk.value == "read" and bool(destinations)),
             "widened": request.widened,
             "tool": request.tool.name,
             "risk": request.tool.risk.value,
@@ -475,6 +504,25 @@ def _arguments_schema(types: Mapping[str, str], names: Sequence[str]) -> str:
     origins = ", ".join(f'"{name}"?: Scopegraph::Origin' for name in names)
     return ("namespace Scopegraph::Generated {\n  type Arguments = {" + attrs + "};\n"
             "  type Provenance = {" + origins + "};\n}\n")
+
+
+def _nfkc_arguments(arguments: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``arguments`` with every string NFKC-normalised, or ``None`` if that changes nothing."""
+    changed = False
+
+    def normal(value: Any, depth: int = 0) -> Any:
+        nonlocal changed
+        if isinstance(value, str):
+            if unicodedata.is_normalized("NFKC", value):
+                return value
+            changed = True
+            return unicodedata.normalize("NFKC", value)
+        if depth < 8 and isinstance(value, (list, tuple)):
+            return type(value)(normal(v, depth + 1) for v in value)
+        return value
+
+    normalized = {name: normal(value) for name, value in arguments.items()}
+    return normalized if changed else None
 
 
 def _read(path: Path) -> str:

@@ -67,7 +67,7 @@ def describe(a: ApprovalRequest, now: float | None = None) -> str:
         f"  run        {a.run_id}  step {a.step_id}  workflow {a.workflow}",
         f"  requested  by {a.requester}",
         f"  started by {shown(a.initiator)}",
-        f"  call       {a.tool}({shown(json.dumps(a.arguments, sort_keys=True))})",
+        f"  call       {a.tool}({shown(json.dumps(a.shown_arguments(), sort_keys=True))})",
         f"  risk       {a.risk}",
         f"  purpose    {shown(a.purpose) or '-'}",
         f"  why        {shown('; '.join(a.reasons))}  [{', '.join(a.policy_ids)}]",
@@ -263,9 +263,11 @@ def prompt_for(
 
 
 def approval_json(a: ApprovalRequest, now: float) -> dict[str, Any]:
-    """A request as ``approvals show/list --json`` print it: its fields, its status now,
-    every answer in order, and how many more approvals it needs."""
-    return {**a.model_dump(mode="json"), "status": a.effective_status(now), "answers": a.answers(),
+    """A request as ``approvals show/list --json`` print it: its fields (secret arguments
+    masked), its status now, every answer in order, and how many more approvals it needs."""
+    proposed = None if a.proposed_arguments is None else a.shown_arguments(a.proposed_arguments)
+    return {**a.model_dump(mode="json"), "arguments": a.shown_arguments(), "proposed_arguments": proposed,
+            "status": a.effective_status(now), "answers": a.answers(),
             "still_needed": a.still_needed if a.effective_status(now) == "pending" else 0}
 
 
@@ -277,7 +279,7 @@ def render_list(items: list[ApprovalRequest], now: float) -> str:
         expires = relative(a.expires_at - now) if state in ("pending", "approved", "expired") else "-"
         answers = "; ".join(filter(None, [tally(a, now), still_needed_text(a) if state == "pending" else ""]))
         rows.append((a.id, state, expires, answers, a.run_id, a.step_id,
-                     f"{a.tool}({shown(json.dumps(a.arguments, sort_keys=True))})"))
+                     f"{a.tool}({shown(json.dumps(a.shown_arguments(), sort_keys=True))})"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
                      for r in rows)

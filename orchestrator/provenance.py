@@ -18,6 +18,11 @@ Taint is deliberately coarse: an argument not fixed by the plan carries the labe
 *everything* the executor was shown, whether or not the value is found there. A model
 that read an untrusted page can paraphrase an address out of it; matching values would
 miss that, so matching only names the source, and never clears a label.
+
+What matching does say: whether the value occurs in output *not* labelled ``untrusted``
+(``user_data``): the user's own records, contacts, history. A destination found there
+is one the user already deals with, so policy may ask a person rather than refuse. An
+argument a ``from_step`` constraint binds came from that step's output by construction.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .constraints import Constraint, Exact, OneOf
+from .constraints import Constraint, Exact, FromStep, OneOf
 
 Source = Literal["plan", "default", "tool_output", "executor"]
 FIXED_SOURCES = frozenset({"plan", "default"})  # chosen before any tool ran, by the plan or the tool's author
+UNTRUSTED = "untrusted"
 _MIN_MATCH = 4  # shorter strings ("a", "yes", "10") are found everywhere and prove nothing
 
 
@@ -50,9 +56,11 @@ class Origin:
     source: Source
     labels: frozenset[str] = frozenset()
     steps: tuple[str, ...] = ()  # the steps whose output holds the value (for ``tool_output``)
+    user_data: bool = False  # the value occurs in output not labelled ``untrusted``
 
     def as_context(self) -> dict[str, Any]:
-        return {"source": self.source, "labels": sorted(self.labels), "steps": list(self.steps)}
+        return {"source": self.source, "labels": sorted(self.labels), "steps": list(self.steps),
+                "user_data": self.user_data}
 
 
 def fixed_by_plan(constraint: Constraint | None) -> bool:
@@ -82,8 +90,13 @@ def trace_arguments(
         if name not in given:
             out[name] = Origin(source="default")
             continue
-        steps = tuple(sorted({o.step_id for o in seen if _contains(o.value, value)}))
-        out[name] = Origin(source="tool_output" if steps else "executor", labels=shown, steps=steps)
+        holding = [o for o in seen if _contains(o.value, value)]
+        bound = constraints.get(name)
+        if isinstance(bound, FromStep) and bound.allows(value):  # from that step's output, however short
+            holding += [o for o in seen if o.step_id == bound.step]
+        steps = tuple(sorted({o.step_id for o in holding}))
+        out[name] = Origin(source="tool_output" if steps else "executor", labels=shown, steps=steps,
+                           user_data=any(UNTRUSTED not in o.labels for o in holding))
     return out
 
 

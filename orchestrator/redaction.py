@@ -84,3 +84,19 @@ def _whole_forms(value: Any) -> set[str]:
         except Exception:  # a form that cannot be made cannot be quoted either
             continue
     return forms
+
+
+def recorded_constraints(constraints: Mapping[str, Any], secrets: Iterable[str]) -> dict[str, Any]:
+    """Constraints as the ledger records them: a value the plan pinned for a secret
+    argument (``exact``, ``one_of``) is replaced by ``[secret:<argument>]``."""
+    hidden = set(secrets)
+    out: dict[str, Any] = {}
+    for name, constraint in constraints.items():
+        data = constraint.model_dump() if hasattr(constraint, "model_dump") else dict(constraint)
+        if name in hidden:
+            if "value" in data:
+                data["value"] = f"[secret:{name}]"
+            if "values" in data:
+                data["values"] = [f"[secret:{name}]"] * len(data["values"])
+        out[name] = data
+    return out

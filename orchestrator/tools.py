@@ -6,9 +6,11 @@ records the facts policy needs: how risky the tool is, what its output carries
 (``external`` tools bring in content from outside: their output is ``untrusted``), and
 which arguments say where data or money goes (``destinations``: a recipient, a URL, an
 account, a path), so policy can ask where those values came from. ``roles`` names what
-an argument is to the outside world: ``destination`` (the same as ``destinations``) or
-``secret`` (a password, an API key: its value is scrubbed from the tool's error
-messages before they reach a run record, a span or the ledger; see ``redaction``).
+an argument is to the outside world: ``destination`` (the same as ``destinations``),
+``content`` (what the call sends or writes: a body, a message, a document; policy asks
+whether it may carry untrusted data) or ``secret`` (a password, an API key: its value
+is scrubbed from the tool's error messages before they reach a run record, a span or
+the ledger, and masked wherever a call is shown; see ``redaction``).
 
 ``Tool.from_schema`` declares a tool from a JSON Schema instead of a signature: that is
 how LangChain and MCP tools become scoped tools. A tool with ``takes_grant`` receives
@@ -58,6 +60,14 @@ class Tool:
     secrets: frozenset[str] = frozenset()  # arguments whose values never leave the call
     # Downstream credentials a broker issues per step: keyword parameters outside the schema.
     credentials: tuple[SecretSpec, ...] = ()
+    contents: frozenset[str] = frozenset()  # arguments that carry what the call sends or writes
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Each argument with a declared role: ``destination``, ``content`` or ``secret``."""
+        declared = {**{a: "content" for a in self.contents}, **{a: "secret" for a in self.secrets},
+                    **{a: "destination" for a in self.destinations}}
+        return dict(sorted(declared.items()))
 
     def validate_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``arguments`` against the tool's schema and return them normalised.
@@ -152,8 +162,11 @@ def tool(
     path); policy sees where their values came from. ``accepts_confidential`` marks an
     egress tool the organisation trusts with confidential data (policy may use it).
     ``roles`` maps argument names to what they are: ``"destination"`` (as if listed in
-    ``destinations``) or ``"secret"`` (its value is scrubbed from the tool's error
-    messages, and kept out of run records, spans, the ledger and usage records).
+    ``destinations``; on a ``read`` tool too: fetching a URL sends data to it),
+    ``"content"`` (what the call sends or writes: policy asks whether it may carry
+    untrusted data) or ``"secret"`` (its value is scrubbed from the tool's error
+    messages, kept out of run records, spans, the ledger and usage records, and masked
+    where a call is shown: ``approvals show``, the prompt, the run summary).
     ``secrets`` lists downstream credentials (``postgres_role("db", ...)``,
     ``static_secret("api_key")``): each names a parameter of the function that is not an
     argument (the executor and the model never see it); a broker fills it for each
@@ -183,7 +196,7 @@ def tool(
 
 
 UNTRUSTED = "untrusted"
-ROLES = ("destination", "secret")  # what an argument can be to the outside world
+ROLES = ("destination", "content", "secret")  # what an argument can be to the outside world
 MAX_ARGUMENT_DEPTH = 64  # lists and mappings inside one argument: deeper is refused, not parsed
 
 
@@ -216,7 +229,8 @@ def _build_tool(
 ) -> Tool:
     _check_name(name)
     signature = inspect.signature(f)
-    hints = get_type_hints(f)
+    # ``include_extras``: ``Annotated[int, Field(ge=1)]`` keeps its validators and bounds.
+    hints = get_type_hints(f, include_extras=True)
     credentials = _credential_specs(name, secrets, signature)
     fields: dict[str, Any] = {}
     for param in signature.parameters.values():
@@ -280,7 +294,8 @@ def _declare(
     return Tool(
         name=name, description=description, risk=risk, labels=label_set, args_model=model, fn=fn,
         is_async=is_async, accepts_confidential=accepts_confidential, destinations=dest_set,
-        takes_grant=takes_grant, secrets=by_role["secret"], credentials=credentials,
+        takes_grant=takes_grant, secrets=by_role["secret"], contents=by_role["content"],
+        credentials=credentials,
     )
 
 
@@ -289,9 +304,9 @@ def _roles(name: str, roles: Mapping[str, str], model: type[BaseModel]) -> dict[
     if not isinstance(roles, Mapping):
         raise ToolError(f"tool {name!r}: roles map argument names to roles, e.g. {{'api_key': 'secret'}}")
     for arg, role in roles.items():
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ToolError(f"tool {name!r}: unknown role {role!r} for argument {arg!r}: use "
-                            + " or ".join(repr(r) for r in ROLES))
+                            + ", ".join(repr(r) for r in ROLES[:-1]) + f" or {ROLES[-1]!r}")
         if arg not in model.model_fields:
             raise ToolError(f"tool {name!r} declares role {role!r} for {arg!r}, which is not one of its arguments")
     return {r: frozenset(a for a, role in roles.items() if role == r) for r in ROLES}
@@ -427,5 +442,6 @@ def _catalogue_entry(t: Tool) -> dict[str, Any]:
         "risk": t.risk.value,
         "labels": sorted(t.labels),
         "destinations": sorted(t.destinations),
+        "roles": t.roles,
         "arguments": t.json_schema(),
     }

@@ -126,12 +126,25 @@ def _steps(records: Sequence[Mapping[str, Any]], plan: Mapping[str, Any] | None,
            ms: Any, now: float) -> list[dict[str, Any]]:
     planned = [(s["id"], s["tool"], list(s.get("depends_on") or [])) for s in (plan or {}).get("steps") or []]
     known = {sid for sid, _, _ in planned}
-    # A step the ledger mentions but the plan record does not (should not happen): shown last.
+    # A step the ledger mentions but the plan record does not: an iteration of a repeated
+    # step (``send[0]``) goes right after its step, which it stands for; anything else last.
     for r in records:
         sid = r.get("step_id")
         if sid and sid not in known:
             known.add(sid)
-            planned.append((sid, r.get("tool", "?"), []))
+            base = sid.split("[", 1)[0]
+            at = next((i for i, (p, _, _) in enumerate(planned) if p == base), None)
+            if at is None or not sid.endswith("]"):
+                planned.append((sid, r.get("tool", "?"), []))
+                continue
+            deps = planned[at][2]
+            if not any(other.get("step_id") == base for other in records):
+                del planned[at]  # a repeated step's own id has no records: its iterations do
+            else:
+                at += 1
+            while at < len(planned) and planned[at][0].startswith(base + "["):
+                at += 1
+            planned.insert(at, (sid, r.get("tool", "?"), deps))
     return [_step(sid, tool, deps, [r for r in records if r.get("step_id") == sid],
                   grants, approvals, ms, now) for sid, tool, deps in planned]
 
@@ -531,6 +544,10 @@ def describe_constraint(c: Mapping[str, Any]) -> str:
         return f"matches {json.dumps(c.get('regex'))}"
     if kind == "range":
         return f"in {number(c.get('min'), '-∞')}..{number(c.get('max'), '∞')}"
+    if kind == "from_step":
+        return f"from step {c.get('step')}" + (f" at {c.get('path')}" if c.get("path") else "")
+    if kind == "item":
+        return "the iteration's item" + (f" at {c.get('path')}" if c.get("path") else "")
     return "any"
 
 

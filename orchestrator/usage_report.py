@@ -165,7 +165,7 @@ class _WorkflowStats:
                 by_grant[rec["grant_id"]].append(rec)
         ok_uses = {(u.jti, u.attempt): dict(u.observed) for u in uses if u.outcome == "ok"}
         for g in grants:
-            row = self.row(g.step_id, planned.get(g.step_id, g.tool))
+            row = self.row(_plan_step(g.step_id), planned.get(_plan_step(g.step_id), g.tool))
             row.runs_executed.add(run_id)
             events = by_grant.get(g.jti, [])
             calls = [e for e in events if e["kind"] == "tool_call"]
@@ -183,7 +183,7 @@ class _WorkflowStats:
         for rec in records:
             if rec["kind"] != "decision":
                 continue
-            step = rec.get("step_id", "?")
+            step = _plan_step(rec.get("step_id", "?"))
             row = self.row(step, planned.get(step, rec.get("tool", "?")))
             ids = list(rec.get("policy_ids") or []) or ["(none)"]
             if rec.get("decision") == "deny":
@@ -194,7 +194,7 @@ class _WorkflowStats:
                 row.escalations_total += 1
                 row.escalations.update(ids)
         for a in approvals:
-            row = self.row(a.step_id, planned.get(a.step_id, a.tool))
+            row = self.row(_plan_step(a.step_id), planned.get(_plan_step(a.step_id), a.tool))
             row.approvals["asked"] += 1
             state = a.effective_status(now)
             if a.status in ("approved", "consumed"):
@@ -441,6 +441,14 @@ def _match_digest(call: Mapping[str, Any], name: str) -> Any:
         if arguments_digest(args) == call["digest"]:
             return args.get(name, _MISSING)
     return _MISSING
+
+
+def _plan_step(step_id: str) -> str:
+    """The plan step a task belongs to: an iteration ``send[2]`` counts for ``send``."""
+    return _ITERATION.sub("", step_id)
+
+
+_ITERATION = re.compile(r"\[\d+\]\Z")
 
 
 # Cedar text ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ..gateway import SCOPE_POLICY_ID
 from ..identity import SpiffeId
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
+from ..redaction import recorded_constraints
 from ..roles import (
     DelegationResult,
     Delegator,
@@ -38,6 +39,7 @@ from ..roles import (
     ToolHandle,
 )
 from .outcome import step_outcome
+from .repeat import identity_segments
 from .state import StepInput
 
 if TYPE_CHECKING:
@@ -63,8 +65,8 @@ class _Delegation:
         self.rt, self.payload, self.step, self.identity = rt, payload, step, identity
         self.grant, self.handle, self.children = grant, handle, children
         self.run_id = payload["run_id"]
-        self.planner_id = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, "step", step.id, "sub",
-                                       "planner")
+        self.planner_id = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, *identity_segments(step.id),
+                                       "sub", "planner")
 
     def run(self, task: str, planner: Planner, executor: Executor) -> DelegationResult:
         plan = self._plan(task, planner)
@@ -106,15 +108,16 @@ class _Delegation:
                                   planner=str(self.planner_id), valid=True,
                                   plan_digest=sha256_hex(canonical_json(dumped)),
                                   steps=[{"id": st.id, "tool": st.tool,
-                                          "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
+                                          "constraints": recorded_constraints(
+                                              st.constraints, wf.registry[st.tool].secrets)}
                                          for st in plan.steps])
         return plan
 
     def _run_child(self, plan: Plan, child: Step, dependencies: dict[str, Any], executor: Executor) -> dict[str, Any]:
         rt = self.rt
         path = f"{self.step.id}{CHILD_SEPARATOR}{child.id}"
-        identity = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, "step", self.step.id, "sub", child.id,
-                                "executor")
+        identity = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, *identity_segments(self.step.id), "sub",
+                                child.id, "executor")
         try:
             grant = self._mint(child, path, identity)
         except GrantError as exc:  # the child asked for more than its parent holds
@@ -170,7 +173,8 @@ class _Delegation:
             rt.ledger.append("grant_minted", self.run_id, step_id=path, grant_id=grant.jti,
                              spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
                              expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=self.grant.jti,
-                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
+                             constraints=recorded_constraints(grant.constraints,
+                                                              rt.workflow.registry[child.tool].secrets),
                              act=dict(grant.act))
             s.set_attribute(tr.GRANT_ID, grant.jti)
         rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": child.tool})

@@ -19,6 +19,10 @@ Routing after a step: a node's conditional edge sees the state with only its own
 writes. When a step ran alone in its superstep that is the whole truth, and the edge
 routes straight on (one superstep per sequential step). When siblings ran beside it,
 it goes through ``schedule``, a join that routes once all of them have landed.
+
+A repeated step (``for_each``) is sent as one task per item, each its own step record
+(``send[0]``, ``send[1]``…); routing and the run's outcome read them back through
+``repeat.plan_view`` as one record per plan step.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from ..gateway import CallContext, CallResult
 from ..identity import SpiffeId, Svid
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
+from ..redaction import recorded_constraints
 from ..roles import (
     FAILURE_KINDS,
     NeedsApproval,
@@ -49,6 +54,7 @@ from ..roles import (
     ToolHandle,
 )
 from ..tools import ToolRegistry
+from . import repeat
 from .delegation import delegator_for
 from .outcome import step_outcome
 from .state import RunState, StepInput
@@ -79,7 +85,8 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
     steps = state.get("steps") or {}
     previous = rt.plan_for(run_id, state["plan"]) if state.get("plan") else None
     asking = sorted(sid for sid, rec in steps.items() if rec.get("status") == "replan")
-    completed = tuple(sorted(sid for sid, rec in steps.items() if rec.get("status") == "completed"))
+    completed = tuple(sorted(sid for sid, rec in repeat.plan_view(previous, steps).items()
+                             if rec.get("status") == "completed")) if previous else ()
     ctx = PlanningContext(
         task=state["task"], workflow=wf.name, run_id=run_id,
         identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
@@ -115,7 +122,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
                          failures=[steps[sid]["failure"] for sid in asking], widened=widened,
                          steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on),
                                  "purpose": st.purpose,
-                                 "constraints": {k: c.model_dump() for k, c in st.constraints.items()}}
+                                 "constraints": recorded_constraints(st.constraints, wf.registry[st.tool].secrets)}
                                 for st in plan.steps])
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
     if previous is None:
@@ -128,7 +135,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
 def _check_revision(previous: Plan, revised: Plan, kept: tuple[str, ...]) -> None:
     """A revision may change what is left to do, never a step that has run or is running:
     completed steps, steps waiting for a human, steps that failed or were denied."""
-    for sid in kept:
+    for sid in sorted({repeat.base_id(k) for k in kept}):  # an iteration keeps its whole step
         try:
             same = revised.step(sid) == previous.step(sid)
         except PlanError:
@@ -146,7 +153,7 @@ def _within(step: Step, original: Plan, tools: ToolRegistry) -> bool:
     fields = tools.get_tool(step.tool).args_model.model_fields
 
     def inside(o: Step) -> bool:
-        if o.tool != step.tool:
+        if o.tool != step.tool or not repeat.repeats_within(step, o):
             return False
         for name, c in step.constraints.items():
             if name not in o.constraints or not narrows(c, o.constraints[name]):
@@ -181,17 +188,20 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
         return END
     if "replan" in statuses.values():
         return "plan"
-    done = {sid for sid, st in statuses.items() if st == "completed"}
-    ready = plan.ready_steps(done, started=steps.keys())
-    if ready:
-        results = {sid: steps[sid].get("result") for sid in done}
-        batch = _dispatch([s.id for s in ready])
-        return [Send("step", _step_input(state, step, results, batch)) for step in ready]
+    view = repeat.plan_view(plan, steps)
+    done = {sid for sid, rec in view.items() if rec["status"] == "completed"}
+    results = {sid: view[sid].get("result") for sid in done}
+    ready = plan.ready_steps(done, started=view.keys())
+    tasks = [t for s in ready for t in repeat.tasks_for(s, results)]
+    tasks += repeat.missing_iterations(plan, view, steps, results)
+    if tasks:
+        batch = _dispatch(tasks)
+        return [Send("step", _step_input(state, repeat.task_step(plan, t), results, batch, view)) for t in tasks]
     waiting = [sid for sid, st in statuses.items() if st == "awaiting_approval"]
     if waiting:
         batch = _dispatch(waiting)
-        results = {sid: steps[sid].get("result") for sid in done}
-        return [Send("approval", _step_input(state, plan.step(sid), results, batch)) for sid in waiting]
+        return [Send("approval", _step_input(state, repeat.task_step(plan, sid), results, batch, view))
+                for sid in waiting]
     return END
 
 
@@ -213,15 +223,17 @@ def _with_labels(update: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     return {**update, "data_labels": labels} if labels else update
 
 
-def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any]) -> StepInput:
+def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any],
+                view: dict[str, Any] | None = None) -> StepInput:
     steps = state.get("steps") or {}
+    records = steps if view is None else view
     return StepInput(
         run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
         planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
         dependencies={d: results[d] for d in step.depends_on if d in results},
-        dependency_labels={d: steps[d].get("labels") or [] for d in step.depends_on if d in results},
+        dependency_labels={d: records[d].get("labels") or [] for d in step.depends_on if d in results},
         data_labels=state.get("data_labels") or [],
-        widened=step.id in (state.get("widened") or ()),
+        widened=repeat.base_id(step.id) in (state.get("widened") or ()),
         replans=int(state.get("replans") or 0),
         record=steps.get(step.id, {}),
         dispatch=batch,
@@ -246,19 +258,21 @@ def final_status(state: dict[str, Any]) -> str:
     """The run's outcome from its last state (a paused run is decided by the runtime)."""
     if state.get("status") == "failed":
         return "failed"
-    statuses = [s["status"] for s in (state.get("steps") or {}).values()]
+    steps = state.get("steps") or {}
+    statuses = [s["status"] for s in steps.values()]
     plan_size = len(state["plan"]["steps"]) if state.get("plan") else 0
     if "failed" in statuses:
         return "failed"
     if "denied" in statuses:
         return "denied"
-    if plan_size and statuses.count("completed") == plan_size:
+    view = repeat.plan_view(Plan.model_validate(state["plan"]), steps) if plan_size else {}
+    if plan_size and [r["status"] for r in view.values()].count("completed") == plan_size:
         return "completed"
     return "failed"
 
 
 def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
-    return rt.domain.id("wf", rt.workflow.name, "run", run_id, "step", step_id, "executor")
+    return rt.domain.id("wf", rt.workflow.name, "run", run_id, *repeat.identity_segments(step_id), "executor")
 
 
 def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tuple[Svid, Grant]:
@@ -276,12 +290,16 @@ def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tu
                              spiffe_id=str(identity), tool=step.tool, issued_at=grant.issued_at,
                              expires_at=grant.expires_at,
                              max_uses=grant.max_uses,
-                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
+                             constraints=recorded_constraints(grant.constraints, _secrets(rt, step.tool)),
                              act=dict(grant.act))
         s.set_attribute(tr.GRANT_ID, grant.jti)
         s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
     rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
     return svid, grant
+
+
+def _secrets(rt: Runtime, tool: str) -> frozenset[str]:
+    return rt.workflow.registry.get_tool(tool).secrets
 
 
 def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
@@ -325,7 +343,11 @@ def _close_step_span(s: Any, record: dict[str, Any]) -> None:
 
 def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     plan = rt.plan_for(payload["run_id"], payload["plan"])
-    step = plan.step(payload["step_id"])
+    step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
+    if step.for_each is not None:  # a repeated step with no iteration to run: why is its record
+        record = repeat.unrepeated_record(step, payload["dependencies"])
+        _step_ended(rt, payload["run_id"], record)
+        return {"steps": {step.id: record}, **_landed(payload)}
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
         update = _run_step(rt, payload, plan, step, identity)  # records the outcome as it revokes
@@ -411,6 +433,7 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
         id=approval_id(payload["run_id"], step.id, digest, sequence), run_id=payload["run_id"],
         step_id=step.id, workflow=wf.name, initiator=payload["initiator"], requester=str(identity),
         tool=result.tool, arguments=dict(result.arguments), digest=digest,
+        secret_arguments=sorted(tool.secrets & set(result.arguments)),
         policy_version=rt.policy.version, risk=tool.risk.value,
         policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
         data_labels=sorted(payload["data_labels"]), purpose=step.purpose,
@@ -437,7 +460,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     if state == "pending":
         return _landed(payload)  # e.g. one of two approvers so far: ask again
     plan = rt.plan_for(payload["run_id"], payload["plan"])
-    step = plan.step(payload["step_id"])
+    step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
         _wait_span(approval, state, rt.clock.now())
@@ -501,13 +524,17 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
     ctx = _call_context(rt, payload, plan, step, identity, frozenset(record.get("labels") or ()))
     ended: dict[str, Any] | None = None
+    # Approved under policies that have changed since (an upgrade while the run was paused):
+    # the approval names the old version and cannot be used; the call is decided afresh,
+    # and asked about again if it still needs a human.
+    stale = state == "approved" and approval.policy_version != rt.policy.version
     try:
-        if state in ("approved", "consumed"):
+        if state in ("approved", "consumed") and not stale:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
                                      call_key=f"approval:{approval.id}", approval_id=approval.id)
         else:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"proposal:{approval.id}")
+                                     call_key=f"{'reasked' if stale else 'proposal'}:{approval.id}")
         record["calls"] = [*record.get("calls", []), _call_summary(result)]
         if result.status == "needs_approval":
             request = _request_approval(rt, payload, step, identity, result)

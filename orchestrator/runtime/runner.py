@@ -40,6 +40,7 @@ from ..store import RunRecord, SqliteStore, Store, open_store
 from ..store.postgres import PostgresStore, checkpointer_for_postgres
 from ..workflow import Workflow
 from .graph import build_graph, final_status
+from .repeat import plan_view
 from .report import CallReport, RunReport, StepReport
 
 RUN_LEASE_SECONDS = 3600.0
@@ -330,8 +331,10 @@ class Runtime:
         steps_state = state.get("steps") or {}
         steps: list[StepReport] = []
         if state.get("plan"):
-            for step in Plan.model_validate(state["plan"]).steps:
-                s = steps_state.get(step.id)
+            plan = Plan.model_validate(state["plan"])
+            view = plan_view(plan, steps_state)  # a repeated step: one record, its iterations as children
+            for step in plan.steps:
+                s = view.get(step.id)
                 if s is None:
                     steps.append(StepReport(step_id=step.id, tool=step.tool, status="not_started"))
                     continue
@@ -349,8 +352,9 @@ class Runtime:
 
 def _step_report(s: dict[str, Any], tool: str, grants: list[Any], widened: bool = False) -> StepReport:
     sid = s["step_id"]
+    status: Any = "failed" if s["status"] == "running" else s["status"]  # a repeated step cut short
     return StepReport(
-        step_id=sid, tool=s.get("tool") or tool, status=s["status"], spiffe_id=s.get("spiffe_id"),
+        step_id=sid, tool=s.get("tool") or tool, status=status, spiffe_id=s.get("spiffe_id"),
         grant_id=s.get("grant_id"), decision=s.get("decision"),
         policy_ids=s.get("policy_ids") or [], reason=s.get("reason") or "",
         revoked=all(g.revoked_at is not None for g in grants if g.step_id == sid),

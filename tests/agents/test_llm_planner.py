@@ -189,3 +189,25 @@ def test_a_failing_model_call_fails_the_plan_by_exception_type_only_and_is_not_r
     assert str(raised.value) == "planner model call failed: ConnectionError"
     assert isinstance(raised.value.__cause__, ConnectionError)
     assert len(model.invocations) == 1
+
+
+def test_the_planner_can_bind_values_and_repeat_steps() -> None:
+    # Issue 13: the prompt explains from_step, for_each and item; the plan function's schema
+    # offers them (without the fields the runtime fills in); such a plan is accepted.
+    plan = {"steps": [
+        {"id": "doc", "tool": "read_doc", "constraints": {"path": {"kind": "exact", "value": "/docs/team.txt"}}},
+        {"id": "look", "tool": "lookup", "depends_on": ["doc"],
+         "for_each": {"items": ["alpha", "beta"], "max": 2},
+         "constraints": {"key": {"kind": "item"},
+                         "limit": {"kind": "range", "min": 1, "max": 10}}},
+        {"id": "mail", "tool": "send_mail", "depends_on": ["doc"],
+         "constraints": {"to": {"kind": "from_step", "step": "doc", "path": "owner"}, "body": {"kind": "any"}}},
+    ]}
+    model = ScriptedChatModel(replies=[plan_call(plan)])
+    assert LLMPlanner(model).plan(planning_context()) == parse_plan(plan)
+    [seen] = model.invocations
+    system = seen.messages[0].content
+    assert '"kind": "from_step"' in system and '"for_each"' in system and '{"kind": "item"}' in system
+    schema = json.dumps(seen.tools[0]["function"]["parameters"])
+    assert '"from_step"' in schema and '"for_each"' in schema and '"item"' in schema
+    assert '"bound"' not in schema and '"overflow"' not in schema

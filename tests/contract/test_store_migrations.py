@@ -124,11 +124,21 @@ def test_a_run_paused_under_0_1_0_is_approved_and_resumed_to_completion(old_stor
     with Runtime(build_workflow(), store=url, clock=clock) as rt:
         rt.approvals.approve(pending.id, approver="bob")
         done = rt.resume(PAUSED)
+        # The baseline has changed since 0.1.0 (issue 13), so the policy version the approval
+        # names has too: it cannot be used, and the same call is asked about again.
+        assert pending.policy_version != rt.policy.version
+        assert done.status == "paused", done.summary()
+        [again] = rt.approvals.list(run_id=PAUSED, status="pending")
+        assert (again.tool, again.arguments, again.policy_version) == (
+            pending.tool, pending.arguments, rt.policy.version)
+        assert rt.approvals.get(pending.id).status == "approved"  # never consumed
+        rt.approvals.approve(again.id, approver="bob")
+        done = rt.resume(PAUSED)
         assert done.status == "completed", done.summary()
         assert {s.step_id: s.status for s in done.steps} == {
             "receipt": "completed", "limit": "completed", "file": "completed"}
         assert done.grants_minted == done.grants_revoked
-        assert rt.approvals.get(pending.id).status == "consumed"
+        assert rt.approvals.get(again.id).status == "consumed"
         verdict = Ledger(rt.store, clock=clock).verify(run_id=PAUSED)
         assert verdict.ok, verdict.problem
         assert verdict.records > 73 and verdict.unsigned == 0

@@ -384,6 +384,26 @@ def test_a_pending_approval_survives_closing_the_runtime(open_runtime: Any, effe
     assert writes(effects) == [ARGS_A]
 
 
+def test_an_approval_given_under_policies_changed_since_is_asked_again_not_used(
+        open_runtime: Any, effects: Any, tmp_path: Path) -> None:
+    first = open_runtime(make_workflow(effects, SINGLE_PLAN))
+    report = first.run("file the claim", initiator=INITIATOR)
+    aid = step(report, "file").approval_id
+    first.approvals.approve(aid, approver="bob")
+    first.close()
+    extra = tmp_path / "extra.cedar"  # an upgrade while the run was paused: the policy set changed
+    extra.write_text('@id("nothing-new")\nforbid (principal, action, resource) when { context.attempt > 99 };\n')
+    second = open_runtime(make_workflow(effects, SINGLE_PLAN, policies=[extra]))
+    paused = second.resume(report.run_id)
+    assert paused.status == "paused" and writes(effects) == []
+    [again] = second.approvals.list(run_id=report.run_id, status="pending")
+    assert again.id != aid and again.policy_version == second.policy.version
+    assert second.approvals.get(aid).status == "approved"  # never consumed: it names the old policies
+    second.approvals.approve(again.id, approver="carol")
+    assert second.resume(report.run_id).status == "completed"
+    assert writes(effects) == [ARGS_A]
+
+
 # two approvers in the run record ---------------------------------------------------------------------
 def test_the_summary_names_who_approved_and_who_denied_under_a_two_person_rule(
         open_runtime: Any, effects: Any, tmp_path: Path) -> None:

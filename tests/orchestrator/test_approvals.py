@@ -289,7 +289,11 @@ def test_an_approval_does_not_survive_a_policy_change(
     assert effects == [], "an approval given under one policy version was used under another"
     step = next(s for s in resumed.steps if s.step_id == "file")
     assert step.status != "completed"
-    assert any(APPROVAL_POLICY_ID in c.policy_ids for c in step.calls), step
+    # Not presented under the new policies (issue 13): the call is decided afresh and waits
+    # for an approval of its own, bound to the new version; the old one is never consumed.
+    assert step.status == "awaiting_approval" and step.approval_id != aid, step
+    assert second.approvals.get(step.approval_id).policy_version == second.policy.version
+    assert second.approvals.get(aid).status == "approved"
 
 
 # expiry ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from scopegraph.agents import ScriptedPlanner
 from scopegraph.clock import FixedClock
 from scopegraph.constraints import AnyValue, Exact, OneOf, Range
 from scopegraph.credentials import Grant
-from scopegraph.errors import ConfigError, GrantError, GrantScopeError
+from scopegraph.errors import ConfigError, GrantError, GrantExhaustedError, GrantScopeError
 from scopegraph.plan import Step
 from scopegraph.roles import DelegationResult, NeedsApproval, PlanningContext, StepContext
 
@@ -643,17 +643,49 @@ def test_constraints_of_a_child_grant_survive_the_token_round_trip(issuing: Runt
     assert not any(isinstance(c, AnyValue) for c in verified.constraints.values())
 
 
-def test_each_delegation_spends_a_use_of_the_parent_so_children_cannot_multiply_them(
+def test_children_s_calls_spend_the_parent_s_uses_so_delegation_cannot_multiply_them(
         issuing: Runtime, parent_grant: Grant) -> None:
+    # Issue 13: minting a child spends nothing; each use of a child takes one of its parent
+    # too, so the calls across a delegation tree never exceed the parent's max_uses.
     [record] = [g for g in issuing.store.grants_for_run("m1") if g.jti == parent_grant.jti]
     with pytest.raises(GrantScopeError):  # a refused, wider child spends nothing
         mint_child(issuing, parent_grant, key=exact("delta"))
-    for _ in range(record.max_uses):
+    children = [mint_child(issuing, parent_grant, key=exact("alpha")) for _ in range(record.max_uses + 1)]
+    assert issuing.store.grant_state(parent_grant.jti) == "ok"  # minting spent no use
+    verified = issuing.issuer.verify(children[0].danger_token(), tool="lookup")
+    assert verified.parents == (parent_grant.jti,)  # signed into the child's token
+    for child_grant in children[:record.max_uses]:  # each child has uses of its own left...
+        issuing.issuer.consume_use(child_grant)
+    with pytest.raises(GrantExhaustedError) as refused:  # ...but the parent has none
+        issuing.issuer.consume_use(children[-1])
+    assert str(refused.value) == (f"parent grant {parent_grant.jti!r} of grant {children[-1].jti!r} "
+                                  "has no uses left")
+    with pytest.raises(GrantScopeError) as refused_mint:
         mint_child(issuing, parent_grant, key=exact("alpha"))
-    with pytest.raises(GrantScopeError) as refused:
-        mint_child(issuing, parent_grant, key=exact("alpha"))
-    assert str(refused.value) == f"parent grant {parent_grant.jti!r} is exhausted: nothing to delegate"
+    assert str(refused_mint.value) == f"parent grant {parent_grant.jti!r} is exhausted: nothing to delegate"
     assert issuing.store.grant_state(parent_grant.jti) == "exhausted"
+
+
+def test_a_delegation_tree_runs_at_most_the_parent_s_uses_of_calls(start: Callable[..., Runtime]) -> None:
+    # Three children of a parent with three uses, each child calling twice: without the
+    # parent's uses counting, each child's own three uses would let all six calls run.
+    def twice(ctx: StepContext) -> Any:
+        ctx.tools.call("lookup", **pinned(ctx))
+        return ctx.tools.call("lookup", **pinned(ctx))
+
+    sub = SubPlanner({"steps": [child(c, key=exact("alpha"), limit=span(1, 10)) for c in ("c1", "c2", "c3")]})
+    parent = Parent("look", sub, Children(c1=twice, c2=twice, c3=twice))
+    rt = start(PARENT_LOOK, parent, grant_max_uses=3)
+    rt.run("look alpha up six times", initiator="alice", run_id="u1")
+    assert len(RAN) == 3, RAN
+    [parent_record] = [g for g in rt.store.grants_for_run("u1") if g.step_id == "look"]
+    assert parent_record.uses == parent_record.max_uses == 3
+    [refused] = [c for c in parent.contexts[0].tools.calls if c.status == "denied"]
+    assert "parent grant" in refused.reason and "has no uses left" in refused.reason
+    records = {r["step_id"]: r for r in parent.results[0].steps}
+    assert [records[c]["status"] for c in ("look.c1", "look.c2", "look.c3")] == ["completed", "denied", "denied"]
+    assert records["look.c3"]["reason"].endswith("is exhausted: nothing to delegate")
+    assert_clean(rt, "u1")
 
 
 def test_trace_and_usage_report_show_a_delegated_run(start: Callable[..., Runtime]) -> None:

@@ -235,8 +235,9 @@ def test_roles_declare_secrets_and_destinations() -> None:
 @pytest.mark.parametrize(("roles", "message"), [
     ({"api_kye": "secret"}, "tool 'send' declares role 'secret' for 'api_kye', which is not one of its arguments"),
     ({"api_key": "password"}, "tool 'send': unknown role 'password' for argument 'api_key': "
-                              "use 'destination' or 'secret'"),
-    ({"body": "content"}, "tool 'send': unknown role 'content' for argument 'body': use 'destination' or 'secret'"),
+                              "use 'destination', 'content' or 'secret'"),
+    ({"body": "recipient"}, "tool 'send': unknown role 'recipient' for argument 'body': "
+                            "use 'destination', 'content' or 'secret'"),
     (["api_key"], "tool 'send': roles map argument names to roles, e.g. {'api_key': 'secret'}"),
 ])
 def test_unknown_roles_and_arguments_are_refused_in_one_line(roles: Any, message: str) -> None:

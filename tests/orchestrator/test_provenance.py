@@ -194,7 +194,7 @@ def test_a_number_below_a_thousand_is_not_looked_for_in_text() -> None:
 def test_origin_as_context_is_plain_json() -> None:
     origin = Origin(source="tool_output", labels=frozenset({"untrusted", "confidential"}), steps=("a", "b"))
     assert origin.as_context() == {"source": "tool_output", "labels": ["confidential", "untrusted"],
-                                   "steps": ["a", "b"]}
+                                   "steps": ["a", "b"], "user_data": False}
 
 
 # the property: no way to shed a label except by being pinned by the plan --------------------
