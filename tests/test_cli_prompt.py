@@ -131,8 +131,9 @@ def test_the_prompt_at_a_terminal_sees_an_approval_given_in_another_shell(
     # Another shell approves while the prompt waits; nobody types anything here.
     assert main(["--store", store_url, "approve", aid, "--as", "bob", "--reason", "checked elsewhere"]) == 0
     capsys.readouterr()
-    shown = t.expect("status=completed")
-    code, err = t.finish()
+    t.expect("status=completed")
+    code, err = t.finish()  # drains the rest of the screen into ``seen``
+    shown = t.seen
     assert code == 0, err
     assert 'meanwhile, elsewhere: approved by bob: "checked elsewhere"' in shown
     assert f"approval {aid} is approved (1/1 approved); nothing to record here" in shown
@@ -154,10 +155,10 @@ def test_two_approvers_answer_in_turn_at_the_terminal(terminal: Any, store_url: 
     t.expect("1/2 approved, 1 more approval needed from someone else")
     t.expect("[a/d/s] ")
     t.type("a\nbob\nok\n")
-    shown = t.expect("status=completed")
-    code, err = t.finish()
+    t.expect("status=completed")
+    code, err = t.finish()  # drains the rest of the summary into ``seen``
     assert code == 0, err
-    assert 'approved by alice: "fine"' in shown and 'approved by bob: "ok"' in shown
+    assert 'approved by alice: "fine"' in t.seen and 'approved by bob: "ok"' in t.seen
 
 
 def test_ctrl_c_at_the_prompt_leaves_the_run_paused_says_so_and_exits_130(
