@@ -43,10 +43,12 @@ GRANT_REVOKE = "scopegraph.grant.revoke"
 DECIDE = "scopegraph.decide"
 APPROVAL_WAIT = "scopegraph.approval.wait"
 TOOL_CALL = "scopegraph.tool.call"
+LEDGER_WITNESS = "scopegraph.ledger.witness"  # a span of its own when no span is current
 
 # events
 DENIED_EVENT = "scopegraph.denied"           # a call or step denied: policy ids and reason
 EXCEPTION_EVENT = "exception"                # OpenTelemetry's exception event, scrubbed
+WITNESS_EVENT = "scopegraph.witness.entry"   # a signed ledger head, as appended to the witness
 
 # OpenTelemetry semantic convention attributes
 ERROR_TYPE = "error.type"
@@ -135,6 +137,24 @@ def record_denial(s: Span, policy_ids: Iterable[str], reason: str) -> None:
     ids = [str(p) for p in policy_ids]
     s.set_attribute(DECISION_REASON, reason)
     s.add_event(DENIED_EVENT, {POLICY_IDS: ids, DECISION_REASON: reason})
+
+
+def witness_event(*, seq: int, records: int, head: str, kid: str, sig: str, at: float, prev: str,
+                  path: str) -> None:
+    """Copy a witness entry to the telemetry backend: an event on the current span, or on a
+    span of its own. The entry is public (a hash and a signature) and verifies on its own."""
+    if not enabled():
+        return
+    attributes = {"scopegraph.witness.seq": seq, "scopegraph.witness.records": records,
+                  "scopegraph.witness.head": head, "scopegraph.witness.kid": kid,
+                  "scopegraph.witness.sig": sig, "scopegraph.witness.at": at,
+                  "scopegraph.witness.prev": prev, "scopegraph.witness.path": path}
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.add_event(WITNESS_EVENT, attributes)
+        return
+    with _TRACER.start_as_current_span(LEDGER_WITNESS) as s:
+        s.add_event(WITNESS_EVENT, attributes)
 
 
 def inject_traceparent() -> dict[str, str]:

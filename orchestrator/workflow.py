@@ -33,6 +33,10 @@ class Workflow:
     steps in flight; ``continue`` lets steps that do not depend on it run, and the run
     then ends ``denied`` as well, but having done everything else.
     ``max_replans`` bounds how often an executor may send the run back to the planner.
+    ``require_signed_answers``: every answer to an approval request must be signed by the
+    approver's enrolled key (``scopegraph approvers add``), even before anyone is enrolled
+    (then nobody can answer). Once approvers are enrolled in a store, answers there must be
+    signed whatever this says.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Workflow:
     approval_ttl: float = DEFAULT_APPROVAL_TTL_SECONDS
     on_denial: Literal["fail", "continue"] = "fail"
     max_replans: int = 2
+    require_signed_answers: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -74,6 +79,8 @@ class Workflow:
             raise ConfigError(f"on_denial {self.on_denial!r} must be 'fail' or 'continue'")
         if not _whole(self.max_replans) or self.max_replans < 0:
             raise ConfigError(f"max_replans {self.max_replans!r} must be 0 or more")
+        if not isinstance(self.require_signed_answers, bool):
+            raise ConfigError(f"require_signed_answers {self.require_signed_answers!r} must be True or False")
         if not _whole(self.grant_max_uses) or self.grant_max_uses < 1:
             raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
 
