@@ -89,6 +89,10 @@ def check_answers(store: Store, trust: TrustRoots, records: Sequence[Parsed]) ->
             continue
         who, aid = d.get("approver"), d.get("approval_id")
         signature = d.get("signature")
+        answer = d.get("answer")
+        if answer not in ("approve", "deny"):
+            problems.append(f"record {seq}: the answer to {aid!r} is neither approve nor deny")
+            continue
         if not signature:
             if enrolled or aid in signed_requests:
                 problems.append(f"record {seq}: the answer of {who!r} to {aid!r} is not signed, though answers "
@@ -101,9 +105,10 @@ def check_answers(store: Store, trust: TrustRoots, records: Sequence[Parsed]) ->
             continue
         try:
             name = normalize_name(str(who))
-            [match] = [c for c in candidates if c.approver.name == name] or [candidates[0]]
+            match = next((c for c in candidates if c.approver.name == name), candidates[0])
             verify_answer(match.approver, str(signature), approval_id=str(aid), digest=str(d.get("digest")),
-                          decision=d.get("answer"), approver=str(who), reason=str(d.get("reason") or ""))
+                          decision="approve" if answer == "approve" else "deny", approver=str(who),
+                          reason=str(d.get("reason") or ""))
         except (ApprovalError, ConfigError, ValueError) as exc:
             problems.append(f"record {seq}: {exc}")
             continue

@@ -145,7 +145,7 @@ def witness_event(*, seq: int, records: int, head: str, kid: str, sig: str, at: 
     span of its own. The entry is public (a hash and a signature) and verifies on its own."""
     if not enabled():
         return
-    attributes = {"scopegraph.witness.seq": seq, "scopegraph.witness.records": records,
+    attributes: dict[str, str | int | float] = {"scopegraph.witness.seq": seq, "scopegraph.witness.records": records,
                   "scopegraph.witness.head": head, "scopegraph.witness.kid": kid,
                   "scopegraph.witness.sig": sig, "scopegraph.witness.at": at,
                   "scopegraph.witness.prev": prev, "scopegraph.witness.path": path}

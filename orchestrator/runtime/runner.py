@@ -30,9 +30,9 @@ from ..approvers import Principal, os_principal
 from ..canonical import sha256_hex
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
+from ..enrolment import ApproverRegistry
 from ..errors import ConfigError, RunBusyError, StoreError
 from ..gateway import Gateway
-from ..enrolment import ApproverRegistry
 from ..identity import TrustDomain
 from ..keys import Keystore
 from ..ledger import Ledger

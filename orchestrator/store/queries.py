@@ -24,6 +24,7 @@ from ..errors import StoreError
 from .base import (
     GRANT_COLUMNS,
     RUN_COLUMNS,
+    ApproverRecord,
     CallRecord,
     GrantRecord,
     GrantState,
@@ -31,7 +32,6 @@ from .base import (
     LedgerRow,
     RunRecord,
     TrustKeyRecord,
-    ApproverRecord,
     UseRecord,
     grant_from_row,
     lease_holder,
