@@ -464,4 +464,6 @@ def answer_text(given: Mapping[str, Any]) -> str:
         line += f": {shown(json.dumps(given['reason'], ensure_ascii=False))}"
     if given.get("proposed_arguments") is not None:
         line += f"; proposed {shown(json.dumps(given['proposed_arguments'], sort_keys=True))}"
+    if given.get("signed"):
+        line += f"  [signed, key {str(given.get('kid'))[:12]}…]"
     return line

@@ -25,6 +25,7 @@ from scopegraph.cli import main
 from scopegraph.clock import SystemClock
 from scopegraph.store import open_store
 
+from .helpers import demo_signature
 from .orchestrator.test_approvals import two_person_policy
 from .test_cli_approvals import WORKFLOW_FILE
 
@@ -177,6 +178,6 @@ def test_ctrl_c_at_the_prompt_leaves_the_run_paused_says_so_and_exits_130(
 
     # Paused indeed: the request still waits, and the resume command named finishes the run.
     assert other_shell.get(pending.id).status == "pending"
-    other_shell.approve(pending.id, approver="bob")
+    other_shell.approve(pending.id, approver="bob", signature=demo_signature(other_shell, pending.id, "bob", "approve"))
     assert main(["--store", store_url, "resume", pending.run_id, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "completed"
