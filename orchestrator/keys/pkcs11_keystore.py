@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random
 
 from ..errors import KeystoreError
 from .base import PURPOSE_ALGORITHM, Purpose, SignerBase, VerificationKey, check_purpose

@@ -85,7 +85,7 @@ def test_the_store_records_public_keys_only_and_the_keystore_holds_the_private_o
     rt.close()
     recorded = at.sql("SELECT purpose, kid, public_jwk, origin FROM sg_trust_keys")
     assert sorted(r[0] for r in recorded) == ["grant", "ledger", "svid"]
-    for purpose, kid, jwk, origin in recorded:
+    for _, kid, jwk, origin in recorded:
         assert origin == "keystore" and "d" not in json.loads(jwk) and json.loads(jwk)["kid"] == kid
     assert at.sql("SELECT COUNT(*) FROM sg_keys")[0][0] == 0
     assert sorted(p.name for p in at.keys.glob("*.key")) == ["grant.000001.key", "ledger.000001.key",
