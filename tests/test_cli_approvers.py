@@ -83,7 +83,8 @@ def file_expense(employee: str, amount: int) -> dict:
 workflow = Workflow(
     name="claims", tools=[file_expense],
     planner=ScriptedPlanner({"steps": [{"id": "file", "tool": "file_expense", "purpose": "file",
-        "constraints": {"employee": {"kind": "exact", "value": "e-1"}, "amount": {"kind": "range", "min": 1, "max": 100}}}]}),
+        "constraints": {"employee": {"kind": "exact", "value": "e-1"},
+                        "amount": {"kind": "range", "min": 1, "max": 100}}}]}),
     executor=DirectExecutor(builders={"file_expense": lambda ctx: {"employee": "e-1", "amount": 42}}),
     approvers=["alice", "bob"],
 )

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from scopegraph import Runtime, Workflow
+from scopegraph import Runtime
 from scopegraph.approvers import Principal, sign_answer
 from scopegraph.cli import main
 from scopegraph.clock import FixedClock
