@@ -179,9 +179,10 @@ class TrustRoots:
         """
         location = keystore_location(store)
         missing = not location.startswith("pkcs11:") and not Path(location).is_dir()
-        if missing and not store.trust_keys():
-            if store.legacy_signing_keys():
-                return cls.open(store, clock=clock, witness=witness, create=True)
+        recorded = store.trust_keys()
+        if not recorded and store.legacy_signing_keys():
+            return cls.open(store, clock=clock, witness=witness, create=True)
+        if missing and not recorded:
             return cls(store, _NoKeystore(location), clock=clock, witness=witness, create=False)
         return cls.open(store, clock=clock, witness=witness, create=False)
 
@@ -281,12 +282,26 @@ class TrustRoots:
                 for purpose in PURPOSES:
                     self.keystore.signer(purpose)
                 recorded = self._check_recorded()
+                self._refuse_planted_legacy_keys(recorded)
                 self._record(tuple(k for p in PURPOSES for k in self.verification_keys(p)), recorded)
                 moved = self._move_legacy_keys()
             if moved:
                 self.store.erase_legacy_signing_keys()  # outside the transaction: drop the old bytes from the files
         else:
-            self._check_recorded()
+            self._refuse_planted_legacy_keys(self._check_recorded())
+
+    def _refuse_planted_legacy_keys(self, recorded: set[tuple[str, str]]) -> None:
+        """Raises:
+        KeystoreError: the store holds a private key in ``sg_keys`` although its keys were
+            moved to a keystore: someone put it there since (it is never adopted).
+        """
+        if not recorded:
+            return  # a store an old release wrote: its key is moved out now
+        legacy = self.store.legacy_signing_keys()
+        if legacy:
+            raise KeystoreError(f"store {self.store.url!r} holds a private key ({legacy[0][0]!r} in sg_keys) "
+                                "although its keys moved to a keystore: it was put there since; refusing to "
+                                "open it (empty sg_keys.private_pem to go on)")
 
     def _check_recorded(self) -> set[tuple[str, str]]:
         """Raises:
