@@ -201,7 +201,7 @@ class ApprovalService:
             from .enrolment import ApproverRegistry
             from .trust import TrustRoots
 
-            trust = self.ledger.trust if self.ledger is not None and self.ledger.trust is not None \
+            trust = self.ledger.trust_roots() if self.ledger is not None \
                 else TrustRoots.open(self.store, clock=self.clock)
             self.approvers = ApproverRegistry(self.store, trust, clock=self.clock, ledger=self.ledger)
         return self.approvers

@@ -527,9 +527,8 @@ def _answer(args: argparse.Namespace) -> int:
             raise UsageError(f"scopegraph {args.command}: --key given, but no approver is enrolled in this store "
                              "to check the signature against (scopegraph approvers add)")
         key = answer_key(store, args.approver, args.key) if service.signatures_required(request) else None
-        decision = "approve" if args.command == "approve" else "deny"
-        signature = signed(service, request, approver=args.approver, decision=decision,
-                           reason=args.reason, key=key)
+        signature = signed(service, request, approver=args.approver,
+                           decision="approve" if args.command == "approve" else "deny", reason=args.reason, key=key)
         if args.command == "approve":
             a = service.approve(args.approval_id, approver=args.approver, reason=args.reason, signature=signature)
         else:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
-from .errors import ConfigError, IdentityError
+from .errors import ConfigError, IdentityError, KeystoreError
 from .keys import Keystore, VerificationKey, sign_certificate, sign_jwt
 from .store import Store
 from .trust import TrustRoots
@@ -131,7 +131,11 @@ class TrustDomain:
         self._ca: dict[str, x509.Certificate] = {}
 
     def __repr__(self) -> str:
-        return f"TrustDomain({self.name!r}, kid={self.key.kid!r})"
+        try:
+            kid: str | None = self.key.kid
+        except KeystoreError:  # no keystore to sign with (a store opened only to verify)
+            kid = None
+        return f"TrustDomain({self.name!r}, kid={kid!r})"
 
     @property
     def key(self) -> VerificationKey:

@@ -152,7 +152,9 @@ class Ledger:
 
         return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=payload, seal=seal)
 
-    def _trust(self, *, create: bool = True) -> TrustRoots:
+    def trust_roots(self, *, create: bool = True) -> TrustRoots:
+        """The trust roots heads are signed and verified with: the ones given, or the store's
+        configured keystore (``create=False``: for verifying, making nothing it does not need)."""
         if self.trust is None:
             from .trust import TrustRoots
 
@@ -172,7 +174,7 @@ class Ledger:
                 saw: the ledger was rolled back or rewritten) or cannot be written.
             KeystoreError: the keystore cannot sign.
         """
-        trust = domain.trust if domain is not None else self._trust()
+        trust = domain.trust if domain is not None else self.trust_roots()
         with self.store.atomic():  # one signer at a time (SQLite); the tip as this transaction sees it
             last = self.store.ledger_last()
             if last is None:
@@ -242,7 +244,7 @@ class Ledger:
             hashes[row.seq] = row.hash
             prev = row.hash
             expected_seq += 1
-        trust = self._trust(create=False)
+        trust = self.trust_roots(create=False)
         head = self.store.ledger_head()
         signed_seq = None
         if head is not None:

@@ -89,14 +89,14 @@ def check_answers(store: Store, trust: TrustRoots, records: Sequence[Parsed]) ->
             continue
         who, aid = d.get("approver"), d.get("approval_id")
         signature = d.get("signature")
-        answer = d.get("answer")
-        if answer not in ("approve", "deny"):
-            problems.append(f"record {seq}: the answer to {aid!r} is neither approve nor deny")
-            continue
         if not signature:
             if enrolled or aid in signed_requests:
                 problems.append(f"record {seq}: the answer of {who!r} to {aid!r} is not signed, though answers "
                                 "had to be")
+            continue
+        answer = d.get("answer")
+        if answer not in ("approve", "deny"):
+            problems.append(f"record {seq}: the signed answer to {aid!r} is neither approve nor deny")
             continue
         candidates = registry.by_kid(str(d.get("kid")), rows)
         if not candidates:

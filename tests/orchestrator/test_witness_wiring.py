@@ -198,3 +198,23 @@ def test_ledger_verify_without_the_witness_skips_it(at: Where, two_runs: dict[st
         assert Ledger(store, clock=FixedClock()).verify(check_witness=False).ok
     finally:
         store.close()
+
+
+def test_outside_a_run_a_witness_entry_is_a_log_record(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An enrolment (no span current) signs a head: its witness entry goes to the ``scopegraph.witness``
+    logger, which OpenTelemetry's logging handler exports when the application installs one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from scopegraph.tracing import WITNESS_LOGGER
+
+    url = f"sqlite:///{tmp_path / 'store' / 'scopegraph.db'}"
+    pem = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    with caplog.at_level("INFO", logger=WITNESS_LOGGER):
+        assert main(["--store", url, "approvers", "add", "bob", "--key", pem]) == 0
+    [record] = [r for r in caplog.records if r.name == WITNESS_LOGGER]
+    [line] = [json.loads(x) for x in (tmp_path / "store" / "scopegraph.witness.jsonl").read_text().splitlines()]
+    assert getattr(record, "scopegraph.witness.sig") == line["sig"]
+    assert getattr(record, "scopegraph.witness.seq") == line["seq"] == 1
