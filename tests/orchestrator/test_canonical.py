@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scopegraph.approvers import answer_message
 from scopegraph.canonical import action_digest, action_digest_v2, canonical_json, jcs, jcs_sha256_hex
@@ -83,3 +85,19 @@ def test_a_ledger_written_now_hashes_every_record_with_layout_v2(tmp_path: Path)
                                           prev_hash="0" * 64)
     finally:
         store.close()
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_JSON)
+def test_the_ledgers_fast_canonical_form_is_rfc_8785(value: Any) -> None:
+    """The ledger's shortcut (Python's sorted JSON where it is the same bytes) never differs from JCS."""
+    from scopegraph.ledger import jcs_bytes, jcs_safe
+
+    safe = jcs_safe(value)
+    assert jcs_bytes(safe) == jcs(safe)
