@@ -36,7 +36,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,6 @@ class MigratedKey:
     records: int  # ledger heads it signed verify up to this record
 
 
-@dataclass(kw_only=True)
-class _Cache:
-    keys: dict[str, tuple[VerificationKey, ...]] = field(default_factory=dict)
-
-
 class TrustRoots:
     """One store's trust roots: its keystore (signing), public keys (verifying), witness and endorsements."""
 
@@ -148,7 +143,7 @@ class TrustRoots:
         self.clock = clock or SystemClock()
         self.witness_path = Path(witness) if witness is not None else witness_path(store)
         self._owns_keystore = owns_keystore
-        self._cache = _Cache()
+        self._keys: dict[str, tuple[VerificationKey, ...]] = {}  # verification keys, by purpose
         self._migrated: tuple[MigratedKey, ...] = ()
         try:
             self._bind(create)
@@ -202,9 +197,9 @@ class TrustRoots:
     def verification_keys(self, purpose: str) -> tuple[VerificationKey, ...]:
         """The keystore's current and previous public keys of ``purpose``, newest first."""
         checked = check_purpose(purpose)
-        keys = self._cache.keys.get(checked)
+        keys = self._keys.get(checked)
         if keys is None:
-            keys = self._cache.keys[checked] = self.keystore.verification_keys(checked)
+            keys = self._keys[checked] = self.keystore.verification_keys(checked)
         return keys
 
     def find(self, purpose: Purpose, kid: str) -> VerificationKey | None:
@@ -214,7 +209,7 @@ class TrustRoots:
                 if key.kid == kid:
                     return key
             if attempt == 0:
-                self._cache.keys.pop(purpose, None)
+                self._keys.pop(purpose, None)
         return None
 
     def migrated(self, purpose: Purpose) -> tuple[MigratedKey, ...]:
@@ -246,14 +241,14 @@ class TrustRoots:
         checked = check_purpose(purpose)
         with self.store.atomic():
             made = self.keystore.rotate(checked)
-            self._cache.keys.pop(checked, None)
+            self._keys.pop(checked, None)
             self._record(self.verification_keys(checked))
             self.store.retire_trust_keys(checked, keep=made.kid, at=self.clock.now())
         return made
 
     def witness(self) -> WitnessFile:
         """The witness file, with every ledger key its entries may be signed by."""
-        self._cache.keys.pop("ledger", None)  # another process may have rotated it
+        self._keys.pop("ledger", None)  # another process may have rotated it
         return WitnessFile(self.witness_path, keys=self.verification_keys("ledger"))
 
     # endorsements ------------------------------------------------------------------------
