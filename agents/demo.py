@@ -5,14 +5,28 @@ limit (both reads, run concurrently), then file the expense (a write). The execu
 of the first step is curious: before its planned call it tries to send an email and
 to read a file outside its path constraint. The gateway denies both; the planned
 read goes through; the write pauses for a human approval.
+
+Its approvers, alice and bob, prove who they are: ``enrol_approvers`` makes each an
+Ed25519 key in ``demo-approvers/`` beside the store (mode 0600) and enrols its public
+half, so every answer is signed (``scopegraph approve … --as bob`` finds bob's key there;
+``--key PATH`` names another).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scopegraph import Workflow, tool
+from scopegraph.cli_trust import demo_key_path
+from scopegraph.errors import ConfigError
 from scopegraph.roles import StepContext
+
+if TYPE_CHECKING:
+    from scopegraph import Runtime
 
 from .direct import DirectExecutor
 from .scripted import ScriptedPlanner
@@ -88,3 +102,41 @@ def build_workflow() -> Workflow:
 
 
 workflow = build_workflow()
+
+
+DEMO_APPROVERS = ("alice", "bob")
+
+
+def enrol_approvers(rt: Runtime) -> None:
+    """Enrol the demo's approvers with keys made beside the store, unless they are enrolled."""
+    enrolled = {r.name for r in rt.approvers.records()}
+    for name in DEMO_APPROVERS:
+        if name in enrolled:
+            continue
+        path = demo_key_path(rt.store, name)
+        key = _demo_key(path)
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+        try:
+            rt.approvers.add(name, public)
+        except ConfigError:
+            pass  # another demo enrolled them at the same moment
+
+
+def _demo_key(path: Any) -> Ed25519PrivateKey:
+    """The key in ``path``, made (0600, in a 0700 directory) if there is none."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(loaded, Ed25519PrivateKey):
+            raise ConfigError(f"demo approver key {path} is not an Ed25519 key") from None
+        return loaded
+    key = Ed25519PrivateKey.generate()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    path.with_suffix(".pub").write_text(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode("ascii") + f" {path.stem}\n")
+    return key

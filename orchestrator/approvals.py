@@ -12,21 +12,24 @@ expires: ``consume`` is atomic in the store.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .canonical import sha256_hex
+from .approvers import APPROVER_KEY_ENV, Decision, normalize_name, verify_answer
+from .canonical import action_digest, action_digest_v2, sha256_hex
 from .clock import Clock
 from .constraints import Constraint
 from .display import printable
-from .errors import ApprovalError, ToolArgumentsError
+from .errors import ApprovalError, ConfigError, ToolArgumentsError
 from .ledger import Ledger
 from .store import Store
 
 if TYPE_CHECKING:
+    from .enrolment import ApproverRegistry
     from .tools import Tool
 
 ApprovalStatus = Literal["pending", "approved", "denied", "expired", "consumed"]
@@ -39,6 +42,8 @@ class ApprovalVote(BaseModel):
     approver: str
     reason: str = ""
     at: float
+    signature: str | None = None  # the approver's signature over the answer (``approvers.answer_message``)
+    kid: str | None = None  # the enrolled key it verifies with
 
 
 class ApprovalRequest(BaseModel):
@@ -81,6 +86,9 @@ class ApprovalRequest(BaseModel):
         given = self.arguments if arguments is None else arguments
         return {k: (f"[secret:{k}]" if k in self.secret_arguments else v) for k, v in given.items()}
 
+    digest_version: int = 1  # 1: ``canonical.action_digest`` (stored before v2); 2: ``action_digest_v2``
+    signed_answers: bool = False  # the workflow requires every answer to be signed
+
     def effective_status(self, now: float) -> ApprovalStatus:
         """``expired`` once past expiry unless already consumed or denied."""
         if self.status in ("pending", "approved") and now >= self.expires_at:
@@ -96,20 +104,52 @@ class ApprovalRequest(BaseModel):
         """How many more distinct approvers a pending request needs (0 once answered)."""
         if self.status != "pending":
             return 0
-        return max(0, self.required_approvals - len(set(self.approvers)))
+        return max(0, self.required_approvals - len({principal_name(v) for v in self.approvers}))
 
     def answers(self) -> list[dict[str, Any]]:
         """Every answer so far, in the order given: who, approve or deny, why, and for a
         denial the arguments it proposed instead (``None`` when it proposed none; secret
-        values masked)."""
+        values masked). A signed answer also names the key (``kid``) its signature
+        verifies with."""
         given: list[dict[str, Any]] = [
-            {"approver": v.approver, "answer": "approve", "reason": v.reason, "at": v.at}
+            {"approver": v.approver, "answer": "approve", "reason": v.reason, "at": v.at, **_signed(v)}
             for v in self.approvals]
         if self.denial is not None:
             proposed = None if self.proposed_arguments is None else self.shown_arguments(self.proposed_arguments)
             given.append({"approver": self.denial.approver, "answer": "deny", "reason": self.denial.reason,
-                          "at": self.denial.at, "proposed_arguments": proposed})
+                          "at": self.denial.at, "proposed_arguments": proposed,
+                          **_signed(self.denial)})
         return sorted(given, key=lambda g: g["at"])
+
+
+def _signed(vote: ApprovalVote) -> dict[str, Any]:
+    return {"signed": True, "kid": vote.kid} if vote.signature else {}
+
+
+def principal_name(name: str) -> str:
+    """The principal a stored name denotes (``approvers.normalize_name``); a name stored before
+    names were checked is still compared case- and width-blind, without its whitespace."""
+    try:
+        return normalize_name(name)
+    except ConfigError:
+        folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", str(name)).casefold())
+        return "".join(ch for ch in folded if not ch.isspace() and unicodedata.category(ch)[0] != "C")
+
+
+def action_digest_for(version: int, *, run_id: str, step_id: str, tool: str, arguments: Any,
+                      policy_version: str) -> str:
+    """The action digest in layout ``version`` (1: before RFC 8785; 2: ``action_digest_v2``).
+
+    Raises:
+        ApprovalError: an unknown layout version.
+    """
+    fields = {"run_id": run_id, "step_id": step_id, "tool": tool, "arguments": arguments,
+              "policy_version": policy_version}
+    if version == 2:
+        return action_digest_v2(**fields)
+    if version == 1:
+        return action_digest(**fields)
+    raise ApprovalError(f"unknown action digest version {version!r}")
 
 
 def approval_id(run_id: str, step_id: str, digest: str, sequence: int = 0) -> str:
@@ -149,18 +189,63 @@ class ApproverRule:
 class ApprovalService:
     """The one code path every way of answering goes through: prompt, CLI and Python API."""
 
-    def __init__(self, store: Store, *, clock: Clock, ledger: Ledger | None = None) -> None:
+    def __init__(self, store: Store, *, clock: Clock, ledger: Ledger | None = None,
+                 approvers: ApproverRegistry | None = None) -> None:
+        """``approvers`` finds the enrolled keys answers are checked with; without it, one is
+        made (on the store's keystore) when the store has enrolled approvers."""
         self.store = store
         self.clock = clock
         self.ledger = ledger
+        self.approvers = approvers
 
-    def _audit(self, a: ApprovalRequest, approver: str, answer: str, reason: str) -> None:
+    def _audit(self, a: ApprovalRequest, vote: ApprovalVote, answer: str) -> None:
         if self.ledger is not None:
+            signed = {"signature": vote.signature, "kid": vote.kid} if vote.signature else {}
             self.ledger.append("approval_decided", a.run_id, approval_id=a.id, step_id=a.step_id,
-                               approver=approver, answer=answer, status=a.status, reason=reason,
-                               digest=a.digest, proposed=a.proposed_arguments is not None)
+                               approver=vote.approver, answer=answer, status=a.status, reason=vote.reason,
+                               digest=a.digest, proposed=a.proposed_arguments is not None, **signed)
             # A human's answer is signed at once: it must not vanish before the run resumes.
             self.ledger.resign_head()
+
+    def _registry(self) -> ApproverRegistry:
+        if self.approvers is None:
+            from .enrolment import ApproverRegistry
+            from .trust import TrustRoots
+
+            trust = self.ledger.trust_roots() if self.ledger is not None \
+                else TrustRoots.open(self.store, clock=self.clock)
+            self.approvers = ApproverRegistry(self.store, trust, clock=self.clock, ledger=self.ledger)
+        return self.approvers
+
+    def signatures_required(self, a: ApprovalRequest) -> bool:
+        """Whether an answer to ``a`` must be signed: the workflow says so, or approvers are enrolled."""
+        if a.signed_answers:
+            return True
+        if self.approvers is not None:
+            return self.approvers.any_enrolled()
+        return bool(self.store.list_approvers())
+
+    def _vote(self, a: ApprovalRequest, approver: str, decision: Decision, reason: str,
+              signature: str | None, now: float) -> ApprovalVote:
+        """The vote to record, its signature checked against the approver's enrolled key.
+
+        Raises:
+            ApprovalError: a signature is needed and missing, does not verify, is by another
+                approver's key, or was given where nobody is enrolled to check it.
+        """
+        name = principal_name(approver)
+        if not self.signatures_required(a):
+            if signature:
+                raise ApprovalError(f"the answer to {a.id!r} is signed, but no approver is enrolled to check "
+                                    "it with: enrol approvers first (scopegraph approvers add)")
+            return ApprovalVote(approver=name, reason=reason, at=now)
+        if not signature:
+            raise ApprovalError(f"approval {a.id!r} needs a signed answer: sign it with {approver!r}'s "
+                                f"enrolled key (--key PATH or {APPROVER_KEY_ENV})")
+        enrolled = self._registry().find(approver)
+        verify_answer(enrolled, signature, approval_id=a.id, digest=a.digest, decision=decision,
+                      approver=approver, reason=reason)
+        return ApprovalVote(approver=name, reason=reason, at=now, signature=signature, kid=enrolled.kid)
 
     def request(self, request: ApprovalRequest) -> ApprovalRequest:
         """Persist ``request`` unless a request of the same id exists; return the stored one."""
@@ -190,22 +275,31 @@ class ApprovalService:
             raise ApprovalError(f"unknown approval {approval_id!r}")
         return ApprovalRequest.model_validate_json(updated)
 
-    def approve(self, approval_id: str, *, approver: str, reason: str = "") -> ApprovalRequest:
+    def approve(self, approval_id: str, *, approver: str, reason: str = "",
+                signature: str | None = None) -> ApprovalRequest:
         """Record ``approver``'s approval; the request is approved once enough distinct people agree.
+
+        ``signature`` is the approver's signature over the answer (``approvers.sign_answer``);
+        it is required, and checked against their enrolled key, when approvers are enrolled
+        or the workflow requires signed answers.
 
         Raises:
             ApprovalError: unknown id, not pending, expired, approver not allowed, the
-                initiator approving their own run, or the same person approving twice.
+                initiator approving their own run (under any spelling), the same person
+                approving twice, or a missing or bad signature.
         """
         now = self.clock.now()
+        votes_cast: list[ApprovalVote] = []
 
         def mutate(a: ApprovalRequest) -> ApprovalRequest:
             self._check_can_answer(a, approver, now)
-            if approver in a.approvers:
+            if principal_name(approver) in {principal_name(v) for v in a.approvers}:
                 raise ApprovalError(
                     f"{approver!r} has already approved {a.id!r}; a second approver must be someone else")
-            votes = [*a.approvals, ApprovalVote(approver=approver, reason=reason, at=now)]
-            done = len({v.approver for v in votes}) >= a.required_approvals
+            vote = self._vote(a, approver, "approve", reason, signature, now)
+            votes_cast[:] = [vote]
+            votes = [*a.approvals, vote]
+            done = len({principal_name(v.approver) for v in votes}) >= a.required_approvals
             return a.model_copy(update={
                 "approvals": votes, "status": "approved" if done else "pending",
                 "decided_at": now if done else None,
@@ -213,12 +307,13 @@ class ApprovalService:
 
         with self.store.atomic():  # the answer and its signed audit record land together
             updated = self._update(approval_id, mutate)
-            self._audit(updated, approver, "approve", reason)
+            self._audit(updated, votes_cast[0], "approve")
         return updated
 
     def deny(self, approval_id: str, *, approver: str, reason: str,
-             propose: Mapping[str, Any] | None = None) -> ApprovalRequest:
-        """Deny the call; ``propose`` offers different arguments as a new action.
+             propose: Mapping[str, Any] | None = None, signature: str | None = None) -> ApprovalRequest:
+        """Deny the call; ``propose`` offers different arguments as a new action (decided and
+        approved anew, so the signature covers the denial, not the proposal).
 
         Raises:
             ApprovalError: as for ``approve``, or an empty reason.
@@ -226,19 +321,35 @@ class ApprovalService:
         if not reason or not reason.strip():
             raise ApprovalError("a denial needs a reason")
         now = self.clock.now()
+        votes_cast: list[ApprovalVote] = []
 
         def mutate(a: ApprovalRequest) -> ApprovalRequest:
             self._check_can_answer(a, approver, now)
+            vote = self._vote(a, approver, "deny", reason, signature, now)
+            votes_cast[:] = [vote]
             return a.model_copy(update={
                 "status": "denied", "decided_at": now,
-                "denial": ApprovalVote(approver=approver, reason=reason, at=now),
+                "denial": vote,
                 "proposed_arguments": dict(propose) if propose is not None else None,
             })
 
         with self.store.atomic():
             updated = self._update(approval_id, mutate)
-            self._audit(updated, approver, "deny", reason)
+            self._audit(updated, votes_cast[0], "deny")
         return updated
+
+    def consume_action(self, approval_id: str, *, run_id: str, step_id: str, tool: str, arguments: Any,
+                       policy_version: str, consumer: str) -> ApprovalRequest:
+        """``consume`` for the call actually made: its digest is computed in the layout the
+        request was made with (stored requests keep version 1; new ones use version 2).
+
+        Raises:
+            ApprovalError: as for ``consume``.
+        """
+        a = self.get(approval_id)
+        digest = action_digest_for(a.digest_version, run_id=run_id, step_id=step_id, tool=tool,
+                                   arguments=arguments, policy_version=policy_version)
+        return self.consume(approval_id, digest=digest, consumer=consumer)
 
     def consume(self, approval_id: str, *, digest: str, consumer: str) -> ApprovalRequest:
         """Use an approval for the one call it authorizes: atomically, exactly once.
@@ -271,14 +382,18 @@ class ApprovalService:
     def _check_can_answer(self, a: ApprovalRequest, approver: str, now: float) -> None:
         if not approver or not approver.strip():
             raise ApprovalError("an approver name is required")
+        try:
+            name = normalize_name(approver)  # one spelling per person: NFKC, case-folded, no whitespace
+        except ConfigError as exc:
+            raise ApprovalError(str(exc)) from None
         state = a.effective_status(now)
         if state != "pending":
             raise ApprovalError(f"approval {a.id!r} is {state}; only a pending request can be answered")
-        if approver == a.initiator:
+        if name == principal_name(a.initiator):
             raise ApprovalError(f"{approver!r} started run {a.run_id!r} and may not approve its calls")
         # The allowed list was fixed from the workflow when the request was made, so any
         # process can answer it without loading the workflow's code.
-        if approver not in a.allowed_approvers:
+        if name not in {principal_name(x) for x in a.allowed_approvers}:
             raise ApprovalError(f"{approver!r} is not an allowed approver for tool {a.tool!r}")
 
 
@@ -360,4 +475,6 @@ def answer_text(given: Mapping[str, Any]) -> str:
         line += f": {shown(json.dumps(given['reason'], ensure_ascii=False))}"
     if given.get("proposed_arguments") is not None:
         line += f"; proposed {shown(json.dumps(given['proposed_arguments'], sort_keys=True))}"
+    if given.get("signed"):
+        line += f"  [signed, key {str(given.get('kid'))[:12]}…]"
     return line

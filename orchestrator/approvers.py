@@ -97,8 +97,15 @@ class Principal:
 
 
 def os_principal() -> Principal:
-    """The operating-system user running this process, as a principal (the default initiator)."""
-    return Principal.of(pwd.getpwuid(os.geteuid()).pw_name, authenticated_by="os-user")
+    """The operating-system user running this process, as a principal (the default initiator).
+
+    A user id with no name (a container's arbitrary uid) is ``uid<N>``.
+    """
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        name = f"uid{os.geteuid()}"
+    return Principal.of(name, authenticated_by="os-user")
 
 
 # keys --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .timestamps import with_iso_times
 
 DEMO_TARGET = "scopegraph.agents.demo:workflow"
 DEMO_TASK = "scopegraph.agents.demo:TASK"
+DEMO_ENROL = "scopegraph.agents.demo:enrol_approvers"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -106,6 +107,15 @@ def _opened_store(args: argparse.Namespace, *, create: bool = True) -> Iterator[
         store.close()
 
 
+def _initiator(name: str) -> Any:
+    """Who starts a run from the command line: the operating-system user (``--as`` by default),
+    or the name ``--as`` gives, recorded as given on the command line."""
+    from .approvers import Principal, os_principal
+
+    me = os_principal()
+    return me if me.is_(name) else Principal.of(name, authenticated_by="command-line")
+
+
 def _default_user() -> str:
     try:
         return getpass.getuser()
@@ -162,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("approval_id")
     approve.add_argument("--as", dest="approver", required=True, help="your name")
     approve.add_argument("--reason", default="")
+    approve.add_argument("--key", metavar="PATH", help="your Ed25519 private key, to sign the answer when "
+                         "approvers are enrolled (default: $SCOPEGRAPH_APPROVER_KEY)")
     approve.add_argument("--json", action="store_true")
 
     deny = sub.add_parser("deny", help="deny one pending call")
@@ -171,13 +183,39 @@ def build_parser() -> argparse.ArgumentParser:
     deny.add_argument("--propose", metavar="JSON",
                       help="propose other values for some arguments (the rest stay as requested): "
                            "a new call, decided and approved anew")
+    deny.add_argument("--key", metavar="PATH", help="your Ed25519 private key, to sign the answer when "
+                      "approvers are enrolled (default: $SCOPEGRAPH_APPROVER_KEY)")
     deny.add_argument("--json", action="store_true")
 
     audit = sub.add_parser("audit", help="audit ledger commands")
     audsub = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
     verify = audsub.add_parser("verify", help="verify the ledger's hash chain and signed head")
     verify.add_argument("--run", help="also require records of this run")
+    verify.add_argument("--witness", metavar="FILE",
+                        help="check against this copy of the witness (default: the store's own witness file)")
     verify.add_argument("--json", action="store_true")
+
+    keys = sub.add_parser("keys", help="the keystore's signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    rotate = ksub.add_parser("rotate", help="make new current keys; the previous ones still verify")
+    rotate.add_argument("--purpose", choices=["grant", "svid", "ledger", "all"], default="all")
+    rotate.add_argument("--json", action="store_true")
+    klist = ksub.add_parser("list", help="list current and previous public keys")
+    klist.add_argument("--json", action="store_true")
+
+    approvers = sub.add_parser("approvers", help="enrol approvers with their public keys")
+    apsub = approvers.add_subparsers(dest="approvers_command", required=True, parser_class=_Parser)
+    apadd = apsub.add_parser("add", help="enrol NAME: from then on answers must be signed")
+    apadd.add_argument("name")
+    apadd.add_argument("--key", required=True, metavar="PUBKEY",
+                       help="Ed25519 public key: PEM, an 'ssh-ed25519 AAAA…' line, or a file holding one")
+    apadd.add_argument("--json", action="store_true")
+    aplist = apsub.add_parser("list", help="list enrolled approvers")
+    aplist.add_argument("--all", action="store_true", help="removed ones too")
+    aplist.add_argument("--json", action="store_true")
+    apremove = apsub.add_parser("remove", help="end NAME's enrolment (past answers still verify)")
+    apremove.add_argument("name")
+    apremove.add_argument("--json", action="store_true")
 
     trace_cmd = sub.add_parser("trace", help="show a run as a tree: identities, decisions, approvals")
     trace_cmd.add_argument("run_id")
@@ -276,6 +314,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _answer(args)
     if args.command == "audit":
         return _audit_verify(args)
+    if args.command in ("keys", "approvers"):
+        from .cli_trust import approvers_command, keys_command
+
+        run = keys_command if args.command == "keys" else approvers_command
+        return run(args, _print_json)
     if args.command == "trace":
         return _trace(args)
     if args.command == "report":
@@ -311,7 +354,9 @@ def _run(target: str, task: str, args: argparse.Namespace) -> int:
 
     workflow = load_workflow(target)
     with Runtime(workflow, store=args.store, target=target) as rt:
-        report = rt.run(task, initiator=args.initiator)
+        if target == DEMO_TARGET:  # the demo's approvers, enrolled with keys made beside its store
+            load_object(DEMO_ENROL)(rt)
+        report = rt.run(task, initiator=_initiator(args.initiator))
         terminal = _prompt_stream(args.json)
         if report.status == "paused" and terminal is not None:
             print(report.summary(), file=terminal)
@@ -334,13 +379,14 @@ def _prompt_and_resume(rt: Any, report: Any, out: TextIO) -> Any:
     Raises:
         PausedAtPrompt: Ctrl-C at the prompt; the run is still paused.
     """
+    from .cli_trust import prompt_key_finder
     from .prompt import prompt_for
 
     nothing_pending = False
     while report.status == "paused":
         pending = rt.approvals.list(run_id=report.run_id, status="pending")
         try:
-            answered = [prompt_for(rt.approvals, a, out=out) for a in pending]
+            answered = [prompt_for(rt.approvals, a, out=out, key_for=prompt_key_finder(rt.store)) for a in pending]
         except KeyboardInterrupt:
             raise PausedAtPrompt(_still_paused(rt, report.run_id)) from None
         # Nothing pending: answered elsewhere before the prompt asked; the run can go on (once).
@@ -488,10 +534,19 @@ def _print_event(line: str) -> None:
 
 
 def _answer(args: argparse.Namespace) -> int:
+    from .cli_trust import answer_key, signed
+
     store, service = _approval_service(args)
     try:
+        request = service.get(args.approval_id)
+        if args.key is not None and not service.signatures_required(request):
+            raise UsageError(f"scopegraph {args.command}: --key given, but no approver is enrolled in this store "
+                             "to check the signature against (scopegraph approvers add)")
+        key = answer_key(store, args.approver, args.key) if service.signatures_required(request) else None
+        signature = signed(service, request, approver=args.approver,
+                           decision="approve" if args.command == "approve" else "deny", reason=args.reason, key=key)
         if args.command == "approve":
-            a = service.approve(args.approval_id, approver=args.approver, reason=args.reason)
+            a = service.approve(args.approval_id, approver=args.approver, reason=args.reason, signature=signature)
         else:
             propose = None
             if args.propose is not None:
@@ -502,7 +557,8 @@ def _answer(args: argparse.Namespace) -> int:
                 if not isinstance(propose, dict):
                     raise UsageError("scopegraph: --propose must be a JSON object of arguments")
                 _check_proposal(store, service, args.approval_id, propose)
-            a = service.deny(args.approval_id, approver=args.approver, reason=args.reason, propose=propose)
+            a = service.deny(args.approval_id, approver=args.approver, reason=args.reason, propose=propose,
+                             signature=signature)
     finally:
         store.close()
     queued = a.status != "pending" and _queue_resume(args.store, a.run_id)
@@ -561,11 +617,19 @@ def _queue_resume(store_url: str, run_id: str) -> bool:
 def _audit_verify(args: argparse.Namespace) -> int:
     from .clock import SystemClock
     from .ledger import Ledger
+    from .trust import TrustRoots
 
+    if args.witness is not None and not os.path.isfile(args.witness):
+        raise UsageError(f"scopegraph audit verify: no witness file at {args.witness!r}")
     with _opened_store(args, create=False) as store:
         if args.run is not None and store.get_run(args.run) is None and not store.ledger_rows(run_id=args.run):
             raise UsageError(f"scopegraph audit verify: no such run {args.run!r}")
-        result = Ledger(store, clock=SystemClock()).verify(run_id=args.run)
+        clock = SystemClock()
+        trust = TrustRoots.for_reading(store, clock=clock)
+        try:
+            result = Ledger(store, clock=clock, trust=trust).verify(run_id=args.run, witness=args.witness)
+        finally:
+            trust.close()
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.ok:
@@ -601,10 +665,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def _bundle(args: argparse.Namespace) -> int:
     from .identity import TrustDomain
+    from .trust import TrustRoots
 
     workflow = load_workflow(args.target)
     with _opened_store(args, create=False) as store:
-        print(TrustDomain(workflow.trust_domain, store).bundle().jwks_json())
+        trust = TrustRoots.open(store)  # the grant keys, current and previous (made on first use)
+        try:
+            print(TrustDomain(workflow.trust_domain, trust=trust).bundle().jwks_json())
+        finally:
+            trust.close()
     return EXIT_OK
 
 

@@ -30,6 +30,7 @@ from .errors import (
     GrantExpiredError,
     GrantRevokedError,
     GrantScopeError,
+    IdentityError,
 )
 from .identity import SpiffeId, TrustDomain
 from .store import GrantRecord, Store
@@ -186,10 +187,17 @@ class GrantIssuer:
         if known is not None:
             return self._check_known(known, tool)
         try:
+            key = self.domain.grant_key(token)  # by the token's kid: current and previous keys verify
+        except IdentityError as exc:
+            raise GrantError(f"grant is malformed: {exc}") from None
+        if key is None:
+            raise GrantError(f"grant signature does not verify: it names a key that is not a grant key "
+                             f"of {self.domain.name!r}")
+        try:
             claims = jwt.decode(
                 token,
-                self.domain.key.public_key,
-                algorithms=["EdDSA"],
+                key.public_key,
+                algorithms=[key.algorithm],
                 audience=audience_for(tool),
                 issuer=self.domain.issuer,
                 # Time is checked below against our clock, so tests can fix it.

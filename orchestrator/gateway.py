@@ -38,7 +38,7 @@ from tenacity import (
 
 from . import tracing as tr
 from .approvals import ApprovalService
-from .canonical import action_digest, sha256_hex
+from .canonical import sha256_hex
 from .clock import Clock
 from .constraints import admits
 from .credentials import Grant, GrantIssuer
@@ -525,12 +525,14 @@ class Gateway:
         """Recompute the digest of the call actually made and consume the approval for it."""
         if self.approvals is None:
             raise _Denied(Decision.deny("no approval service is configured", APPROVAL_POLICY_ID), grant.jti)
-        digest = action_digest(run_id=ctx.run_id, step_id=ctx.step_id, tool=tool.name,
-                               arguments=normalized, policy_version=self.policy.version)
         try:
-            approval = self.approvals.consume(approval_id, digest=digest, consumer=consumer)
+            # The digest in the layout the request was made with (stored requests keep theirs).
+            approval = self.approvals.consume_action(
+                approval_id, run_id=ctx.run_id, step_id=ctx.step_id, tool=tool.name, arguments=normalized,
+                policy_version=self.policy.version, consumer=consumer)
         except (ApprovalError, StoreError) as exc:
             raise _Denied(Decision.deny(str(exc), APPROVAL_POLICY_ID), grant.jti) from None
+        digest = approval.digest
         if approval.run_id != ctx.run_id or approval.step_id != ctx.step_id:
             raise _Denied(Decision.deny(f"approval {approval_id!r} is for another step", APPROVAL_POLICY_ID),
                           grant.jti)

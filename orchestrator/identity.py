@@ -1,40 +1,36 @@
 """Workload identity: trust domains, SPIFFE IDs, SVIDs and the trust bundle.
 
 Each run's planner and each executor step get their own SPIFFE ID, proved by a
-JWT-SVID and an X.509-SVID. X.509-SVIDs (and grants) are signed by the trust domain's
-Ed25519 key; JWT-SVIDs by its ES256 (ECDSA P-256) key, because the SPIFFE JWT-SVID
-standard, and so standard tooling such as py-spiffe, accepts no EdDSA. The Ed25519 key
-is made on first use and kept in the store; the ES256 key is derived from it (HKDF), so
-the store holds no second secret. Neither leaves this module in clear text except the
-Ed25519 key to the store, and both redact themselves in ``repr``.
+JWT-SVID and an X.509-SVID. Every signature is made by a keystore (see ``trust`` and
+``keys``), never with a key the store holds: grants by the ``grant`` key (EdDSA), SVIDs
+and the domain's CA certificate by the ``svid`` key (ES256, because the SPIFFE JWT-SVID
+standard, and so standard tooling such as py-spiffe, accepts no EdDSA). Verification
+picks the key by the ``kid`` a token names, among the current and previous keys, so
+what was signed before a rotation verifies until it expires.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock, SystemClock
-from .errors import IdentityError
-from .keys.base import jwk_thumbprint, public_jwk_members
+from .errors import ConfigError, IdentityError, KeystoreError
+from .keys import Keystore, VerificationKey, sign_certificate, sign_jwt
 from .store import Store
+from .trust import TrustRoots
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
 _PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+\Z")
@@ -68,53 +64,6 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}{self.path}"
-
-
-class SigningKey:
-    """An Ed25519 private key that never shows itself."""
-
-    __slots__ = ("_key", "kid")
-
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        self._key = key
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.kid = hashlib.sha256(raw).hexdigest()[:16]
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        return self._key.public_key()
-
-    def danger_private_key(self) -> Ed25519PrivateKey:
-        """The raw key, for signing code only. Never log or return it."""
-        return self._key
-
-    def __repr__(self) -> str:
-        return f"SigningKey(kid={self.kid!r}, private=<redacted>)"
-
-    __str__ = __repr__
-
-
-class JwtSvidKey:
-    """The trust domain's ES256 key for JWT-SVIDs, that never shows itself; kid = RFC 7638 thumbprint."""
-
-    __slots__ = ("_key", "kid")
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
-        self._key = key
-        self.kid = jwk_thumbprint(key.public_key())
-
-    @property
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._key.public_key()
-
-    def danger_private_key(self) -> ec.EllipticCurvePrivateKey:
-        """The raw key, for signing code only. Never log or return it."""
-        return self._key
-
-    def __repr__(self) -> str:
-        return f"JwtSvidKey(kid={self.kid!r}, private=<redacted>)"
-
-    __str__ = __repr__
 
 
 class Svid:
@@ -159,46 +108,65 @@ class Svid:
 
 
 class TrustDomain:
-    """A SPIFFE trust domain with its signing key and CA certificate."""
+    """A SPIFFE trust domain: its name, and the trust roots (keystore) that sign for it."""
 
-    def __init__(self, name: str, store: Store, *, clock: Clock | None = None) -> None:
+    def __init__(self, name: str, store: Store | None = None, *, trust: TrustRoots | None = None,
+                 keystore: Keystore | None = None, clock: Clock | None = None) -> None:
+        """``trust`` binds a keystore to a store; without it, ``store``'s configured keystore is bound.
+
+        Raises:
+            IdentityError: invalid name.
+            KeystoreError: the keystore cannot be opened, or does not hold the keys the store records.
+        """
         if not _TRUST_DOMAIN.match(name):
             raise IdentityError(f"invalid trust domain {name!r}: use lowercase letters, digits, '.', '-', '_'")
         self.name = name
-        self.clock = clock or SystemClock()
-        self.key = _load_or_create_key(store, f"trust-domain:{name}", self.clock.now())
+        self.clock = clock or (trust.clock if trust is not None else SystemClock())
+        if trust is None:
+            if store is None:
+                raise ConfigError(f"trust domain {name!r} needs a store or trust roots")
+            trust = TrustRoots.open(store, keystore=keystore, clock=self.clock)
+        self.trust = trust
         self.issuer = f"spiffe://{name}"
-        self._ca_cert: x509.Certificate | None = None
-        self._jwt_svid_key: JwtSvidKey | None = None
+        self._ca: dict[str, x509.Certificate] = {}
 
     def __repr__(self) -> str:
-        return f"TrustDomain({self.name!r}, kid={self.key.kid!r})"
+        try:
+            kid: str | None = self.key.kid
+        except KeystoreError:  # no keystore to sign with (a store opened only to verify)
+            kid = None
+        return f"TrustDomain({self.name!r}, kid={kid!r})"
+
+    @property
+    def key(self) -> VerificationKey:
+        """The public half of the current grant key (its ``kid`` names it in every grant)."""
+        return self.trust.signer("grant").verification_key
 
     def id(self, *segments: str) -> SpiffeId:
         """Build a SPIFFE ID in this domain from path segments."""
         return SpiffeId.parse(f"spiffe://{self.name}/" + "/".join(segments))
 
     def sign(self, claims: dict[str, Any]) -> str:
-        return jwt.encode(claims, self.key.danger_private_key(), algorithm="EdDSA",
-                          headers={"kid": self.key.kid})
+        """A grant: ``claims`` signed by the keystore's current grant key, named by ``kid``."""
+        return sign_jwt(self.trust.signer("grant"), claims)
 
-    @property
-    def jwt_svid_key(self) -> JwtSvidKey:
-        """The ES256 key of JWT-SVIDs, derived from the domain's key on first use."""
-        if self._jwt_svid_key is None:
-            self._jwt_svid_key = JwtSvidKey(_derive_jwt_svid_key(self.key.danger_private_key(), self.name))
-        return self._jwt_svid_key
+    def grant_key(self, token: str) -> VerificationKey | None:
+        """The key a grant names in its ``kid`` header, among the current and previous grant keys;
+        ``None`` when it names a key this domain never had.
+
+        Raises:
+            IdentityError: the token has no readable header, or names no kid.
+        """
+        keys = self.trust.grant_keys(_header_kid(token, "grant"), self.clock.now())
+        return keys[0] if keys else None
 
     def sign_jwt_svid(self, claims: dict[str, Any]) -> str:
-        key = self.jwt_svid_key
-        return jwt.encode(claims, key.danger_private_key(), algorithm="ES256", headers={"kid": key.kid})
+        return sign_jwt(self.trust.signer("svid"), claims)
 
     def jwt_svid_bundle(self) -> dict[str, Any]:
-        """The JWT-SVID authorities as a JWK Set (SPIFFE bundle form, ``use: jwt-svid``): what a
-        verifier such as py-spiffe's ``JwtBundle.parse`` needs to check this domain's JWT-SVIDs."""
-        key = self.jwt_svid_key
-        return {"keys": [{**public_jwk_members(key.public_key), "kid": key.kid, "alg": "ES256",
-                          "use": "jwt-svid"}]}
+        """The JWT-SVID authorities as a JWK Set (SPIFFE bundle form, ``use: jwt-svid``), current and
+        previous keys: what a verifier such as py-spiffe's ``JwtBundle.parse`` needs."""
+        return {"keys": [{**k.jwk(), "use": "jwt-svid"} for k in self.trust.verification_keys("svid")]}
 
     def issue_svid(self, spiffe_id: SpiffeId, ttl: float = SVID_TTL_SECONDS) -> Svid:
         if spiffe_id.trust_domain != self.name:
@@ -210,9 +178,13 @@ class TrustDomain:
         """Raises:
         IdentityError: the JWT-SVID does not verify.
         """
+        kid = _header_kid(token, "JWT-SVID")
+        key = self.trust.find("svid", kid)
+        if key is None:
+            raise IdentityError("JWT-SVID does not verify: it names a key this trust domain never had")
         try:
             claims = jwt.decode(
-                token, self.jwt_svid_key.public_key, algorithms=["ES256"], audience=audience, issuer=self.issuer,
+                token, key.public_key, algorithms=["ES256"], audience=audience, issuer=self.issuer,
                 # Lifetime is judged by the domain's clock below, so tests can fix time.
                 options={"require": ["exp", "iat", "sub", "iss"], "verify_exp": False, "verify_iat": False},
             )
@@ -227,16 +199,20 @@ class TrustDomain:
 
     @property
     def ca_certificate(self) -> x509.Certificate:
-        """Self-signed CA certificate of the domain's key (stable for the key's life)."""
-        if self._ca_cert is None:
+        """Self-signed CA certificate of the current SVID key (stable for the key's life)."""
+        signer = self.trust.signer("svid")
+        cert = self._ca.get(signer.kid)
+        if cert is None:
             name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scopegraph"),
                               x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
             start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
-            self._ca_cert = (
+            # The serial follows from the key id: the same key always makes the same certificate.
+            serial = int.from_bytes(hashlib.sha256(signer.kid.encode("ascii")).digest()[:16], "big") >> 1
+            cert = sign_certificate(
                 x509.CertificateBuilder()
                 .subject_name(name).issuer_name(name)
-                .public_key(self.key.public_key)
-                .serial_number(int(self.key.kid, 16))
+                .public_key(signer.public_key)
+                .serial_number(serial)
                 .not_valid_before(start)
                 .not_valid_after(start + dt.timedelta(days=365 * 30))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -245,17 +221,17 @@ class TrustDomain:
                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
                     encipher_only=False, decipher_only=False), critical=True)
                 .add_extension(x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(self.issuer)]), critical=False)
-                .sign(self.key.danger_private_key(), None)
-            )
-        return self._ca_cert
+                    [x509.UniformResourceIdentifier(self.issuer)]), critical=False),
+                signer)
+            self._ca[signer.kid] = cert
+        return cert
 
     def issue_x509_svid(
         self, spiffe_id: SpiffeId, expires_at: float
     ) -> tuple[x509.Certificate, Ed25519PrivateKey]:
         leaf_key = Ed25519PrivateKey.generate()
         now = dt.datetime.fromtimestamp(self.clock.now(), tz=dt.timezone.utc)
-        cert = (
+        cert = sign_certificate(
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scopegraph")]))
             .issuer_name(self.ca_certificate.subject)
@@ -270,21 +246,19 @@ class TrustDomain:
             .add_extension(x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False), critical=True)
-            .sign(self.key.danger_private_key(), None)
-        )
+                encipher_only=False, decipher_only=False), critical=True),
+            self.trust.signer("svid"))
         return cert, leaf_key
 
     def verify_x509_svid(self, cert: x509.Certificate) -> SpiffeId:
-        """Check the certificate was signed by this domain, is in date, and return its ID.
+        """Check the certificate was signed by this domain (a current or previous SVID key), is in
+        date, and return its ID.
 
         Raises:
             IdentityError: wrong signer, out of date, or no single SPIFFE URI SAN.
         """
-        try:
-            self.key.public_key.verify(cert.signature, cert.tbs_certificate_bytes)
-        except Exception:
-            raise IdentityError("X.509-SVID is not signed by this trust domain") from None
+        if not any(_signed_by(cert, key) for key in self.trust.verification_keys("svid")):
+            raise IdentityError("X.509-SVID is not signed by this trust domain")
         now = dt.datetime.fromtimestamp(self.clock.now(), tz=dt.timezone.utc)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise IdentityError("X.509-SVID is outside its validity period")
@@ -295,7 +269,8 @@ class TrustDomain:
         return SpiffeId.parse(uris[0])
 
     def bundle(self) -> Bundle:
-        return Bundle(trust_domain=self.name, keys=(self.key.public_key,), kids=(self.key.kid,))
+        """The grant verification keys, current and previous (newest first)."""
+        return Bundle(trust_domain=self.name, keys=self.trust.verification_keys("grant"))
 
 
 @dataclass(frozen=True)
@@ -303,54 +278,39 @@ class Bundle:
     """The public half of a trust domain: what a tool server needs to verify grants."""
 
     trust_domain: str
-    keys: tuple[Ed25519PublicKey, ...] = field(repr=False)
-    kids: tuple[str, ...]
+    keys: tuple[VerificationKey, ...]
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        return tuple(k.kid for k in self.keys)
 
     def jwks(self) -> dict[str, Any]:
-        out = []
-        for key, kid in zip(self.keys, self.kids, strict=True):
-            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            out.append({
-                "kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA",
-                "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode(),
-            })
-        return {"keys": out, "spiffe_sequence": 1, "trust_domain": self.trust_domain}
+        return {"keys": [k.jwk() for k in self.keys], "spiffe_sequence": 1, "trust_domain": self.trust_domain}
 
     def jwks_json(self) -> str:
         return json.dumps(self.jwks(), indent=2)
 
 
-def _load_or_create_key(store: Store, name: str, now: float) -> SigningKey:
-    pem = store.load_signing_key(name)
-    if pem is None:
-        fresh = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        # Two processes may race to create the key; the store keeps the first.
-        pem = store.save_signing_key(name, fresh, now)
-    key = serialization.load_pem_private_key(pem, password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IdentityError(f"stored key {name!r} is not an Ed25519 key")
-    return SigningKey(key)
+def _header_kid(token: str, what: str) -> str:
+    """The ``kid`` of a JWT's header, unverified: it only picks the key the signature is checked with.
+
+    Raises:
+        IdentityError: no readable header or no kid.
+    """
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        raise IdentityError(f"{what} is malformed: its header cannot be read") from None
+    if not isinstance(kid, str) or not kid:
+        raise IdentityError(f"{what} names no signing key (kid)")
+    return kid
 
 
-_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-
-
-def _derive_jwt_svid_key(key: Ed25519PrivateKey, domain: str) -> ec.EllipticCurvePrivateKey:
-    """A P-256 key derived from the domain's Ed25519 key: HKDF-SHA256 to 384 bits, reduced into [1, n-1]
-    (the extra 128 bits make the bias negligible, as in FIPS 186-5 A.2.1)."""
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
-    okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=b"scopegraph jwt-svid p-256 v1",
-               info=domain.encode("utf-8")).derive(raw)
-    return ec.derive_private_key(int.from_bytes(okm, "big") % (_P256_ORDER - 1) + 1, ec.SECP256R1())
-
-
-def load_domain_public_key(store: Store, name: str) -> Ed25519PublicKey | None:
-    """The public key of a trust domain whose key the store holds, or ``None``."""
-    pem = store.load_signing_key(f"trust-domain:{name}")
-    if pem is None:
-        return None
-    key = serialization.load_pem_private_key(pem, password=None)
-    return key.public_key() if isinstance(key, Ed25519PrivateKey) else None
+def _signed_by(cert: x509.Certificate, key: VerificationKey) -> bool:
+    if not isinstance(key.public_key, ec.EllipticCurvePublicKey) or cert.signature_hash_algorithm is None:
+        return False
+    try:
+        key.public_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    except InvalidSignature:
+        return False
+    return True

@@ -22,32 +22,119 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Any, Literal
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import jwt
 
-from .canonical import canonical_json
+from . import tracing as tr
+from .canonical import jcs
 from .clock import Clock
-from .identity import TrustDomain, load_domain_public_key
+from .keys import sign_jwt
 from .store import LedgerHead, LedgerRow, Store
+from .witness import WitnessedHead, WitnessEntry, WitnessFile
+
+if TYPE_CHECKING:
+    from .identity import TrustDomain
+    from .trust import TrustRoots
 
 GENESIS = "0" * 64
+LEDGER_RECORD_V2 = "scopegraph.ledger-record.v2"
+_MAX_EXACT_INT = 2**53 - 1
 _SIGNED_WITH = ("run_paused", "run_ended")  # kinds appended in the same write as a signed head
 _UNSIGNED_STATUSES = ("queued", "running")  # runs that have not paused or ended (nothing signed)
 
 RecordKind = Literal[
     "run_started", "run_ended", "run_paused", "run_resumed", "plan", "grant_minted", "decision",
     "approval_requested", "approval_decided", "approval_consumed", "tool_call", "grant_revoked",
-    "step_ended", "delegation_plan",
+    "step_ended", "delegation_plan", "approver_enrolled", "approver_removed", "keys_rotated",
     "secret_issued", "secret_revoked", "secret_refused", "token_exchanged",
 ]
+LEDGER_RUN = "-"  # the run id of records that belong to no run (enrolments, key rotations)
 
 
 def record_hash(*, seq: int, run_id: str, kind: str, at: float, data: str, prev_hash: str) -> str:
-    """SHA-256 over the record's fields and its canonical JSON payload, hashed once as bytes."""
+    """Version 1 (records written before RFC 8785): SHA-256 over the record's fields and its
+    Python-canonical JSON payload. Kept so that stored records keep verifying."""
     header = f"scopegraph-ledger-v1\n{seq}\n{run_id}\n{kind}\n{at!r}\n{prev_hash}\n"
     return hashlib.sha256(header.encode() + data.encode()).hexdigest()
+
+
+def record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, data: Any, prev_hash: str) -> str:
+    """Version 2: SHA-256 over the RFC 8785 (JCS) form of the typed record, which a verifier in
+    any language can recompute::
+
+        {"type": "scopegraph.ledger-record.v2", "seq": …, "run_id": …, "kind": …, "at": …,
+         "prev": "<previous record's hash>", "data": {…the record's payload…}}
+
+    Raises:
+        ValueError: ``data`` is not JSON that RFC 8785 can hold.
+    """
+    return _record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, payload=jcs_bytes(data), prev_hash=prev_hash)
+
+
+def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: bytes, prev_hash: str) -> str:
+    # The record's JCS form, with its payload's JCS bytes put in whole (members in JCS order).
+    record = (b'{"at":' + jcs(at) + b',"data":' + payload + b',"kind":' + jcs(kind) + b',"prev":' + jcs(prev_hash)
+              + b',"run_id":' + jcs(run_id) + b',"seq":' + jcs(seq) + b',"type":"' + LEDGER_RECORD_V2.encode()
+              + b'"}')
+    return hashlib.sha256(record).hexdigest()
+
+
+def jcs_bytes(value: Any) -> bytes:
+    """``canonical.jcs(value)``, faster for the usual payload: when it holds no float and no key
+    with a character from U+D800 on, Python's sorted compact JSON is the same bytes (strings are
+    escaped alike, and key order by code point is key order by UTF-16 unit there).
+
+    Raises:
+        ValueError: as ``canonical.jcs``.
+    """
+    if _plain(value, 0):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    return jcs(value)
+
+
+def _plain(value: Any, depth: int) -> bool:
+    if isinstance(value, str):
+        return not any("\ud800" <= ch <= "\udfff" for ch in value) if not value.isascii() else True
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) <= _MAX_EXACT_INT
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and (k.isascii() or max(k) < "\ud800") and _plain(v, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return False  # floats (ECMAScript number form), tuples, anything else: the full JCS
+
+
+def jcs_safe(value: Any) -> Any:
+    """``value`` with what RFC 8785 cannot hold written as text: a lone surrogate escaped, an
+    integer beyond 2**53-1 or a non-finite number as its decimal text, tuples as lists."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= _MAX_EXACT_INT else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(jcs_safe(k)): jcs_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jcs_safe(v) for v in value]
+    raise TypeError(f"a ledger record cannot hold a {type(value).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +145,10 @@ class VerifyResult:
     problem: str | None = None
     bad_seq: int | None = None
     unsigned: int = 0  # records after the signed head (a run in progress): chained, not yet signed
+    problems: tuple[str, ...] = ()  # every problem found (``problem`` is the first)
+    witness_entries: int | None = None  # entries of the witness checked against (None: none checked)
+    signed_answers: int = 0  # approvers' answers whose signatures were checked
+    details: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for a person: what was verified, or the first problem found."""
@@ -74,48 +165,85 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "records": self.records, "signed_seq": self.signed_seq,
-                "unsigned": self.unsigned, "problem": self.problem, "bad_seq": self.bad_seq}
+                "unsigned": self.unsigned, "problem": self.problem, "bad_seq": self.bad_seq,
+                "problems": list(self.problems) or ([self.problem] if self.problem else []),
+                "witness_entries": self.witness_entries, "signed_answers": self.signed_answers}
 
 
 class Ledger:
     """Appends and verifies audit records in the store."""
 
-    def __init__(self, store: Store, *, clock: Clock) -> None:
+    def __init__(self, store: Store, *, clock: Clock, trust: TrustRoots | None = None) -> None:
+        """``trust`` signs and verifies heads and keeps the witness; without it, the store's
+        configured keystore is opened when a head is signed or verified."""
         self.store = store
         self.clock = clock
+        self.trust = trust
 
     def append(self, kind: RecordKind, run_id: str, **data: Any) -> int:
         """Append one record; returns its sequence number. Data must hold no secret."""
         at = self.clock.now()
-        payload = canonical_json(data)
+        payload = jcs_bytes(jcs_safe(data))
 
         def seal(seq: int, prev_hash: str) -> str:
-            return record_hash(seq=seq, run_id=run_id, kind=kind, at=at, data=payload, prev_hash=prev_hash)
+            return _record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, payload=payload, prev_hash=prev_hash)
 
-        return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=payload, seal=seal)
+        return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=payload.decode("utf-8"), seal=seal)
 
-    def sign_head(self, domain: TrustDomain) -> LedgerHead | None:
-        """Sign the current chain head with ``domain``'s key and keep the signature."""
-        last = self.store.ledger_last()
-        if last is None:
-            return None
-        seq, head_hash = last
-        signature = domain.sign({"iss": domain.issuer, "seq": seq, "hash": head_hash,
-                                 "iat": self.clock.now()})
-        head = LedgerHead(seq=seq, hash=head_hash, domain=domain.name, signature=signature)
-        self.store.save_ledger_head(head)
+    def trust_roots(self, *, create: bool = True) -> TrustRoots:
+        """The trust roots heads are signed and verified with: the ones given, or the store's
+        configured keystore (``create=False``: for verifying, making nothing it does not need)."""
+        if self.trust is None:
+            from .trust import TrustRoots
+
+            if not create:  # verifying: makes nothing it does not need
+                return TrustRoots.for_reading(self.store, clock=self.clock)
+            self.trust = TrustRoots.open(self.store, clock=self.clock)
+        return self.trust
+
+    def sign_head(self, domain: TrustDomain | None = None) -> LedgerHead | None:
+        """Witness the current chain head, then sign it with the ledger key and keep the signature.
+
+        The witness entry comes first: a head the store keeps has always been witnessed, and
+        its signature covers the entry's number, so deleting the witness's last lines shows.
+
+        Raises:
+            StoreError: the witness refuses the head (older than, or different from, one it
+                saw: the ledger was rolled back or rewritten) or cannot be written.
+            KeystoreError: the keystore cannot sign.
+        """
+        trust = domain.trust if domain is not None else self.trust_roots()
+        with self.store.atomic():  # one signer at a time (SQLite); the tip as this transaction sees it
+            last = self.store.ledger_last()
+            if last is None:
+                return None
+            seq, head_hash = last
+            if domain is not None:
+                name, issuer = domain.name, domain.issuer
+            else:
+                previous = self.store.ledger_head()
+                name = previous.domain if previous is not None else ""
+                issuer = f"spiffe://{name}"
+            signer = trust.signer("ledger")
+            now = self.clock.now()
+            entry = trust.witness().append(records=seq, head=head_hash, at=now, signer=signer)
+            signature = sign_jwt(signer, {"iss": issuer, "seq": seq, "hash": head_hash, "iat": now,
+                                          "wit": entry.seq})
+            head = LedgerHead(seq=seq, hash=head_hash, domain=name, signature=signature, kid=signer.kid,
+                              witness_seq=entry.seq)
+            self.store.save_ledger_head(head)
+        _witness_event(entry, trust.witness_path)
         return head
 
     def resign_head(self) -> LedgerHead | None:
-        """Sign the current head with the key that signed the last one.
+        """Sign the current head again (after the last signed one), with the current ledger key.
 
         For writers that know no trust domain (the CLI answering an approval): without
         it, records appended after the last signature could be deleted unnoticed.
         """
-        head = self.store.ledger_head()
-        if head is None:
+        if self.store.ledger_head() is None:
             return None
-        return self.sign_head(TrustDomain(head.domain, self.store, clock=self.clock))
+        return self.sign_head(None)
 
     def records(self, run_id: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -123,33 +251,42 @@ class Ledger:
             for r in self.store.ledger_rows(run_id=run_id)
         ]
 
-    def verify(self, run_id: str | None = None) -> VerifyResult:
-        """Check the whole chain and the signed head.
+    def verify(self, run_id: str | None = None, *, witness: WitnessFile | Path | str | None = None,
+               check_witness: bool = True) -> VerifyResult:
+        """Check the whole chain, the signed head, the witness, the store against the ledger,
+        and every signed answer.
 
         With ``run_id``, the chain is still checked end to end (a run's records are
         only as trustworthy as the chain they sit in) and the run must have records.
+        ``witness`` is a witness file to check against (an offline copy); by default the
+        store's own. The first problem is ``problem``; every one is in ``problems``.
         """
         rows = self.store.ledger_rows()
         prev = GENESIS
         expected_seq = 1
         hashes: dict[int, str] = {}
+        v2_from: int | None = None
         for row in rows:
             if row.seq != expected_seq:
                 missing = "missing" if row.seq > expected_seq else "out of order"
                 return _bad(len(rows), None, f"record {expected_seq} is {missing}", expected_seq)
             if row.prev_hash != prev:
                 return _bad(len(rows), None, f"record {row.seq} does not follow record {row.seq - 1}", row.seq)
-            want = record_hash(seq=row.seq, run_id=row.run_id, kind=row.kind, at=row.at,
-                               data=row.data, prev_hash=row.prev_hash)
-            if want != row.hash:
+            version = _record_version(row)
+            if version == 1 and v2_from is not None:
+                version = 0  # a version-1 record after version-2 ones was not written by us
+            if version == 0:
                 return _bad(len(rows), None, f"record {row.seq} ({row.kind}) was altered", row.seq)
+            if version == 2 and v2_from is None:
+                v2_from = row.seq
             hashes[row.seq] = row.hash
             prev = row.hash
             expected_seq += 1
+        trust = self.trust_roots(create=False)
         head = self.store.ledger_head()
         signed_seq = None
         if head is not None:
-            problem = self._check_head(head, hashes)
+            problem = self._check_head(head, hashes, trust)
             if problem:
                 bad = head.seq if head.seq in hashes else len(rows) + 1
                 return _bad(len(rows), head.seq, problem, bad)
@@ -158,10 +295,32 @@ class Ledger:
             problem = self._missing_head(rows)
             if problem:
                 return _bad(len(rows), None, problem, 1 if rows else None)
+        problems: list[str] = []
+        witness_entries = None
+        if check_witness:
+            file = witness if isinstance(witness, WitnessFile) else (
+                WitnessFile(witness, keys=trust.witness().keys) if witness is not None else trust.witness())
+            report = file.verify_against(
+                None if head is None else WitnessedHead(records=head.seq, hash=head.hash,
+                                                        witness_seq=head.witness_seq),
+                ledger_hashes=hashes)
+            problems.extend(f"witness {file.path}: {p}" for p in report.problems)
+            witness_entries = report.entries
+        from .ledger_checks import check_answers, check_store_against_ledger
+
+        parsed = [(r.seq, r.run_id, r.kind, json.loads(r.data)) for r in rows]
+        problems.extend(check_store_against_ledger(self.store, parsed))
+        answer_problems, signed_answers = check_answers(self.store, trust, parsed)
+        problems.extend(answer_problems)
         if run_id is not None and not any(r.run_id == run_id for r in rows):
-            return _bad(len(rows), signed_seq, f"no ledger records for run {run_id!r}", None)
+            problems.append(f"no ledger records for run {run_id!r}")
+        if problems:
+            return VerifyResult(ok=False, records=len(rows), signed_seq=signed_seq, problem=problems[0],
+                                problems=tuple(problems), witness_entries=witness_entries,
+                                unsigned=len(rows) - (signed_seq or 0))
         return VerifyResult(ok=True, records=len(rows), signed_seq=signed_seq,
-                            unsigned=len(rows) - (signed_seq or 0))
+                            unsigned=len(rows) - (signed_seq or 0), witness_entries=witness_entries,
+                            signed_answers=signed_answers)
 
     def _missing_head(self, rows: list[LedgerRow]) -> str | None:
         """Whether a ledger without a signed head lost it: something in the chain or the
@@ -179,22 +338,50 @@ class Ledger:
                     f"is {settled.status}, which signs it")
         return None
 
-    def _check_head(self, head: LedgerHead, hashes: dict[int, str]) -> str | None:
-        key = load_domain_public_key(self.store, head.domain)
-        if key is None:
-            return f"the signed head names unknown trust domain {head.domain!r}"
-        try:
-            claims = jwt.decode(head.signature, key, algorithms=["EdDSA"],
-                                options={"verify_exp": False, "verify_iat": False, "verify_aud": False})
-        except jwt.PyJWTError:
+    def _check_head(self, head: LedgerHead, hashes: dict[int, str], trust: TrustRoots) -> str | None:
+        keys = trust.head_keys(head.kid, head.seq)
+        if not keys:
+            return f"the signed head names key {head.kid!r}, which is not a ledger key of this store's keystore"
+        claims = None
+        for key in keys:
+            try:
+                claims = jwt.decode(head.signature, key.public_key, algorithms=[key.algorithm],
+                                    options={"verify_exp": False, "verify_iat": False, "verify_aud": False})
+            except jwt.PyJWTError:
+                continue
+            break
+        if claims is None:
             return "the signature on the ledger head does not verify"
         if claims.get("seq") != head.seq or claims.get("hash") != head.hash:
             return "the ledger head does not match its signature"
+        if head.kid is not None and claims.get("wit") != head.witness_seq:
+            return "the ledger head's witness entry does not match its signature"
         if head.seq not in hashes:
             return f"the ledger was truncated: the signed head is record {head.seq}, the ledger ends at {len(hashes)}"
         if hashes[head.seq] != head.hash:
             return f"record {head.seq} differs from the signed head"
         return None
+
+
+def _record_version(row: LedgerRow) -> int:
+    """Which layout made ``row``'s hash: 2 (RFC 8785), 1 (before it), or 0 (neither: altered)."""
+    try:
+        data = json.loads(row.data)
+        if record_hash_v2(seq=row.seq, run_id=row.run_id, kind=row.kind, at=row.at, data=data,
+                          prev_hash=row.prev_hash) == row.hash:
+            return 2
+    except ValueError:
+        pass
+    if record_hash(seq=row.seq, run_id=row.run_id, kind=row.kind, at=row.at, data=row.data,
+                   prev_hash=row.prev_hash) == row.hash:
+        return 1
+    return 0
+
+
+def _witness_event(entry: WitnessEntry, path: Path) -> None:
+    """A copy of the witness entry for the operator's telemetry backend (a span event)."""
+    tr.witness_event(seq=entry.seq, records=entry.records, head=entry.head, kid=entry.kid, sig=entry.sig,
+                     at=entry.at, prev=entry.prev, path=str(path))
 
 
 def _bad(records: int, signed: int | None, problem: str, seq: int | None) -> VerifyResult:

@@ -14,11 +14,14 @@ import os
 import select
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .approvals import ApprovalRequest, ApprovalService, answer_text, shown
+from .approvers import Decision, load_private_key, sign_answer
 from .display import printable_lines
-from .errors import ApprovalError
+from .errors import ApprovalError, ConfigError
 
 
 def relative(seconds: float) -> str:
@@ -135,12 +138,14 @@ class _Prompt:
     """One request at the terminal, kept in step with the store."""
 
     def __init__(self, service: ApprovalService, a: ApprovalRequest, ask: Callable[[str], str] | None,
-                 out: TextIO, reader: TerminalReader | None) -> None:
+                 out: TextIO, reader: TerminalReader | None,
+                 key_for: Callable[[str], Ed25519PrivateKey | None] | None = None) -> None:
         self.service = service
         self.id = a.id
         self.ask = ask
         self.out = out
         self.reader = reader
+        self.key_for = key_for
         self.current = service.get(a.id)  # read again: it may have been answered since it was listed
 
     def _now(self) -> float:
@@ -220,10 +225,16 @@ class _Prompt:
             if name is None or reason is None:
                 return True
             try:
+                signature = self._signature(name, "approve" if choice.startswith("a") else "deny", reason)
+                if signature is False:
+                    return True  # answered elsewhere while the key was asked for
                 if choice.startswith("a"):
-                    updated = self.service.approve(self.id, approver=name, reason=reason)
+                    updated = self.service.approve(self.id, approver=name, reason=reason, signature=signature)
                 else:
-                    updated = self.service.deny(self.id, approver=name, reason=reason)
+                    updated = self.service.deny(self.id, approver=name, reason=reason, signature=signature)
+            except ConfigError as exc:  # no key, or one that cannot be read
+                self._say(f"not recorded: {exc}")
+                continue
             except ApprovalError as exc:
                 if not self._refresh():  # answered elsewhere meanwhile: said above, by whom
                     return True
@@ -238,6 +249,27 @@ class _Prompt:
             return True
 
 
+    def _signature(self, name: str, decision: Decision, reason: str) -> str | None | Literal[False]:
+        """The signature of ``name``'s answer when answers must be signed (``None`` when not;
+        ``False`` when the request was answered elsewhere meanwhile). The key is the one
+        ``key_for`` finds for ``name``, else the file the person names.
+
+        Raises:
+            ConfigError: the key file cannot be read or is not an Ed25519 key.
+        """
+        if not self.service.signatures_required(self.current):
+            return None
+        key = self.key_for(name) if self.key_for is not None else None
+        if key is None:
+            path = self._ask(f"answers are signed: {shown(name)}'s private key file: ")
+            if path is None:
+                return False
+            key = load_private_key(os.path.expanduser(path))
+        self._say(f"signing as {shown(name)}")
+        return sign_answer(key, approval_id=self.id, digest=self.current.digest, decision=decision,
+                           approver=name, reason=reason)
+
+
 def _signature(a: ApprovalRequest, now: float) -> tuple[Any, ...]:
     return (a.effective_status(now), len(a.approvals), a.denial is not None)
 
@@ -250,16 +282,19 @@ def prompt_for(
     out: TextIO,
     stdin: TextIO | int | None = None,
     poll: float = 1.0,
+    key_for: Callable[[str], Ed25519PrivateKey | None] | None = None,
 ) -> bool:
     """Ask about one request until it is no longer pending or the person skips it.
 
     Without ``ask`` the answers are read from ``stdin`` (default ``sys.stdin``), with
     the questions written to ``out``, and the store is watched while the prompt waits.
+    When answers must be signed (approvers are enrolled), the answer is signed with the
+    key ``key_for`` finds for the name given, else with a key file the prompt asks for.
     Returns ``True`` once the request is answered (here or elsewhere) or has expired,
     ``False`` while it is still pending (skipped, or the input ended).
     """
     reader = None if ask is not None else TerminalReader(stdin if stdin is not None else sys.stdin, out, poll=poll)
-    return _Prompt(service, a, ask, out, reader).run()
+    return _Prompt(service, a, ask, out, reader, key_for).run()
 
 
 def approval_json(a: ApprovalRequest, now: float) -> dict[str, Any]:

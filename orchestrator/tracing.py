@@ -15,6 +15,7 @@ also gets ``error.type`` and an ``exception`` event carrying the scrubbed messag
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -51,6 +52,8 @@ TOKEN_EXCHANGE = "scopegraph.token.exchange"  # a step grant exchanged for a dow
 # events
 DENIED_EVENT = "scopegraph.denied"           # a call or step denied: policy ids and reason
 EXCEPTION_EVENT = "exception"                # OpenTelemetry's exception event, scrubbed
+WITNESS_EVENT = "scopegraph.witness.entry"   # a signed ledger head, as appended to the witness
+WITNESS_LOGGER = "scopegraph.witness"         # the same, as a log record, when no span is current
 
 # OpenTelemetry semantic convention attributes
 ERROR_TYPE = "error.type"
@@ -97,6 +100,7 @@ _propagator = TraceContextTextMapPropagator()
 # A proxy until the application installs a provider, then it delegates to the real one,
 # so it is safe to create at import time.
 _TRACER = trace.get_tracer(TRACER_NAME)
+_WITNESS_LOG = logging.getLogger(WITNESS_LOGGER)
 
 
 def tracer() -> trace.Tracer:
@@ -145,6 +149,25 @@ def record_denial(s: Span, policy_ids: Iterable[str], reason: str) -> None:
     ids = [str(p) for p in policy_ids]
     s.set_attribute(DECISION_REASON, reason)
     s.add_event(DENIED_EVENT, {POLICY_IDS: ids, DECISION_REASON: reason})
+
+
+def witness_event(*, seq: int, records: int, head: str, kid: str, sig: str, at: float, prev: str,
+                  path: str) -> None:
+    """Copy a witness entry to the operator's telemetry backend, so that it holds a copy the
+    store's writer cannot edit: an event on the current span (a run's, when a run pauses or
+    ends), else a log record on the ``scopegraph.witness`` logger, which OpenTelemetry's
+    logging handler exports when the application installs one (an answer given from the
+    command line, an enrolment). The entry is public (hashes and a signature) and verifies
+    on its own."""
+    attributes: dict[str, str | int | float] = {
+        "scopegraph.witness.seq": seq, "scopegraph.witness.records": records, "scopegraph.witness.head": head,
+        "scopegraph.witness.kid": kid, "scopegraph.witness.sig": sig, "scopegraph.witness.at": at,
+        "scopegraph.witness.prev": prev, "scopegraph.witness.path": path}
+    current = trace.get_current_span()
+    if enabled() and current.is_recording():
+        current.add_event(WITNESS_EVENT, attributes)
+        return
+    _WITNESS_LOG.info("witness entry %d: %d ledger records, head %s", seq, records, head, extra=attributes)
 
 
 def inject_traceparent() -> dict[str, str]:

@@ -37,6 +37,10 @@ class Workflow:
     ``brokers`` names the brokers and secret sources that issue the downstream credentials
     tools declare (``{"postgres": PostgresRoleBroker(url)}``); ``env`` (static secrets from
     ``SCOPEGRAPH_SECRET_*`` variables) is always there.
+    ``require_signed_answers``: every answer to an approval request must be signed by the
+    approver's enrolled key (``scopegraph approvers add``), even before anyone is enrolled
+    (then nobody can answer). Once approvers are enrolled in a store, answers there must be
+    signed whatever this says.
     """
 
     name: str
@@ -55,6 +59,7 @@ class Workflow:
     on_denial: Literal["fail", "continue"] = "fail"
     max_replans: int = 2
     brokers: Mapping[str, SecretBroker] = field(default_factory=dict)
+    require_signed_answers: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -79,6 +84,8 @@ class Workflow:
             raise ConfigError(f"on_denial {self.on_denial!r} must be 'fail' or 'continue'")
         if not _whole(self.max_replans) or self.max_replans < 0:
             raise ConfigError(f"max_replans {self.max_replans!r} must be 0 or more")
+        if not isinstance(self.require_signed_answers, bool):
+            raise ConfigError(f"require_signed_answers {self.require_signed_answers!r} must be True or False")
         if not _whole(self.grant_max_uses) or self.grant_max_uses < 1:
             raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
         _check_brokers(self.brokers)

@@ -75,3 +75,15 @@ def mint_grant(rt: Runtime, tool_name: str, *, constraints: dict[str, Any] | Non
     ctx = CallContext(workflow=wf, run_id=run_id, step_id=step_id, principal=identity, role=role,
                       data_labels=labels)
     return grant, ctx
+
+
+def demo_signature(service: Any, approval_id: str, approver: str, decision: str, reason: str = "") -> str:
+    """``approver``'s signature over an answer, with the key ``scopegraph demo`` made for them
+    (answers to the demo's requests must be signed: it enrols its approvers)."""
+    from scopegraph.approvers import load_private_key, sign_answer
+    from scopegraph.cli_trust import demo_key_path
+
+    a = service.get(approval_id)
+    key = load_private_key(demo_key_path(service.store, approver))
+    return sign_answer(key, approval_id=a.id, digest=a.digest, decision=decision,  # type: ignore[arg-type]
+                       approver=approver, reason=reason)

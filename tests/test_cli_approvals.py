@@ -18,11 +18,13 @@ import pytest
 
 from scopegraph.approvals import ApprovalService
 from scopegraph.cli import main
+from scopegraph.cli_trust import prompt_key_finder
 from scopegraph.clock import SystemClock
 from scopegraph.ledger import Ledger
 from scopegraph.prompt import prompt_for
 from scopegraph.store import open_store
 
+from .helpers import demo_signature
 from .orchestrator.test_approvals import two_person_policy
 
 INITIATOR = "alice"  # the demo allows alice and bob to approve
@@ -63,6 +65,11 @@ def service(cli_store: str) -> Iterator[ApprovalService]:
     store = open_store(cli_store)
     yield ApprovalService(store, clock=SystemClock())
     store.close()
+
+
+def prompt(service: ApprovalService, a: Any, **kwargs: Any) -> bool:
+    """The terminal prompt as the CLI runs it: the demo's approvers sign with the keys it made."""
+    return prompt_for(service, a, key_for=prompt_key_finder(service.store), **kwargs)
 
 
 def _pending_id(record: dict[str, Any]) -> str:
@@ -254,7 +261,7 @@ def test_the_prompt_shows_the_exact_call_and_approves_through_the_service(
     request = service.get(aid)
     out = io.StringIO()
     # The initiator tries first and is refused; then bob approves.
-    answered = prompt_for(service, request, ask=_scripted("a", INITIATOR, "mine", "a", "bob", "checked"), out=out)
+    answered = prompt(service, request, ask=_scripted("a", INITIATOR, "mine", "a", "bob", "checked"), out=out)
     assert answered is True
     shown = out.getvalue()
     assert request.digest in shown
@@ -277,11 +284,11 @@ def test_the_prompt_can_skip_and_insists_on_a_reason_to_deny(
         paused_demo: dict[str, Any], service: ApprovalService) -> None:
     aid = _pending_id(paused_demo)
     out = io.StringIO()
-    assert prompt_for(service, service.get(aid), ask=_scripted("s"), out=out) is False
+    assert prompt(service, service.get(aid), ask=_scripted("s"), out=out) is False
     assert service.get(aid).status == "pending"
 
     out = io.StringIO()
-    answered = prompt_for(service, service.get(aid),
+    answered = prompt(service, service.get(aid),
                           ask=_scripted("x", "d", "bob", "", "d", "bob", "wrong vendor"), out=out)
     assert answered is True
     assert "please answer a, d or s" in out.getvalue()
@@ -474,9 +481,11 @@ def test_the_prompt_reads_the_request_again_before_it_asks(
         paused_demo: dict[str, Any], service: ApprovalService, other_shell: ApprovalService) -> None:
     aid = _pending_id(paused_demo)
     listed = service.get(aid)  # what the terminal listed ...
-    other_shell.approve(aid, approver="bob", reason="done elsewhere")  # ... before another shell answered
+    # ... before another shell answered
+    other_shell.approve(aid, approver="bob", reason="done elsewhere",
+                        signature=demo_signature(other_shell, aid, "bob", "approve", "done elsewhere"))
     out = io.StringIO()
-    assert prompt_for(service, listed, ask=_scripted(), out=out) is True
+    assert prompt(service, listed, ask=_scripted(), out=out) is True
     shown = out.getvalue()
     assert "(approved)" in shown and 'approved by bob: "done elsewhere"' in shown
     assert "nothing to record here" in shown
@@ -487,11 +496,12 @@ def test_skip_after_an_answer_elsewhere_shows_the_current_status(
     aid = _pending_id(paused_demo)
 
     def ask(question: str) -> str:
-        other_shell.approve(aid, approver="bob", reason="done elsewhere")  # while the question is open
+        other_shell.approve(aid, approver="bob", reason="done elsewhere",  # while the question is open
+                            signature=demo_signature(other_shell, aid, "bob", "approve", "done elsewhere"))
         return "s"
 
     out = io.StringIO()
-    assert prompt_for(service, service.get(aid), ask=ask, out=out) is True
+    assert prompt(service, service.get(aid), ask=ask, out=out) is True
     shown = out.getvalue()
     assert 'meanwhile, elsewhere: approved by bob: "done elsewhere"' in shown
     assert f"approval {aid} is approved (1/1 approved)" in shown
@@ -505,11 +515,12 @@ def test_an_answer_typed_after_a_denial_elsewhere_is_not_attempted(
 
     def ask(question: str) -> str:
         if question.startswith("your name"):
-            other_shell.deny(aid, approver="bob", reason="not this vendor")
+            other_shell.deny(aid, approver="bob", reason="not this vendor",
+                             signature=demo_signature(other_shell, aid, "bob", "deny", "not this vendor"))
         return next(script)
 
     out = io.StringIO()
-    assert prompt_for(service, service.get(aid), ask=ask, out=out) is True
+    assert prompt(service, service.get(aid), ask=ask, out=out) is True
     shown = out.getvalue()
     assert 'meanwhile, elsewhere: denied by bob: "not this vendor"' in shown
     assert "not recorded" not in shown and "reason:" not in shown
@@ -520,7 +531,7 @@ def test_the_prompt_asks_two_approvers_in_turn_under_a_two_person_rule(
         paused_payment: dict[str, Any], service: ApprovalService) -> None:
     aid = _pending_id(paused_payment)
     out = io.StringIO()
-    answered = prompt_for(service, service.get(aid), ask=_scripted("a", "alice", "fine", "a", "bob", "ok"), out=out)
+    answered = prompt(service, service.get(aid), ask=_scripted("a", "alice", "fine", "a", "bob", "ok"), out=out)
     assert answered is True
     shown = out.getvalue()
     assert "recorded: approved by alice; 1/2 approved, 1 more approval needed from someone else" in shown

@@ -25,6 +25,7 @@ from scopegraph.cli import main
 from scopegraph.clock import SystemClock
 from scopegraph.store import open_store
 
+from .helpers import demo_signature
 from .orchestrator.test_approvals import two_person_policy
 from .test_cli_approvals import WORKFLOW_FILE
 
@@ -178,6 +179,25 @@ def test_ctrl_c_at_the_prompt_leaves_the_run_paused_says_so_and_exits_130(
 
     # Paused indeed: the request still waits, and the resume command named finishes the run.
     assert other_shell.get(pending.id).status == "pending"
-    other_shell.approve(pending.id, approver="bob")
+    other_shell.approve(pending.id, approver="bob", signature=demo_signature(other_shell, pending.id, "bob", "approve"))
     assert main(["--store", store_url, "resume", pending.run_id, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "completed"
+
+
+def test_the_demo_at_a_terminal_signs_the_answer_with_the_approvers_demo_key(
+        terminal: Any, store_url: str, other_shell: ApprovalService) -> None:
+    """Issue 12: the demo enrols alice and bob; whoever answers at the prompt signs with their key."""
+    t = terminal("--store", store_url, "demo", "--as", "carol")
+    t.expect("[a/d/s] ")
+    t.type("a\n")
+    t.expect("your name: ")
+    t.type("bob\n")
+    t.expect("reason: ")
+    t.type("receipt checked\n")
+    t.expect("signing as bob")
+    t.expect("status=completed")
+    code, err = t.finish()
+    assert code == 0, err
+    assert 'approved by bob: "receipt checked"  [signed, key' in t.seen
+    [answered] = other_shell.list(status="consumed")
+    assert answered.approvals[0].signature and answered.approvals[0].kid

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -66,9 +67,10 @@ NOTE_PLAN = {"steps": [
 
 
 # what must never show --------------------------------------------------------------------
-def _key_forms(key: Ed25519PrivateKey) -> list[str]:
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
+def _key_forms(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> list[str]:
+    raw = (key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption()) if isinstance(key, Ed25519PrivateKey)
+           else key.private_numbers().private_value.to_bytes(32, "big"))
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     b64 = base64.b64encode(raw).decode()
@@ -85,17 +87,20 @@ class Secrets:
     extra: list[str] = field(default_factory=list)
 
     def load_store_keys(self, store_path: Path) -> list[str]:
-        """Every private key in the store, in every form it might be printed in."""
+        """Every private key of the store, in every form it might be printed in. Since issue 12
+        they live in the keystore beside the store (``keys/``); the store must hold none."""
         forms: list[str] = []
         with closing(sqlite3.connect(str(store_path))) as conn:
-            rows = conn.execute("SELECT name, private_pem FROM sg_keys").fetchall()
-        assert rows, "the store holds no keys: nothing to look for"
-        for _, pem in rows:
-            text = bytes(pem).decode()
+            kept = [r for r in conn.execute("SELECT name, private_pem FROM sg_keys").fetchall() if r[1]]
+        assert not kept, "the store holds a private key"
+        pems = [p.read_bytes() for p in sorted((store_path.parent / "keys").glob("*.key"))]
+        assert pems, "the keystore holds no keys: nothing to look for"
+        for pem in pems:
+            text = pem.decode()
             body = [ln for ln in text.splitlines() if ln and not ln.startswith("-----")]
             forms += [text.strip(), "".join(body), *body]
-            key = serialization.load_pem_private_key(bytes(pem), password=None)
-            assert isinstance(key, Ed25519PrivateKey)
+            key = serialization.load_pem_private_key(pem, password=None)
+            assert isinstance(key, Ed25519PrivateKey | ec.EllipticCurvePrivateKey)
             forms += _key_forms(key)
         return forms
 
@@ -508,9 +513,8 @@ def test_the_scan_finds_each_kind_of_material_it_looks_for(
     assert rt.run("read", run_id="self1").status == "completed"
     needles = found.needles(store_path)
     grant = found.tokens[0]
-    with closing(sqlite3.connect(str(store_path))) as conn:
-        (pem,) = conn.execute("SELECT private_pem FROM sg_keys").fetchone()
-    domain_key = serialization.load_pem_private_key(bytes(pem), password=None)
+    pem = (store_path.parent / "keys" / "grant.000001.key").read_bytes()  # the keystore's, not the store's
+    domain_key = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(domain_key, Ed25519PrivateKey)
     planted = [grant, grant.split(".")[2], found.tokens[1], *_key_forms(domain_key), bytes(pem).decode(),
                *_key_forms(found.keys[0]), "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln"]

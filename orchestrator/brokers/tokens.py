@@ -39,11 +39,13 @@ import jwt
 from .. import tracing as tr
 from ..clock import Clock, SystemClock
 from ..credentials import Grant, GrantIssuer
-from ..errors import GrantError, IdentityError, TokenRequestError
-from ..identity import TrustDomain, load_domain_public_key
+from ..errors import GrantError, IdentityError, ScopegraphError, TokenRequestError
+from ..identity import TrustDomain
+from ..keys.signing import sign_jwt
 from ..ledger import Ledger
 from ..store import Store
 from ..store.secrets import SecretRecord
+from ..trust import TrustRoots
 from .service import TOKEN_BROKER
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -142,6 +144,7 @@ class TokenService:
             self.clients[client.client_id] = client
         self.trust_domains = None if trust_domains is None else frozenset(trust_domains)
         self._issuers: dict[str, GrantIssuer] = {}
+        self._trust: TrustRoots | None = None
         self._lock = threading.Lock()
 
     # exchange ---------------------------------------------------------------------------------
@@ -247,7 +250,10 @@ class TokenService:
         try:
             if jwt.get_unverified_header(token).get("typ") != ACCESS_TOKEN_TYP:
                 return None
-            claims = jwt.decode(token, issuer.domain.key.public_key, algorithms=["EdDSA"],
+            key = issuer.domain.grant_key(token)  # the kid it names, among current and previous keys
+            if key is None:
+                return None
+            claims = jwt.decode(token, key.public_key, algorithms=[key.algorithm],
                                 issuer=issuer.domain.issuer, options={
                                     "verify_aud": False, "verify_exp": False, "verify_nbf": False,
                                     "verify_iat": False, "require": ["exp", "iat", "sub", "jti", "aud"]})
@@ -308,14 +314,21 @@ class TokenService:
         except (IdentityError, TokenRequestError):
             return None
 
+    def _trust_roots(self) -> TrustRoots:
+        """The store's trust roots, opened once: an existing keystore only (serving never makes keys)."""
+        if self._trust is None:
+            try:
+                self._trust = TrustRoots.open(self.store, clock=self.clock, create=False)
+            except ScopegraphError as exc:
+                raise TokenRequestError("invalid_grant", f"this store's trust roots cannot be opened: {exc}") from None
+        return self._trust
+
     def _issuer(self, name: str) -> GrantIssuer:
         with self._lock:
             issuer = self._issuers.get(name)
             if issuer is None:
-                # Only a domain whose key is already in the store: a served name never makes one.
-                if load_domain_public_key(self.store, name) is None:
-                    raise TokenRequestError("invalid_grant", f"trust domain {name!r} is not served here")
-                issuer = GrantIssuer(TrustDomain(name, self.store, clock=self.clock), self.store, clock=self.clock)
+                issuer = GrantIssuer(TrustDomain(name, trust=self._trust_roots(), clock=self.clock), self.store,
+                                     clock=self.clock)
                 self._issuers[name] = issuer
         return issuer
 
@@ -333,5 +346,4 @@ def _parse_unverified(token: object) -> dict[str, Any] | None:
 
 def _sign_access_token(domain: TrustDomain, claims: dict[str, Any]) -> str:
     """An RFC 9068 JWT access token signed with the trust domain's key."""
-    return jwt.encode(claims, domain.key.danger_private_key(), algorithm="EdDSA",
-                      headers={"kid": domain.key.kid, "typ": ACCESS_TOKEN_TYP})
+    return sign_jwt(domain.trust.signer("grant"), claims, headers={"typ": ACCESS_TOKEN_TYP})

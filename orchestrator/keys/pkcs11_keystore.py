@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random
 
 from ..errors import KeystoreError
 from .base import PURPOSE_ALGORITHM, Purpose, SignerBase, VerificationKey, check_purpose
@@ -295,11 +296,13 @@ def _connect(key: tuple[str, str], module: str, token_label: str, pin: str) -> _
         except (p11.PKCS11Error, RuntimeError, OSError) as exc:
             raise KeystoreError(f"cannot load PKCS#11 module {module}: {type(exc).__name__}") from None
         try:
-            token = lib.get_token(token_label=token_label)
+            token = _get_token(lib, token_label)
         except p11.NoSuchToken:
             raise KeystoreError(f"no PKCS#11 token labelled {token_label!r} in {module}") from None
         except p11.MultipleTokensReturned:
             raise KeystoreError(f"several PKCS#11 tokens are labelled {token_label!r} in {module}") from None
+        except p11.PKCS11Error as exc:
+            raise KeystoreError(f"cannot find PKCS#11 token {token_label!r}: {type(exc).__name__}") from None
         try:
             session = token.open(rw=True, user_pin=pin)
         except p11.UserAlreadyLoggedIn:  # logged in by other code of this process
@@ -311,6 +314,14 @@ def _connect(key: tuple[str, str], module: str, token_label: str, pin: str) -> _
         connection = _Connection(session=session, pin_digest=pin_digest)
         _CONNECTIONS[key] = connection
         return connection
+
+
+@retry(retry=retry_if_exception_type(p11.GeneralError), stop=stop_after_attempt(5),
+       wait=wait_random(0.02, 0.2), reraise=True)
+def _get_token(lib: Any, token_label: str) -> Any:
+    # A token whose objects another process is writing at that moment can fail to list
+    # (SoftHSM2's file store answers CKR_GENERAL_ERROR): a read, so it is tried again.
+    return lib.get_token(token_label=token_label)
 
 
 def _disconnect(key: tuple[str, str]) -> None:

@@ -35,7 +35,7 @@ from langgraph.types import Send, interrupt
 
 from .. import tracing as tr
 from ..approvals import ApprovalRequest, approval_id
-from ..canonical import action_digest, canonical_json, sha256_hex
+from ..canonical import action_digest_v2, canonical_json, sha256_hex
 from ..constraints import narrows
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
@@ -424,8 +424,8 @@ def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanReque
 def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId,
                       result: CallResult) -> ApprovalRequest:
     wf = rt.workflow
-    digest = action_digest(run_id=payload["run_id"], step_id=step.id, tool=result.tool,
-                           arguments=dict(result.arguments), policy_version=rt.policy.version)
+    digest = action_digest_v2(run_id=payload["run_id"], step_id=step.id, tool=result.tool,
+                              arguments=dict(result.arguments), policy_version=rt.policy.version)
     now = rt.clock.now()
     tool = wf.registry.get_tool(result.tool)
     sequence = len(payload["record"].get("approval_ids") or [])
@@ -440,12 +440,14 @@ def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: Spi
         required_approvals=max(1, result.decision.required_approvals),
         allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
         created_at=now, expires_at=now + wf.approval_ttl,
+        digest_version=2, signed_answers=wf.require_signed_answers,
     ))
     if request.created_at == now:  # new, not found again after a crash
         rt.ledger.append("approval_requested", payload["run_id"], approval_id=request.id,
                          step_id=step.id, tool=result.tool, digest=digest,
                          policy_ids=list(result.decision.policy_ids),
-                         required_approvals=request.required_approvals, expires_at=request.expires_at)
+                         required_approvals=request.required_approvals, expires_at=request.expires_at,
+                         **({"signed_answers": True} if request.signed_answers else {}))
     return request
 
 

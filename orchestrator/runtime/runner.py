@@ -1,7 +1,7 @@
 """``Runtime``: one workflow bound to one store, ready to run tasks.
 
-Building a runtime does the expensive work once: open the store, load or create the
-trust domain key, parse and validate the policies, compile the graph. Each run then
+Building a runtime does the expensive work once: open the store, bind its keystore
+(see ``scopegraph.trust``), parse and validate the policies, compile the graph. Each run then
 only mints, verifies, decides and revokes. Every grant of a run is revoked when the
 run ends, whether it completes, pauses, fails, raises or is cancelled.
 """
@@ -26,18 +26,22 @@ from opentelemetry.context import Context
 
 from .. import tracing as tr
 from ..approvals import ApprovalService
+from ..approvers import Principal, os_principal
 from ..brokers.service import SecretService
 from ..canonical import sha256_hex
 from ..clock import Clock, SystemClock
 from ..credentials import GrantIssuer
+from ..enrolment import ApproverRegistry
 from ..errors import ConfigError, RunBusyError, StoreError
 from ..gateway import Gateway
 from ..identity import TrustDomain
+from ..keys import Keystore
 from ..ledger import Ledger
 from ..plan import Plan
 from ..policy import CedarPolicyEngine, PolicyEngine
 from ..store import RunRecord, SqliteStore, Store, open_store
 from ..store.postgres import PostgresStore, checkpointer_for_postgres
+from ..trust import TrustRoots
 from ..workflow import Workflow
 from .graph import build_graph, final_status
 from .repeat import plan_view
@@ -75,8 +79,12 @@ class Runtime:
         clock: Clock | None = None,
         policy: PolicyEngine | None = None,
         target: str = "",
+        keystore: Keystore | None = None,
     ) -> None:
+        """``keystore`` holds the private keys; by default the one configured for the store
+        (``$SCOPEGRAPH_KEYSTORE``, or ``keys/`` beside a SQLite store: see ``scopegraph.trust``)."""
         self.workflow = workflow
+        self._keystore = keystore
         self.clock = clock or SystemClock()
         self.target = target or workflow.name
         owns_store = store is None or isinstance(store, str)
@@ -93,12 +101,14 @@ class Runtime:
         self.policy = policy or CedarPolicyEngine.from_paths(
             workflow.policies, workflow.registry, schema=workflow.schema, baseline=workflow.baseline
         )
-        self.domain = TrustDomain(workflow.trust_domain, self.store, clock=self.clock)
+        self.trust = TrustRoots.open(self.store, keystore=self._keystore, clock=self.clock)
+        self.domain = TrustDomain(workflow.trust_domain, trust=self.trust, clock=self.clock)
         self.issuer = GrantIssuer(self.domain, self.store, clock=self.clock,
                                   ttl=workflow.grant_ttl, max_uses=workflow.grant_max_uses)
-        self.ledger = Ledger(self.store, clock=self.clock)
+        self.ledger = Ledger(self.store, clock=self.clock, trust=self.trust)
         self.metrics = tr.Metrics()
-        self.approvals = ApprovalService(self.store, clock=self.clock, ledger=self.ledger)
+        self.approvers = ApproverRegistry(self.store, self.trust, clock=self.clock, ledger=self.ledger)
+        self.approvals = ApprovalService(self.store, clock=self.clock, ledger=self.ledger, approvers=self.approvers)
         self.secrets = SecretService(brokers=workflow.brokers, store=self.store, ledger=self.ledger,
                                      clock=self.clock, workflow=workflow.name, metrics=self.metrics,
                                      owner_alive=_owner_alive)
@@ -122,16 +132,24 @@ class Runtime:
 
     def close(self) -> None:
         self._saver_conn.close()
+        self.trust.close()
         self.store.close()
 
-    def run(self, task: str, *, initiator: str = "anonymous", run_id: str | None = None) -> RunReport:
+    def run(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None) -> RunReport:
         """Plan and execute ``task``; return the run record.
 
+        ``initiator`` is who starts the run, an authenticated principal: the operating-system
+        user by default, or one the embedding application passes (a name it vouches for, or
+        a ``Principal``). Nobody answers the run's approvals under any spelling of that name.
+
         Raises:
-            ConfigError: empty task or bad run id.
+            ConfigError: empty task, bad run id, or an invalid initiator name.
         """
         if not task or not task.strip():
             raise ConfigError("the task is empty")
+        principal = (initiator if isinstance(initiator, Principal) else os_principal() if initiator is None
+                     else Principal.of(initiator, authenticated_by="application"))
+        initiator = principal.display
         run_id = run_id or uuid.uuid4().hex
         if not _RUN_ID.match(run_id):
             raise ConfigError(f"invalid run id {run_id!r}")
@@ -147,7 +165,8 @@ class Runtime:
                 status="running", created_at=now, updated_at=now,
             ))
             self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
-                               initiator=initiator, task_digest=sha256_hex(task),
+                               initiator=initiator, initiator_principal=principal.name,
+                               initiator_authenticated_by=principal.authenticated_by, task_digest=sha256_hex(task),
                                planner=str(planner_id), policy_version=self.policy.version)
         # Only what the run needs from the start: every channel written is a row per checkpoint
         # (``steps`` and ``data_labels`` start empty; ``on_denial`` defaults to "fail").

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .base import (
+    ApproverRecord,
     CallRecord,
     GrantRecord,
     GrantState,
@@ -13,6 +14,7 @@ from .base import (
     LedgerRow,
     RunRecord,
     Store,
+    TrustKeyRecord,
     UseRecord,
 )
 from .sqlite import SqliteStore
@@ -49,6 +51,6 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
 
 
 __all__ = [
-    "CallRecord", "DEFAULT_STORE_URL", "GrantRecord", "GrantState", "LedgerHead", "LedgerRow",
-    "RunRecord", "SqliteStore", "Store", "UseRecord", "open_store",
+    "ApproverRecord", "CallRecord", "DEFAULT_STORE_URL", "GrantRecord", "GrantState", "LedgerHead", "LedgerRow",
+    "RunRecord", "SqliteStore", "Store", "TrustKeyRecord", "UseRecord", "open_store",
 ]

@@ -87,6 +87,40 @@ class LedgerHead:
     hash: str
     domain: str
     signature: str
+    kid: str | None = None  # the ledger key that signed it (None: a head signed before keystores)
+    witness_seq: int | None = None  # the witness entry written with it (None: before the witness)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrustKeyRecord:
+    """A public key the store knows, never a private one.
+
+    ``origin`` is ``keystore`` (the keystore holds the private key, or held it before a
+    rotation) or ``migrated`` (the public half of a key an old release kept in the store,
+    vouched for by ``endorsement``, a signature of the keystore's ledger key).
+    """
+
+    purpose: str
+    kid: str
+    generation: int
+    public_jwk: str  # JSON
+    origin: str
+    created_at: float
+    retired_at: float | None = None
+    endorsement: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApproverRecord:
+    """An enrolled approver: normalised name, public key, and the keystore's endorsement of both."""
+
+    name: str
+    display: str
+    public_pem: str
+    kid: str
+    enrolled_at: float
+    endorsement: str
+    removed_at: float | None = None
 
 
 class Store(Protocol):
@@ -154,6 +188,43 @@ class Store(Protocol):
     def save_ledger_head(self, head: LedgerHead) -> None: ...
 
     def ledger_head(self) -> LedgerHead | None: ...
+
+    # trust roots: public keys and approvers (private keys live in a keystore) -----------
+    def trust_keys(self) -> list[TrustKeyRecord]:
+        """Every public key the store records, oldest first."""
+        ...
+
+    def add_trust_key(self, key: TrustKeyRecord) -> bool:
+        """Record ``key`` unless its ``(purpose, kid)`` is recorded; return whether it was added."""
+        ...
+
+    def retire_trust_keys(self, purpose: str, *, keep: str, at: float) -> None:
+        """Mark every unretired key of ``purpose`` except ``keep`` retired at ``at``."""
+        ...
+
+    def legacy_signing_keys(self) -> list[tuple[str, bytes]]:
+        """The private keys an old release kept in ``sg_keys`` (name, PEM), not yet erased."""
+        ...
+
+    def erase_legacy_signing_keys(self) -> int:
+        """Empty ``sg_keys.private_pem`` everywhere; return how many keys were erased.
+
+        Called outside a transaction, the backend also drops the old bytes from its files
+        where it can (SQLite: zeroed pages, WAL checkpointed).
+        """
+        ...
+
+    def lock_trust_keys(self) -> None:
+        """Inside ``atomic()``: hold, until it ends, the lock that serialises making keys."""
+        ...
+
+    def add_approver(self, approver: ApproverRecord) -> bool:
+        """Enrol unless someone of that name is enrolled; return whether it was added."""
+        ...
+
+    def remove_approver(self, name: str, *, at: float) -> bool: ...
+
+    def list_approvers(self, *, include_removed: bool = False) -> list[ApproverRecord]: ...
 
     def upsert_run(self, run: RunRecord) -> None: ...
 

@@ -77,6 +77,20 @@ CREATE TABLE sg_secrets (
 CREATE INDEX sg_secrets_run ON sg_secrets (run_id, step_id);
 CREATE INDEX sg_secrets_state ON sg_secrets (state);
 """),
+    # Issue 12: the store keeps public keys only (private keys live in a keystore), the
+    # approvers enrolled with their public keys, and which key and witness entry a head has.
+    Migration(version=3, name="trust roots outside the store", sql="""
+CREATE TABLE sg_trust_keys (
+    purpose TEXT NOT NULL, kid TEXT NOT NULL, generation ${int} NOT NULL, public_jwk TEXT NOT NULL,
+    origin TEXT NOT NULL, created_at ${float} NOT NULL, retired_at ${float}, endorsement TEXT,
+    PRIMARY KEY (purpose, kid));
+CREATE TABLE sg_approvers (
+    id ${id_pk}, name TEXT NOT NULL, display TEXT NOT NULL, public_pem TEXT NOT NULL, kid TEXT NOT NULL,
+    enrolled_at ${float} NOT NULL, removed_at ${float}, endorsement TEXT NOT NULL);
+CREATE UNIQUE INDEX sg_approvers_enrolled ON sg_approvers (name) WHERE removed_at IS NULL;
+ALTER TABLE sg_ledger_head ADD COLUMN kid TEXT;
+ALTER TABLE sg_ledger_head ADD COLUMN witness_seq ${int};
+"""),
 )
 
 VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS sg_schema_migrations (version INTEGER PRIMARY KEY, "

@@ -52,6 +52,7 @@ CHECKPOINT_SETUP_WAIT_SECONDS = 60
 # Keys of the advisory locks that serialise schema set-up across processes.
 _MIGRATION_LOCK = 0x73675F6D69677261  # "sg_migra"
 _CHECKPOINT_SETUP_LOCK = 0x73675F636B707473  # "sg_ckpts"
+_TRUST_KEYS_LOCK = 0x73675F6B65797321  # "sg_keys!"
 
 
 class PostgresStore(SqlStore):
@@ -156,6 +157,9 @@ class PostgresStore(SqlStore):
 
     def error(self, exc: BaseException, doing: str = "failed") -> StoreError:
         return StoreError(f"store {self.url!r} {doing}: {_one_line(exc, self._secrets)}")
+
+    def _lock_trust_keys(self, tx: Any) -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(%s)", (_TRUST_KEYS_LOCK,))
 
     def close(self) -> None:
         self._pool.close()

@@ -24,12 +24,14 @@ from ..errors import StoreError
 from .base import (
     GRANT_COLUMNS,
     RUN_COLUMNS,
+    ApproverRecord,
     CallRecord,
     GrantRecord,
     GrantState,
     LedgerHead,
     LedgerRow,
     RunRecord,
+    TrustKeyRecord,
     UseRecord,
     grant_from_row,
     lease_holder,
@@ -40,6 +42,8 @@ from .dialect import Dialect
 from .secrets import SecretRecords
 
 _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
+_TRUST_KEY_COLUMNS = "purpose, kid, generation, public_jwk, origin, created_at, retired_at, endorsement"
+_APPROVER_COLUMNS = "name, display, public_pem, kid, enrolled_at, removed_at, endorsement"
 _USE_COLUMNS = "jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at, observed"
 
 
@@ -304,17 +308,86 @@ class SqlStore(SecretRecords):
         with self._tx() as tx:
             # Never move the signed head backwards: a slower signer must not undo a newer one.
             tx.execute(self._q(
-                "INSERT INTO sg_ledger_head (id, seq, hash, domain, signature) VALUES (1, ?, ?, ?, ?) "
+                "INSERT INTO sg_ledger_head (id, seq, hash, domain, signature, kid, witness_seq) "
+                "VALUES (1, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
-                "domain = excluded.domain, signature = excluded.signature "
-                "WHERE excluded.seq >= sg_ledger_head.seq"), (head.seq, head.hash, head.domain, head.signature))
+                "domain = excluded.domain, signature = excluded.signature, kid = excluded.kid, "
+                "witness_seq = excluded.witness_seq "
+                "WHERE excluded.seq >= sg_ledger_head.seq"),
+                (head.seq, head.hash, head.domain, head.signature, head.kid, head.witness_seq))
 
     def ledger_head(self) -> LedgerHead | None:
-        rows = self._rows("SELECT seq, hash, domain, signature FROM sg_ledger_head WHERE id = 1")
+        rows = self._rows("SELECT seq, hash, domain, signature, kid, witness_seq FROM sg_ledger_head WHERE id = 1")
         if not rows:
             return None
         r = rows[0]
-        return LedgerHead(seq=r[0], hash=r[1], domain=r[2], signature=r[3])
+        return LedgerHead(seq=r[0], hash=r[1], domain=r[2], signature=r[3], kid=r[4],
+                          witness_seq=None if r[5] is None else int(r[5]))
+
+    # trust roots: public keys and approvers -------------------------------------------------
+    def trust_keys(self) -> list[TrustKeyRecord]:
+        rows = self._rows(f"SELECT {_TRUST_KEY_COLUMNS} FROM sg_trust_keys ORDER BY created_at, purpose, generation")
+        return [TrustKeyRecord(purpose=r[0], kid=r[1], generation=int(r[2]), public_jwk=r[3], origin=r[4],
+                               created_at=r[5], retired_at=r[6], endorsement=r[7]) for r in rows]
+
+    def add_trust_key(self, key: TrustKeyRecord) -> bool:
+        with self._tx() as tx:
+            cur = tx.execute(self._q(f"INSERT INTO sg_trust_keys ({_TRUST_KEY_COLUMNS}) "
+                                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (purpose, kid) DO NOTHING"),
+                             (key.purpose, key.kid, key.generation, key.public_jwk, key.origin, key.created_at,
+                              key.retired_at, key.endorsement))
+            return bool(cur.rowcount == 1)
+
+    def retire_trust_keys(self, purpose: str, *, keep: str, at: float) -> None:
+        with self._tx() as tx:
+            tx.execute(self._q("UPDATE sg_trust_keys SET retired_at = ? "
+                               "WHERE purpose = ? AND kid <> ? AND retired_at IS NULL"), (at, purpose, keep))
+
+    def legacy_signing_keys(self) -> list[tuple[str, bytes]]:
+        rows = self._rows("SELECT name, private_pem FROM sg_keys ORDER BY name")
+        return [(str(r[0]), bytes(r[1])) for r in rows if r[1] is not None and len(r[1]) > 0]
+
+    def erase_legacy_signing_keys(self) -> int:
+        joined = self._current.tx is not None
+        with self._tx() as tx:
+            cur = tx.execute(self._q("UPDATE sg_keys SET private_pem = ? WHERE LENGTH(private_pem) > 0"), (b"",))
+            erased = int(cur.rowcount)
+        if not joined:
+            self._after_erase()
+        return erased
+
+    def _after_erase(self) -> None:
+        """What a backend does, after a commit, so that erased bytes leave its files."""
+
+    def lock_trust_keys(self) -> None:
+        with self._tx() as tx:
+            self._lock_trust_keys(tx)
+
+    def _lock_trust_keys(self, tx: Tx) -> None:
+        """Hold the lock that serialises making keys until ``tx`` ends (SQLite: its one writer)."""
+
+    def add_approver(self, approver: ApproverRecord) -> bool:
+        with self._tx() as tx:
+            found = tx.execute(self._q("SELECT 1 FROM sg_approvers WHERE name = ? AND removed_at IS NULL"
+                                       "${for_update}"), (approver.name,)).fetchone()
+            if found is not None:
+                return False
+            tx.execute(self._q(f"INSERT INTO sg_approvers ({_APPROVER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                       (approver.name, approver.display, approver.public_pem, approver.kid, approver.enrolled_at,
+                        approver.removed_at, approver.endorsement))
+            return True
+
+    def remove_approver(self, name: str, *, at: float) -> bool:
+        with self._tx() as tx:
+            cur = tx.execute(self._q("UPDATE sg_approvers SET removed_at = ? WHERE name = ? AND removed_at IS NULL"),
+                             (at, name))
+            return bool(cur.rowcount == 1)
+
+    def list_approvers(self, *, include_removed: bool = False) -> list[ApproverRecord]:
+        sql = f"SELECT {_APPROVER_COLUMNS} FROM sg_approvers"
+        rows = self._rows(sql + (" ORDER BY id" if include_removed else " WHERE removed_at IS NULL ORDER BY id"))
+        return [ApproverRecord(name=r[0], display=r[1], public_pem=r[2], kid=r[3], enrolled_at=r[4],
+                               removed_at=r[5], endorsement=r[6]) for r in rows]
 
     # runs ---------------------------------------------------------------------------------
     def upsert_run(self, run: RunRecord) -> None:

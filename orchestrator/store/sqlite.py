@@ -83,6 +83,9 @@ class SqliteStore(SqlStore):
         # WAL + NORMAL: a commit survives a process crash; only an OS crash can
         # lose the last transactions, the trade LangGraph's own saver makes.
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        # What is deleted or overwritten is zeroed in its page (at no extra I/O): an erased
+        # key must not linger in the file's free space.
+        self._conn.execute("PRAGMA secure_delete=FAST")
         self._conn.execute("BEGIN IMMEDIATE")  # the one migrator: waits on the busy timeout
         try:
             if self._has_tables("sg_meta") and not self._has_tables("sg_schema_migrations"):
@@ -136,6 +139,15 @@ class SqliteStore(SqlStore):
         with self._lock:
             try:
                 return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self.error(exc) from exc
+
+    def _after_erase(self) -> None:
+        # Copy the zeroed pages into the database file now and empty the WAL, so the old
+        # bytes are in neither file.
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 raise self.error(exc) from exc
 

@@ -50,6 +50,7 @@ from scopegraph.credentials import DEFAULT_TTL_SECONDS, Grant
 from scopegraph.errors import ConfigError, GrantError, ToolError, ToolExecutionError
 from scopegraph.gateway import GRANT_POLICY_ID, SCOPE_POLICY_ID, CallContext, CallResult, Gateway
 from scopegraph.identity import Bundle
+from scopegraph.keys import VerificationKey
 from scopegraph.tools import ToolRegistry
 
 from ..helpers import mint_grant
@@ -406,7 +407,8 @@ def test_the_verifier_trusts_only_its_keys_and_issuer(runtime: Runtime, clock: F
     grant, _ = mint_grant(runtime, "lookup")
     jwks = runtime.domain.bundle().jwks()
     assert GrantVerifier(jwks, clock=clock).verify(grant.danger_token(), tool="lookup").jti == grant.jti
-    stranger = Bundle(trust_domain="other.test", keys=(Ed25519PrivateKey.generate().public_key(),), kids=("k2",))
+    stranger = Bundle(trust_domain="other.test",
+                      keys=(VerificationKey.of("grant", 1, Ed25519PrivateKey.generate().public_key()),))
     cases = {
         "signed by a key this server does not trust": GrantVerifier(stranger.jwks(), clock=clock),
         "was not issued by 'spiffe://other.test'": GrantVerifier(jwks, issuer="spiffe://other.test", clock=clock),

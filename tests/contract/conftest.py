@@ -88,8 +88,12 @@ def postgres_schema(postgres_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def postgres_store_url(postgres_url: str, postgres_schema: str) -> str:
-    """A store URL whose tables live in the test's own schema."""
+def postgres_store_url(postgres_url: str, postgres_schema: str, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> str:
+    """A store URL whose tables live in the test's own schema, with its own keystore and
+    witness in ``tmp_path`` (a PostgreSQL store's default ones are in the working directory)."""
+    monkeypatch.setenv("SCOPEGRAPH_KEYSTORE", str(tmp_path / "pg-keys"))
+    monkeypatch.setenv("SCOPEGRAPH_WITNESS", str(tmp_path / "pg-witness.jsonl"))
     return with_params(postgres_url, options=f"-csearch_path%3D{postgres_schema}",
                        application_name=postgres_schema)
 

@@ -6,20 +6,27 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import shutil
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import jwt
 import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scopegraph import Runtime
 from scopegraph.agents.demo import build_workflow
 from scopegraph.approvals import ApprovalRequest
 from scopegraph.cli import main
 from scopegraph.clock import FixedClock
+from scopegraph.credentials import MAX_TTL_SECONDS
 from scopegraph.errors import StoreError
 from scopegraph.ledger import Ledger
 from scopegraph.store import Store, open_store
@@ -93,7 +100,7 @@ def test_a_store_written_by_0_1_0_migrates_in_place_with_everything_intact(
         rows = store.ledger_rows()
         assert len(rows) == 73 and store.ledger_last() == (73, rows[-1].hash)
         assert_one_chain(rows)
-        assert store.load_signing_key(DOMAIN_KEY) is not None  # still kept in the store (for now)
+        assert store.load_signing_key(DOMAIN_KEY) is not None  # until a keystore is bound (see below)
         assert all(g.revoked_at is not None for r in statuses(store) for g in store.grants_for_run(r))
         assert len(store.uses_for_run(COMPLETED)) >= 4
     finally:
@@ -113,6 +120,61 @@ def test_a_store_written_by_0_1_0_migrates_in_place_with_everything_intact(
     assert capsys.readouterr().out.startswith("ok: 73 records, hash chain intact, head signed at record 73")
     assert main(["--store", url, "approvals", "list", "--all"]) == 0
     assert PAUSED in capsys.readouterr().out
+
+
+def _key_forms(pem: bytes) -> list[bytes]:
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    body = [line for line in pem.splitlines() if line and not line.startswith(b"-----")]
+    return [raw, raw.hex().encode(), base64.b64encode(raw).rstrip(b"="), *body]
+
+
+def test_binding_a_keystore_moves_the_0_1_0_key_out_and_old_heads_still_verify(
+        old_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12: the key leaves the store (column emptied, no trace of it in the file); its public
+    half stays, vouched for by the new keystore, so the head 0.1.0 signed still verifies."""
+    with closing(sqlite3.connect(f"{old_store.as_uri()}?mode=ro", uri=True)) as conn:
+        [(legacy_pem,)] = conn.execute("SELECT private_pem FROM sg_keys").fetchall()
+    forms = _key_forms(bytes(legacy_pem))
+    before = old_store.read_bytes()
+    assert b"PRIVATE KEY" in before and all(f in before for f in forms[3:])  # the 0.1.0 file holds the PEM
+    url = f"sqlite:///{old_store}"
+    assert main(["--store", url, "audit", "verify"]) == 0  # the first command with a keystore moves the key
+    assert capsys.readouterr().out.startswith("ok: 73 records, hash chain intact, head signed at record 73")
+    with closing(sqlite3.connect(str(old_store))) as conn:
+        assert [bytes(r[0]) for r in conn.execute("SELECT private_pem FROM sg_keys")] == [b""]
+        rows = conn.execute("SELECT purpose, origin, retired_at IS NOT NULL FROM sg_trust_keys "
+                            "ORDER BY origin, purpose").fetchall()
+    assert rows == [("grant", "keystore", 0), ("ledger", "keystore", 0), ("svid", "keystore", 0),
+                    ("grant", "migrated", 1), ("ledger", "migrated", 1)]
+    files = b"".join(p.read_bytes() for p in old_store.parent.glob("scopegraph.db*"))
+    assert b"PRIVATE KEY" not in files
+    assert [f for f in forms if f in files] == []
+    assert sorted(p.name for p in (old_store.parent / "keys").glob("*.key")) == [
+        "grant.000001.key", "ledger.000001.key", "svid.000001.key"]  # new keys: the old one is not imported
+    assert main(["--store", url, "keys", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [k["purpose"] for k in listed if k["state"].startswith("migrated")] == ["grant", "ledger"]
+    # A key put back into the column later is not adopted: the store refuses to open.
+    with closing(sqlite3.connect(str(old_store), isolation_level=None)) as conn:
+        conn.execute("UPDATE sg_keys SET private_pem = ?", (bytes(legacy_pem),))
+    assert main(["--store", url, "audit", "verify"]) == 2
+    assert "refusing to open" in capsys.readouterr().err
+
+
+def test_grants_the_0_1_0_key_signed_verify_only_until_they_could_have_expired(old_store: Path) -> None:
+    with closing(sqlite3.connect(f"{old_store.as_uri()}?mode=ro", uri=True)) as conn:
+        [(legacy_pem,)] = conn.execute("SELECT private_pem FROM sg_keys").fetchall()
+    legacy = serialization.load_pem_private_key(bytes(legacy_pem), password=None)
+    clock = FixedClock(1_800_000_000.0)
+    with Runtime(build_workflow(), store=f"sqlite:///{old_store}", clock=clock) as rt:
+        raw = legacy.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        token = jwt.encode({"iss": rt.domain.issuer, "sub": "spiffe://x/y", "aud": "tool:lookup_limit"},
+                           legacy, algorithm="EdDSA", headers={"kid": hashlib.sha256(raw).hexdigest()[:16]})
+        assert rt.domain.grant_key(token) is not None  # in flight when the key moved: still verifies
+        clock.advance(MAX_TTL_SECONDS + 1)
+        assert rt.domain.grant_key(token) is None  # past any grant's life: the old key verifies no grant
 
 
 def test_a_run_paused_under_0_1_0_is_approved_and_resumed_to_completion(old_store: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from scopegraph import RunReport, Runtime, ScopegraphError, Workflow, tool
 from scopegraph.agents import DirectExecutor, ScriptedPlanner
-from scopegraph.canonical import action_digest
+from scopegraph.canonical import action_digest_v2 as action_digest  # new requests use layout v2
 from scopegraph.clock import FixedClock
 from scopegraph.errors import ApprovalError, RunBusyError, TransientToolError
 from scopegraph.gateway import RetrySettings

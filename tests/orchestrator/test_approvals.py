@@ -22,7 +22,7 @@ import pytest
 from scopegraph import RunReport, Runtime, Workflow, tool
 from scopegraph.agents import DirectExecutor, ScriptedPlanner
 from scopegraph.approvals import ApprovalRequest, ApprovalService, ApproverRule
-from scopegraph.canonical import action_digest
+from scopegraph.canonical import action_digest_v2 as action_digest  # new requests use layout v2
 from scopegraph.clock import FixedClock
 from scopegraph.errors import ApprovalError
 from scopegraph.gateway import APPROVAL_POLICY_ID, CallContext, CallResult
@@ -359,7 +359,28 @@ def test_the_initiator_of_one_run_may_approve_another_persons_run(rt: Runtime) -
     assert rt.approvals.approve(aid, approver=INITIATOR).status == "approved"
 
 
-@pytest.mark.parametrize("name", ["mallory", "Bob", " bob", "bob ", "", "   "])
+@pytest.mark.parametrize("spelling", ["ALICE", "Alice", "\uff41\uff4c\uff49\uff43\uff45", "ａｌｉｃｅ",
+                                      "\u0041lice", "alice\u200b", " alice", "alice\t"])
+def test_the_initiator_may_not_approve_under_any_spelling(rt: Runtime, spelling: str) -> None:
+    """Issue 12: names are compared after NFKC and case folding; whitespace and format
+    characters are refused outright, never read as someone else."""
+    _, aid = pause(rt)
+    with pytest.raises(ApprovalError, match="may not approve|invalid approver name"):
+        rt.approvals.approve(aid, approver=spelling)
+    with pytest.raises(ApprovalError, match="may not approve|invalid approver name"):
+        rt.approvals.deny(aid, approver=spelling, reason="mine")
+    assert rt.approvals.get(aid).status == "pending"
+
+
+def test_an_allowed_approver_is_the_same_person_under_another_case_or_width(rt: Runtime) -> None:
+    """Issue 12 changes the exact comparison: ``Bob`` and full-width ``ｂｏｂ`` are bob."""
+    _, aid = pause(rt)
+    approved = rt.approvals.approve(aid, approver="\uff22\uff4f\uff42")
+    assert approved.status == "approved" and approved.approvers == ["bob"]
+
+
+# "Bob" was refused here before issue 12 (exact comparison); it is now bob, see above.
+@pytest.mark.parametrize("name", ["mallory", " bob", "bob ", "", "   ", "b\u200bob"])
 def test_an_unlisted_approver_is_refused(rt: Runtime, name: str) -> None:
     _, aid = pause(rt)
     with pytest.raises(ApprovalError):

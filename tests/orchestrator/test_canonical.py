@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from scopegraph.approvers import answer_message
 from scopegraph.canonical import action_digest, action_digest_v2, canonical_json, jcs, jcs_sha256_hex
+from scopegraph.ledger import LEDGER_RECORD_V2, record_hash_v2
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "canonical.json").read_text(encoding="utf-8"))
 
@@ -43,3 +47,57 @@ def test_the_action_digest_v2_vector_is_what_action_digest_v2_computes() -> None
 def test_jcs_refuses_what_other_languages_could_not_reproduce(bad: Any) -> None:
     with pytest.raises(ValueError, match=r"cannot be canonicalised \(RFC 8785\)"):
         jcs(bad)
+
+
+def test_the_ledger_record_v2_vectors_are_what_record_hash_v2_computes_and_chain() -> None:
+    """Issue 12: a verifier elsewhere recomputes each record's hash from the documented layout."""
+    by_name = {v["name"]: v for v in VECTORS["vectors"]}
+    first, second = (json.loads(by_name[n]["input"]) for n in ("ledger-record-v2-layout", "ledger-record-v2-chained"))
+    for record, vector in ((first, by_name["ledger-record-v2-layout"]), (second, by_name["ledger-record-v2-chained"])):
+        assert record.pop("type") == LEDGER_RECORD_V2
+        assert record_hash_v2(seq=record["seq"], run_id=record["run_id"], kind=record["kind"], at=record["at"],
+                              data=record["data"], prev_hash=record["prev"]) == vector["sha256"]
+    assert second["prev"] == by_name["ledger-record-v2-layout"]["sha256"] and first["prev"] == "0" * 64
+
+
+def test_the_approval_answer_vector_is_the_message_approvers_sign() -> None:
+    [vector] = [v for v in VECTORS["vectors"] if v["name"] == "approval-answer-v1-layout"]
+    fields = json.loads(vector["input"])
+    message = answer_message(approval_id=fields["approval_id"], digest=fields["digest"],
+                             decision=fields["decision"], approver=fields["approver"].upper(), reason=fields["reason"])
+    assert message == vector["canonical"].encode("utf-8")  # the approver's name normalised: "BOB" signs as "bob"
+
+
+def test_a_ledger_written_now_hashes_every_record_with_layout_v2(tmp_path: Path) -> None:
+    from scopegraph.clock import FixedClock
+    from scopegraph.ledger import Ledger
+    from scopegraph.store import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.db")
+    try:
+        ledger = Ledger(store, clock=FixedClock(1_800_000_000.5))
+        ledger.append("decision", "r1", step_id="s1", reasons=["caf\u00e9", "\U0001f600"], big=2**60, nan=float("nan"))
+        [row] = store.ledger_rows()
+        data = json.loads(row.data)
+        assert row.data.encode() == jcs(data)  # stored in its RFC 8785 form
+        assert data["big"] == str(2**60) and data["nan"] == "nan"  # what JCS cannot hold, as text
+        assert row.hash == record_hash_v2(seq=1, run_id="r1", kind="decision", at=row.at, data=data,
+                                          prev_hash="0" * 64)
+    finally:
+        store.close()
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_JSON)
+def test_the_ledgers_fast_canonical_form_is_rfc_8785(value: Any) -> None:
+    """The ledger's shortcut (Python's sorted JSON where it is the same bytes) never differs from JCS."""
+    from scopegraph.ledger import jcs_bytes, jcs_safe
+
+    safe = jcs_safe(value)
+    assert jcs_bytes(safe) == jcs(safe)

@@ -11,6 +11,7 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from scopegraph import Runtime, Workflow
 from scopegraph.agents import DirectExecutor
@@ -192,8 +193,8 @@ def test_x509_svid_expires_on_the_domain_clock(store: SqliteStore, clock: FixedC
         domain.verify_x509_svid(cert)
 
 
-# the key: made once, kept in the store, never shown ----------------------------------------
-def test_the_key_persists_in_the_store_across_trust_domain_instances(store_path: Path) -> None:
+# the keys: made once, kept in the keystore (never the store), never shown ----------------------
+def test_the_keys_persist_in_the_keystore_across_trust_domain_instances(store_path: Path) -> None:
     first_store = SqliteStore(store_path)
     first = TrustDomain("example.org", first_store)
     token = first.issue_svid(first.id("agent")).danger_jwt()
@@ -204,9 +205,17 @@ def test_the_key_persists_in_the_store_across_trust_domain_instances(store_path:
         second = TrustDomain("example.org", second_store)
         assert second.key.kid == first.key.kid
         assert second.verify_jwt_svid(token) == first.id("agent")
-        assert TrustDomain("other.org", second_store).key.kid != first.key.kid
+        # Issue 12: the keys are the keystore's, one per purpose, whatever the domain's name;
+        # another domain's issuer still keeps its tokens apart.
+        with pytest.raises(IdentityError, match="JWT-SVID does not verify"):
+            TrustDomain("other.org", second_store).verify_jwt_svid(token)
+        recorded = {(k.purpose, k.kid) for k in second_store.trust_keys()}
+        assert ("grant", first.key.kid) in recorded and {p for p, _ in recorded} == {"grant", "svid", "ledger"}
     finally:
         second_store.close()
+    assert b"PRIVATE KEY" not in store_path.read_bytes()
+    assert sorted(p.name for p in (store_path.parent / "keys").iterdir() if p.suffix == ".key") == [
+        "grant.000001.key", "ledger.000001.key", "svid.000001.key"]
 
 
 def test_bundle_jwks_holds_the_public_key_only(domain: TrustDomain) -> None:
@@ -226,22 +235,27 @@ def test_bundle_jwks_holds_the_public_key_only(domain: TrustDomain) -> None:
     assert claims["sub"] == "spiffe://example.org/agent"
 
 
-def test_reprs_never_show_keys_or_tokens(domain: TrustDomain) -> None:
-    private = domain.key.danger_private_key()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                serialization.NoEncryption())
-    secrets = [pem, pem.splitlines()[1], raw.hex(), base64.b64encode(raw).decode(),
-               base64.urlsafe_b64encode(raw).rstrip(b"=").decode()]
+def test_reprs_never_show_keys_or_tokens(domain: TrustDomain, store_path: Path) -> None:
+    secrets = []
+    for path in (store_path.parent / "keys").glob("*.key"):
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = path.read_text()
+        raw = (private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption()) if isinstance(private, Ed25519PrivateKey)
+               else private.private_numbers().private_value.to_bytes(32, "big"))  # type: ignore[union-attr]
+        secrets += [pem.splitlines()[1], raw.hex(), base64.b64encode(raw).decode(),
+                    base64.urlsafe_b64encode(raw).rstrip(b"=").decode()]
+    assert len(secrets) == 12
     svid = domain.issue_svid(domain.id("agent"))
     token = svid.danger_jwt()
+    signers = [domain.trust.signer(p) for p in ("grant", "svid", "ledger")]
     shown = " ".join([repr(domain.key), str(domain.key), repr(domain), str(domain), repr(svid),
-                      str(svid), repr(domain.bundle())])
+                      str(svid), repr(domain.bundle()), repr(domain.trust), repr(domain.trust.keystore),
+                      *map(repr, signers), *map(str, signers)])
     for secret in secrets:
         assert secret not in shown
     assert token not in shown and token.split(".")[2] not in shown
-    assert "redacted" in repr(domain.key) and "redacted" in repr(svid)
+    assert all("redacted" in repr(s) for s in signers) and "redacted" in repr(svid)
 
 
 def test_a_tool_handle_never_shows_its_grant(runtime: Runtime) -> None:

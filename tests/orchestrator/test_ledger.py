@@ -28,7 +28,8 @@ from scopegraph.agents import DirectExecutor
 from scopegraph.cli import main
 from scopegraph.clock import FixedClock
 from scopegraph.identity import TrustDomain
-from scopegraph.ledger import GENESIS, Ledger, VerifyResult, record_hash
+from scopegraph.keys import FileKeystore
+from scopegraph.ledger import GENESIS, Ledger, VerifyResult, record_hash_v2
 from scopegraph.roles import StepContext
 from scopegraph.store import SqliteStore
 
@@ -120,7 +121,7 @@ def _rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
 def _rehash(conn: sqlite3.Connection, seq: int, data: str, prev: str) -> str:
     _, run_id, kind, at, *_ = conn.execute(
         "SELECT seq, run_id, kind, at FROM sg_ledger WHERE seq = ?", (seq,)).fetchone()
-    new = record_hash(seq=seq, run_id=run_id, kind=kind, at=at, data=data, prev_hash=prev)
+    new = record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=json.loads(data), prev_hash=prev)
     conn.execute("UPDATE sg_ledger SET data = ?, prev_hash = ?, hash = ? WHERE seq = ?", (data, prev, new, seq))
     return new
 
@@ -157,7 +158,8 @@ def test_every_hop_of_a_run_is_a_record_in_one_chain(audited: Audited, db: sqlit
     prev = GENESIS
     for seq, run_id, kind, at, data, prev_hash, hsh in rows:
         assert prev_hash == prev, f"record {seq} does not point at its predecessor"
-        assert hsh == record_hash(seq=seq, run_id=run_id, kind=kind, at=at, data=data, prev_hash=prev_hash)
+        assert hsh == record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=json.loads(data),
+                                     prev_hash=prev_hash)
         prev = hsh
     assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
     kinds = [r[2] for r in rows if r[1] == "note1"]
@@ -171,14 +173,13 @@ def test_every_hop_of_a_run_is_a_record_in_one_chain(audited: Audited, db: sqlit
     assert read_kinds[0] == "run_started" and read_kinds[-1] == "run_ended"
 
 
-def test_the_signed_head_is_signed_by_the_trust_domain(audited: Audited, db: sqlite3.Connection) -> None:
-    seq, hsh, domain, signature = db.execute("SELECT seq, hash, domain, signature FROM sg_ledger_head").fetchone()
-    store = SqliteStore(audited.path)
-    try:
-        public = TrustDomain(domain, store).key.public_key
-    finally:
-        store.close()
-    claims = jwt.decode(signature, public, algorithms=["EdDSA"], options={"verify_aud": False, "verify_iat": False})
+def test_the_signed_head_is_signed_by_the_keystores_ledger_key(audited: Audited, db: sqlite3.Connection) -> None:
+    seq, hsh, kid, signature = db.execute("SELECT seq, hash, kid, signature FROM sg_ledger_head").fetchone()
+    keystore = FileKeystore(audited.path.parent / "keys")
+    [public] = [k for k in keystore.verification_keys("ledger") if k.kid == kid]
+    assert jwt.get_unverified_header(signature)["kid"] == kid
+    claims = jwt.decode(signature, public.public_key, algorithms=["EdDSA"],
+                        options={"verify_aud": False, "verify_iat": False})
     assert claims["seq"] == seq and claims["hash"] == hsh
     last = _rows(db)[-1]
     assert (seq, hsh) == (last[0], last[6]), "the head is the last record once the runs ended"
@@ -397,7 +398,9 @@ def test_audit_verify_on_a_fresh_store_is_ok_with_no_records(store_url: str,
     code, out, _ = audit_cli(capsys, store_url, "--json")
     assert code == 0
     assert json.loads(out) == {"ok": True, "records": 0, "signed_seq": None, "unsigned": 0,
-                               "problem": None, "bad_seq": None}
+                               "problem": None, "bad_seq": None,
+                               # issue 12: every problem, the witness checked against, signed answers
+                               "problems": [], "witness_entries": 0, "signed_answers": 0}
 
 
 # concurrency -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from scopegraph import Runtime, Workflow, tool
 from scopegraph.agents import DirectExecutor, ScriptedPlanner
 from scopegraph.cli import main
 from scopegraph.clock import FixedClock
-from scopegraph.ledger import Ledger, VerifyResult, record_hash
+from scopegraph.ledger import Ledger, VerifyResult, record_hash_v2
 from scopegraph.store import RunRecord, SqliteStore
 
 RUN_ID = "cut1"
@@ -84,7 +84,10 @@ def cut_off(cut_off_template: Path, store_path: Path) -> Path:
     (A copy of one killed run's files, write-ahead log included, for each test.)"""
     store_path.parent.mkdir(parents=True, exist_ok=True)
     for f in cut_off_template.parent.iterdir():
-        shutil.copy(f, store_path.parent / f.name.replace(cut_off_template.name, store_path.name))
+        if f.is_dir():  # the keystore beside the store
+            shutil.copytree(f, store_path.parent / f.name)
+        else:
+            shutil.copy(f, store_path.parent / f.name.replace(cut_off_template.name, store_path.name))
     return store_path
 
 
@@ -147,7 +150,7 @@ def _rehash_edit(conn: sqlite3.Connection) -> tuple[int, str]:
         "SELECT seq, run_id, kind, at, data, prev_hash FROM sg_ledger WHERE kind = 'plan'").fetchall()
     forged = data.replace('"read_and_die"', '"something_else"')
     assert forged != data
-    new = record_hash(seq=seq, run_id=run_id, kind=kind, at=at, data=forged, prev_hash=prev)
+    new = record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=json.loads(forged), prev_hash=prev)
     conn.execute("UPDATE sg_ledger SET data = ?, hash = ? WHERE seq = ?", (forged, new, seq))
     return seq + 1, f"record {seq + 1} does not follow record {seq}"
 

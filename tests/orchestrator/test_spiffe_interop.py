@@ -65,9 +65,9 @@ def test_py_spiffe_validates_our_jwt_svids(domain: TrustDomain) -> None:
 def test_py_spiffe_refuses_a_jwt_svid_of_another_domain_key_or_audience(domain: TrustDomain,
                                                                        tmp_path: Path) -> None:
     token = domain.issue_svid(domain.id("agent")).danger_jwt()
-    other_store = SqliteStore(tmp_path / "other.db")
+    other_store = SqliteStore(tmp_path / "other" / "store.db")
     try:
-        impostor = TrustDomain("example.org", other_store)  # same name, other keys
+        impostor = TrustDomain("example.org", other_store)  # same name, other keys (its own keystore)
         with pytest.raises(AuthorityNotFoundError):
             spiffe.JwtSvid.parse_and_validate(token, _jwt_bundle(impostor), {"scopegraph"})
     finally:
@@ -102,15 +102,15 @@ def test_py_spiffe_validates_our_x509_svids(domain: TrustDomain, tmp_path: Path)
 def test_py_spiffe_refuses_a_leaf_without_digital_signature_usage(domain: TrustDomain) -> None:
     """What our leaves lacked before: the X.509-SVID standard requires the key usage."""
     leaf_key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
+    cert = sign_certificate(x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scopegraph")]))
             .issuer_name(domain.ca_certificate.subject).public_key(leaf_key.public_key())
             .serial_number(1).not_valid_before(domain.ca_certificate.not_valid_before_utc)
             .not_valid_after(domain.ca_certificate.not_valid_after_utc)
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://example.org/a")]),
                            critical=True)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(domain.key.danger_private_key(), None))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True),
+            domain.trust.signer("svid"))
     key_pem = leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption())
     with pytest.raises(InvalidLeafCertificateError, match="KeyUsage"):
@@ -193,21 +193,24 @@ def _utc(timestamp: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc)
 
 
-def test_the_jwt_svid_key_is_derived_not_stored_and_never_shown(domain: TrustDomain, tmp_path: Path) -> None:
-    key = domain.jwt_svid_key
-    private = key.danger_private_key()
+def test_the_svid_key_is_the_keystores_not_the_stores_and_never_shown(domain: TrustDomain, tmp_path: Path) -> None:
+    signer = domain.trust.signer("svid")
+    private_pem = (tmp_path / "keys" / "svid.000001.key").read_bytes()
+    private = serialization.load_pem_private_key(private_pem, password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and signer.public_pem() == private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     scalar = format(private.private_numbers().private_value, "x")
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    shown = " ".join([repr(key), str(key), repr(domain), json.dumps(domain.jwt_svid_bundle())])
-    assert scalar not in shown and pem.splitlines()[1] not in shown and key.kid in shown
-    again = SqliteStore(tmp_path / "store.db")  # as another process would: the same key, from the same seed
+    shown = " ".join([repr(signer), str(signer), repr(domain), json.dumps(domain.jwt_svid_bundle())])
+    assert scalar not in shown and private_pem.decode().splitlines()[1] not in shown and signer.kid in shown
+    again = SqliteStore(tmp_path / "store.db")  # as another process would: the same key, from the keystore
     try:
-        assert TrustDomain("example.org", again).jwt_svid_key.kid == key.kid
+        assert TrustDomain("example.org", again).trust.signer("svid").kid == signer.kid
+        assert [k.kid for k in again.trust_keys() if k.purpose == "svid"] == [signer.kid]  # its public half only
     finally:
         again.close()
-    other = SqliteStore(tmp_path / "other.db")
+    assert b"PRIVATE KEY" not in (tmp_path / "store.db").read_bytes()
+    other = SqliteStore(tmp_path / "other" / "other.db")  # another directory: another keystore
     try:
-        assert TrustDomain("example.org", other).jwt_svid_key.kid != key.kid
+        assert TrustDomain("example.org", other).trust.signer("svid").kid != signer.kid
     finally:
         other.close()
