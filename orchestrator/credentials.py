@@ -97,6 +97,8 @@ class GrantIssuer:
         # revocation or use checks. Bounded; entries leave when their grant is revoked.
         self._signed: OrderedDict[str, Grant] = OrderedDict()
         self._signed_lock = threading.Lock()
+        # Grants minted with ``deferred=True`` whose row may not be in the store yet.
+        self._unwritten: dict[str, GrantRecord] = {}
     def mint(
         self,
         *,
@@ -108,8 +110,14 @@ class GrantIssuer:
         constraints: Mapping[str, Any],
         act: Mapping[str, Any],
         parent: Grant | None = None,
+        deferred: bool = False,
     ) -> Grant:
         """Sign a grant for one step and record it; the store learns its facts, not its token.
+
+        With ``deferred``, the grant's row is not written now but by ``write_unwritten``,
+        inside the transaction of the grant's first use (or of its revocation): until then
+        the store does not know the grant, so it is unusable (``consume_use`` finds no row
+        and refuses it), and a crash before that write loses nothing that was used.
 
         With ``parent`` (delegation), the new grant must lie inside the parent's scope:
         same tool, every constraint narrowing the parent's, no argument the parent does
@@ -150,10 +158,15 @@ class GrantIssuer:
             "wf": workflow,
         }
         token = self.domain.sign(claims)
-        self.store.add_grant(GrantRecord(
+        record = GrantRecord(
             jti=jti, run_id=run_id, step_id=step_id, tool=tool, subject=str(subject),
             issued_at=now, expires_at=expires_at, max_uses=self.max_uses,
-        ))
+        )
+        if deferred:
+            with self._signed_lock:
+                self._unwritten[jti] = record
+        else:
+            self.store.add_grant(record)
         grant = Grant(
             jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
             constraints=_CONSTRAINTS.validate_python(serial) if _needs_parse(constraints) else dict(constraints),
@@ -234,6 +247,23 @@ class GrantIssuer:
         with self._signed_lock:
             for token in [t for t, g in self._signed.items() if g.jti == jti]:
                 del self._signed[token]
+            self._unwritten.pop(jti, None)
+
+    def write_unwritten(self, jti: str) -> bool:
+        """Write the row of a grant minted with ``deferred=True``, in the caller's transaction.
+
+        Returns whether this call wrote it (the caller then audits the mint in the same
+        transaction); ``False`` when it is written already or was never deferred.
+        """
+        with self._signed_lock:
+            record = self._unwritten.get(jti)
+        if record is None:
+            return False
+        if self.store.add_grant(record, if_absent=True):
+            return True  # kept until seen in the store: this transaction may yet roll back
+        with self._signed_lock:
+            self._unwritten.pop(jti, None)
+        return False
 
     def consume_use(self, grant: Grant) -> None:
         """Take one use of ``grant``, atomically with the revocation check.
@@ -256,10 +286,17 @@ class GrantIssuer:
         self._forget(jti)
         return self.store.revoke_grant(jti, reason=reason, at=self.clock.now())
 
-    def revoke_run(self, run_id: str, *, reason: str) -> int:
+    def forget_run(self, run_id: str) -> None:
+        """Drop what this issuer holds of ``run_id``'s grants: their verified tokens, and
+        deferred grants not written yet (which stay unknown to the store: unusable for good)."""
         with self._signed_lock:
             for token in [t for t, g in self._signed.items() if g.run_id == run_id]:
                 del self._signed[token]
+            for jti in [j for j, r in self._unwritten.items() if r.run_id == run_id]:
+                del self._unwritten[jti]
+
+    def revoke_run(self, run_id: str, *, reason: str) -> int:
+        self.forget_run(run_id)
         return self.store.revoke_run(run_id, reason=reason, at=self.clock.now())
 
 

@@ -80,6 +80,7 @@ APPROVAL_STATUS = "scopegraph.approval.status"
 ATTEMPT = "scopegraph.attempt"
 CALL_STATUS = "scopegraph.call.status"
 REVOKED_COUNT = "scopegraph.grant.revoked_count"
+GRANT_REVOKED_WITH_CALL = "scopegraph.grant.revoked_with_call"  # written in the last call's transaction
 
 _propagator = TraceContextTextMapPropagator()
 

@@ -24,6 +24,7 @@ it goes through ``schedule``, a join that routes once all of them have landed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
@@ -35,7 +36,7 @@ from ..canonical import action_digest, canonical_json, sha256_hex
 from ..constraints import narrows
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
-from ..gateway import CallContext, CallResult
+from ..gateway import CallContext, CallResult, StepClosing, grant_minted_fields
 from ..identity import SpiffeId, Svid
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
@@ -55,6 +56,8 @@ from .state import RunState, StepInput
 
 if TYPE_CHECKING:
     from .runner import Runtime
+
+STEP_ENDED = "step ended"  # why a step's grant is revoked when the step ends
 
 
 def build_graph(rt: Runtime) -> StateGraph:
@@ -266,18 +269,15 @@ def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tu
                                  tr.GEN_AI_TOOL_NAME: step.tool}) as s:
         # The step's proof of identity lives no longer than its grant.
         svid = rt.domain.issue_svid(identity, ttl=rt.workflow.grant_ttl)
-        with rt.store.atomic():  # the grant and its audit record land together
-            grant = rt.issuer.mint(
-                subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
-                workflow=rt.workflow.name, constraints=step.constraints,
-                act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
-            )
-            rt.ledger.append("grant_minted", payload["run_id"], step_id=step.id, grant_id=grant.jti,
-                             spiffe_id=str(identity), tool=step.tool, issued_at=grant.issued_at,
-                             expires_at=grant.expires_at,
-                             max_uses=grant.max_uses,
-                             constraints={k: c.model_dump() for k, c in grant.constraints.items()},
-                             act=dict(grant.act))
+        # Signed now; written, with its audit record, in the transaction of its first use
+        # (or of its revocation, for a step that makes no call). Until then the store does
+        # not know it, so it is unusable, and a crash before that loses nothing.
+        grant = rt.issuer.mint(
+            subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
+            workflow=rt.workflow.name, constraints=step.constraints,
+            act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
+            deferred=True,
+        )
         s.set_attribute(tr.GRANT_ID, grant.jti)
         s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
     rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
@@ -288,14 +288,27 @@ def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
             ended: dict[str, Any] | None = None) -> None:
     """Revoke the step's grant; with ``ended``, record the step's outcome in the same write."""
     with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}), rt.store.atomic():
-        revoked = rt.issuer.revoke(grant.jti, reason="step ended")
+        minted = rt.issuer.write_unwritten(grant.jti)  # a step that made no call: written with its end
+        revoked = rt.issuer.revoke(grant.jti, reason=STEP_ENDED)
+        if minted:
+            rt.ledger.append("grant_minted", run_id, **grant_minted_fields(grant))
         if revoked:
-            rt.ledger.append("grant_revoked", run_id, step_id=step.id, grant_id=grant.jti,
-                             reason="step ended")
+            _revoked(rt, run_id, step.id, grant.jti, step.tool)
         if ended is not None and "status" in ended:
             _step_ended(rt, run_id, ended)
-    if revoked:
-        rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
+
+
+def _revoked_with_call(grant: Grant, step: Step) -> None:
+    """The revocation's span for a step that ended with its last call: the revocation was
+    written in that call's transaction, so there is nothing left to do but show it."""
+    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id, tr.GRANT_REVOKED_WITH_CALL: True}):
+        pass
+
+
+def _revoked(rt: Runtime, run_id: str, step_id: str, jti: str, tool: str) -> None:
+    """Audit and count the revocation of a step's grant as its step ends."""
+    rt.ledger.append("grant_revoked", run_id, step_id=step_id, grant_id=jti, reason=STEP_ENDED)
+    rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": tool})
 
 
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
@@ -335,9 +348,11 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
     svid, grant = _mint(rt, payload, step, identity)
     ctx = _call_context(rt, payload, plan, step, identity)
-    handle = ToolHandle(rt.gateway, grant.danger_token(), ctx)
     record: dict[str, Any] = {"step_id": step.id, "tool": step.tool, "spiffe_id": str(identity),
                               "grant_id": grant.jti, "grant_ids": [grant.jti]}
+    sealed: dict[str, Any] = {}
+    closing = _closing(rt, payload, step, identity, record, lambda: handle.calls, sealed)
+    handle = ToolHandle(rt.gateway, grant.danger_token(), ctx, closing=closing)
     children: list[dict[str, Any]] = []
     try:
         rt.workflow.executor.execute(StepContext(
@@ -351,10 +366,10 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     except ReplanRequested as ask:
         record.update(_replan_record(rt, payload, step, ask, handle.calls))
     except NeedsApproval as pause:
-        request = _request_approval(rt, payload, step, identity, pause.result)
-        record.update(status="awaiting_approval", decision="needs_approval",
-                      policy_ids=list(pause.result.decision.policy_ids), reason=pause.result.audit_reason,
-                      approval_id=request.id, approval_ids=[request.id])
+        if pause.result is closing.result:  # asked for in the write that ended the step
+            record.update(sealed)
+        else:
+            record.update(_paused(rt, payload, step, identity, pause.result, []))
     except ScopegraphError as exc:
         record.update(status="failed", decision=None, policy_ids=[], reason=str(exc))
     except Exception as exc:  # an executor bug ends the step, never the run's bookkeeping
@@ -362,7 +377,13 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
         record.update(status="failed", decision=None, policy_ids=[],
                       reason=f"executor raised {type(exc).__name__}")
     finally:
-        _revoke(rt, payload["run_id"], step, grant, ended=record)
+        # A step that ended with its last call has its grant revoked and its outcome
+        # recorded already. Only an executor that did more after that call (raised, or
+        # called again) changes the outcome: the step's end is then recorded again.
+        if closing.result is None or ("status" in record and _ended(record) != _ended({**record, **sealed})):
+            _revoke(rt, payload["run_id"], step, grant, ended=record)
+        else:
+            _revoked_with_call(grant, step)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
     if children:
@@ -373,6 +394,34 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     if labels:
         record["labels"] = labels
     return _with_labels({"steps": {step.id: record}}, labels)
+
+
+def _closing(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, record: dict[str, Any],
+             earlier: Callable[[], list[CallResult]], sealed: dict[str, Any]) -> StepClosing:
+    """How a step ends with its last call (see ``StepClosing``): the outcome of its calls
+    (``earlier`` ones and the last) goes into ``sealed`` and the ledger, in the call's write."""
+
+    def end(result: CallResult, revoked: bool) -> None:
+        if result.status == "needs_approval":
+            outcome = _paused(rt, payload, step, identity, result, record.get("approval_ids") or [])
+        else:
+            outcome = step_outcome([*earlier(), result], step.tool)
+        if revoked:
+            _revoked(rt, payload["run_id"], step.id, result.grant_id or "", step.tool)
+        sealed.clear()
+        sealed.update(outcome)
+        _step_ended(rt, payload["run_id"], {**record, **outcome})
+
+    return StepClosing(reason=STEP_ENDED, end=end)
+
+
+def _paused(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, result: CallResult,
+            approval_ids: list[str]) -> dict[str, Any]:
+    """The outcome of a step whose call waits for a human: the approval request it made."""
+    request = _request_approval(rt, payload, step, identity, result)
+    return {"status": "awaiting_approval", "decision": "needs_approval",
+            "policy_ids": list(result.decision.policy_ids), "reason": result.audit_reason,
+            "approval_id": request.id, "approval_ids": [*approval_ids, request.id]}
 
 
 def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanRequested,
@@ -450,6 +499,12 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     return {**update, **_landed(payload)}
 
 
+def _ended(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What a ``step_ended`` record says of a step."""
+    return (record.get("status"), record.get("decision"), list(record.get("policy_ids") or []),
+            record.get("reason") or "", record.get("approval_id"))
+
+
 def _step_ended(rt: Runtime, run_id: str, record: dict[str, Any]) -> None:
     rt.ledger.append("step_ended", run_id, step_id=record["step_id"], status=record.get("status"),
                      decision=record.get("decision"), policy_ids=list(record.get("policy_ids") or []),
@@ -499,25 +554,31 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
     ctx = _call_context(rt, payload, plan, step, identity, frozenset(record.get("labels") or ()))
+    # The step's one call is its last: it ends in the write that records the call.
+    sealed: dict[str, Any] = {}
+    closing = _closing(rt, payload, step, identity, record, list, sealed)
     ended: dict[str, Any] | None = None
     try:
         if state in ("approved", "consumed"):
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"approval:{approval.id}", approval_id=approval.id)
+                                     call_key=f"approval:{approval.id}", approval_id=approval.id,
+                                     closing=closing)
         else:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"proposal:{approval.id}")
+                                     call_key=f"proposal:{approval.id}", closing=closing)
         record["calls"] = [*record.get("calls", []), _call_summary(result)]
-        if result.status == "needs_approval":
-            request = _request_approval(rt, payload, step, identity, result)
-            record.update(status="awaiting_approval", decision="needs_approval",
-                          policy_ids=list(result.decision.policy_ids), reason=result.audit_reason,
-                          approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
+        if closing.result is not None:
+            record.update(sealed)
+        elif result.status == "needs_approval":
+            record.update(_paused(rt, payload, step, identity, result, record.get("approval_ids") or []))
         else:
             record.update(step_outcome([result], step.tool))
         ended = record
     finally:
-        _revoke(rt, payload["run_id"], step, grant, ended=ended)
+        if closing.result is None:
+            _revoke(rt, payload["run_id"], step, grant, ended=ended)
+        else:
+            _revoked_with_call(grant, step)
     return _with_labels({"steps": {step.id: record}}, _labels([result])), True
 
 

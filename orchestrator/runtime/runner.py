@@ -213,6 +213,7 @@ class Runtime:
         """Revoke every live grant of ``run_id``, and audit it."""
         live = [g.jti for g in self.store.grants_for_run(run_id) if g.revoked_at is None]
         if not live:
+            self.issuer.forget_run(run_id)  # a grant minted but not written yet is dropped
             return 0
         with self.store.atomic():
             count = self.issuer.revoke_run(run_id, reason=reason)

@@ -104,7 +104,10 @@ class Store(Protocol):
         """Store the key unless one exists already; return the key that is stored."""
         ...
 
-    def add_grant(self, grant: GrantRecord) -> None: ...
+    def add_grant(self, grant: GrantRecord, *, if_absent: bool = False) -> bool:
+        """Insert ``grant``; return whether it was inserted. A grant already stored is an
+        error, or with ``if_absent`` a no-op (a deferred grant written by whoever comes first)."""
+        ...
 
     def consume_grant_use(self, jti: str) -> GrantState:
         """Atomically take one use of ``jti`` if it is known, unrevoked and has uses left."""

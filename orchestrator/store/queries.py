@@ -157,12 +157,14 @@ class SqlStore:
         return bytes(row[0])
 
     # grants -------------------------------------------------------------------------------
-    def add_grant(self, grant: GrantRecord) -> None:
+    def add_grant(self, grant: GrantRecord, *, if_absent: bool = False) -> bool:
+        conflict = " ON CONFLICT (jti) DO NOTHING" if if_absent else ""
         with self._tx() as tx:
-            tx.execute(self._q("INSERT INTO sg_grants (jti, run_id, step_id, tool, subject, issued_at, "
-                               "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)"),
-                       (grant.jti, grant.run_id, grant.step_id, grant.tool, grant.subject,
-                        grant.issued_at, grant.expires_at, grant.max_uses))
+            cur = tx.execute(self._q("INSERT INTO sg_grants (jti, run_id, step_id, tool, subject, issued_at, "
+                                     "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)" + conflict),
+                             (grant.jti, grant.run_id, grant.step_id, grant.tool, grant.subject,
+                              grant.issued_at, grant.expires_at, grant.max_uses))
+            return bool(cur.rowcount == 1)
 
     def consume_grant_use(self, jti: str) -> GrantState:
         with self._tx() as tx:
