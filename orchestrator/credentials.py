@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jwt
@@ -249,17 +249,20 @@ class GrantIssuer:
                 del self._signed[token]
             self._unwritten.pop(jti, None)
 
-    def write_unwritten(self, jti: str) -> bool:
+    def write_unwritten(self, jti: str, *, taking_use: bool = False) -> bool:
         """Write the row of a grant minted with ``deferred=True``, in the caller's transaction.
 
+        With ``taking_use``, the row is written with its first use taken (what
+        ``consume_use`` would do next, and cannot refuse for a row just written).
         Returns whether this call wrote it (the caller then audits the mint in the same
-        transaction); ``False`` when it is written already or was never deferred.
+        transaction, and has taken its use); ``False`` when it is written already or was
+        never deferred.
         """
         with self._signed_lock:
             record = self._unwritten.get(jti)
         if record is None:
             return False
-        if self.store.add_grant(record, if_absent=True):
+        if self.store.add_grant(replace(record, uses=1) if taking_use else record, if_absent=True):
             return True  # kept until seen in the store: this transaction may yet roll back
         with self._signed_lock:
             self._unwritten.pop(jti, None)

@@ -478,9 +478,11 @@ class Gateway:
         result: CallResult | None = None
         with self.store.atomic():
             if grant is not None:  # a verified grant bound to this call: the call spends a use
-                minted = self.issuer.write_unwritten(grant.jti)
+                # A grant's first use writes its row (see ``GrantIssuer.mint(deferred=True)``).
+                minted = self.issuer.write_unwritten(grant.jti, taking_use=True)
                 try:
-                    self.issuer.consume_use(grant)
+                    if not minted:
+                        self.issuer.consume_use(grant)
                 except GrantError as exc:
                     decision = Decision.deny(str(exc), GRANT_POLICY_ID)
                 else:

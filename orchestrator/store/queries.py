@@ -7,9 +7,10 @@ driver's errors; this class does the rest, in the words of the backend's ``Diale
 Transactions. Every write method runs in a transaction; inside ``atomic()`` the calls of
 one thread join that one transaction (a nested block is not a savepoint), so a caller can
 put any number of store operations in one commit. Ledger appends inside a transaction are
-chained in order from the tip read (and, on PostgreSQL, locked) at the first append; the
-tip row is written once, just before the commit. A statement that fails dooms its
-transaction, even if the caller catches the error: nothing of it is written.
+chained in order from the tip read (and, on PostgreSQL, locked) at the first append; their
+rows are inserted together, in one statement, before the transaction reads the ledger or
+commits, and the tip row is written once, just before the commit. A statement that fails
+dooms its transaction, even if the caller catches the error: nothing of it is written.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from .base import (
 from .dialect import Dialect
 
 _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
+_LEDGER_ROWS_PER_INSERT = 100  # 7 parameters a row: well under SQLite's and PostgreSQL's limits
 _USE_COLUMNS = "jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at, observed"
 
 
 class Tx:
     """One open transaction: its connection, and where it has moved the ledger's tip to."""
 
-    __slots__ = ("conn", "failed", "tip", "tip_moved", "_store")
+    __slots__ = ("conn", "failed", "tip", "tip_moved", "ledger_rows", "_store")
 
     def __init__(self, store: SqlStore, conn: Any) -> None:
         self._store = store
@@ -53,6 +55,16 @@ class Tx:
         self.failed = False
         self.tip: tuple[int, str] | None = None  # the chain's end as this transaction sees it
         self.tip_moved = False
+        self.ledger_rows: list[tuple[Any, ...]] = []  # appended, not inserted yet
+
+    def flush_ledger(self) -> None:
+        """Insert the ledger rows appended so far, in as few statements as may be."""
+        rows, self.ledger_rows = self.ledger_rows, []
+        for start in range(0, len(rows), _LEDGER_ROWS_PER_INSERT):
+            batch = rows[start:start + _LEDGER_ROWS_PER_INSERT]
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(batch))
+            self.execute(self._store.dialect.sql(f"INSERT INTO sg_ledger ({_LEDGER_COLUMNS}) VALUES {marks}"),
+                         [value for row in batch for value in row])
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement (in the dialect already); a driver error dooms the transaction."""
@@ -120,6 +132,8 @@ class SqlStore:
         self._current.tx = tx
         try:
             yield tx
+            if tx.ledger_rows and not tx.failed:
+                tx.flush_ledger()
             if tx.failed:
                 raise StoreError(f"store {self.url!r} rolled a transaction back after a failed "
                                  "statement; nothing of it was written")
@@ -136,6 +150,8 @@ class SqlStore:
         sql = self.dialect.sql(template)
         joined = self._current.tx
         if joined is not None:
+            if joined.ledger_rows:
+                joined.flush_ledger()  # the transaction reads what it wrote
             return list(joined.execute(sql, params).fetchall())
         return self._read_outside(sql, params)
 
@@ -161,9 +177,9 @@ class SqlStore:
         conflict = " ON CONFLICT (jti) DO NOTHING" if if_absent else ""
         with self._tx() as tx:
             cur = tx.execute(self._q("INSERT INTO sg_grants (jti, run_id, step_id, tool, subject, issued_at, "
-                                     "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)" + conflict),
+                                     "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" + conflict),
                              (grant.jti, grant.run_id, grant.step_id, grant.tool, grant.subject,
-                              grant.issued_at, grant.expires_at, grant.max_uses))
+                              grant.issued_at, grant.expires_at, grant.max_uses, grant.uses))
             return bool(cur.rowcount == 1)
 
     def consume_grant_use(self, jti: str) -> GrantState:
@@ -280,8 +296,7 @@ class SqlStore:
                 tx.tip = (int(tip[0]), str(tip[1]))
             seq, prev = tx.tip[0] + 1, tx.tip[1]
             digest = seal(seq, prev)
-            tx.execute(self._q(f"INSERT INTO sg_ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                       (seq, run_id, kind, at, data, prev, digest))
+            tx.ledger_rows.append((seq, run_id, kind, at, data, prev, digest))
             tx.tip, tx.tip_moved = (seq, digest), True
             return seq
 
