@@ -13,6 +13,7 @@ from .base import (
     LedgerRow,
     RunRecord,
     Store,
+    StoreCounts,
     UseRecord,
 )
 from .sqlite import SqliteStore
@@ -50,5 +51,5 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
 
 __all__ = [
     "CallRecord", "DEFAULT_STORE_URL", "GrantRecord", "GrantState", "LedgerHead", "LedgerRow",
-    "RunRecord", "SqliteStore", "Store", "UseRecord", "open_store",
+    "RunRecord", "SqliteStore", "Store", "StoreCounts", "UseRecord", "open_store",
 ]

@@ -89,10 +89,21 @@ class LedgerHead:
     signature: str
 
 
+@dataclass
+class StoreCounts:
+    """What a store has asked of its database, counted as it goes (for benchmarks and
+    structural tests): every statement sent, ``BEGIN`` and ``COMMIT`` included (each a
+    round trip to a PostgreSQL server), and the transactions committed."""
+
+    statements: int = 0
+    commits: int = 0
+
+
 class Store(Protocol):
     """Everything durable that is not a checkpoint."""
 
     url: str
+    counts: StoreCounts
 
     def atomic(self) -> AbstractContextManager[None]:
         """A transaction that nested store calls (from this thread) join."""

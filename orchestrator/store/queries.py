@@ -31,6 +31,7 @@ from .base import (
     LedgerHead,
     LedgerRow,
     RunRecord,
+    StoreCounts,
     UseRecord,
     grant_from_row,
     lease_holder,
@@ -68,6 +69,7 @@ class Tx:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement (in the dialect already); a driver error dooms the transaction."""
+        self._store.counts.statements += 1
         try:
             return self.conn.execute(sql, params)
         except self._store.driver_errors as exc:
@@ -88,6 +90,7 @@ class SqlStore:
 
     def __init__(self) -> None:
         self._current = _Current()
+        self.counts = StoreCounts()
 
     # what a backend supplies ---------------------------------------------------------------
     def _begin(self) -> Any:
@@ -129,6 +132,7 @@ class SqlStore:
             yield joined
             return
         tx = Tx(self, self._begin())
+        self.counts.statements += 1  # BEGIN
         self._current.tx = tx
         try:
             yield tx
@@ -141,10 +145,13 @@ class SqlStore:
                 tx.execute(self.dialect.sql("UPDATE sg_ledger_tip SET seq = ?, hash = ? WHERE id = 1"), tx.tip)
         except BaseException:
             self._current.tx = None
+            self.counts.statements += 1  # ROLLBACK
             self._end(tx.conn, commit=False)
             raise
         self._current.tx = None
+        self.counts.statements += 1  # COMMIT
         self._end(tx.conn, commit=True)
+        self.counts.commits += 1
 
     def _rows(self, template: str, params: Sequence[Any] = ()) -> list[Any]:
         sql = self.dialect.sql(template)
@@ -153,6 +160,7 @@ class SqlStore:
             if joined.ledger_rows:
                 joined.flush_ledger()  # the transaction reads what it wrote
             return list(joined.execute(sql, params).fetchall())
+        self.counts.statements += 1
         return self._read_outside(sql, params)
 
     def _q(self, template: str) -> str:
