@@ -156,33 +156,28 @@ class Counted:
     def __init__(self) -> None:
         self.samples: dict[str, list[int]] = {"supersteps": [], "checkpoints": [], "store commits": [],
                                               "checkpointer commits": []}
-        self.checkpointer_commits = 0
 
-    def saw(self, statement: str) -> None:
-        if statement.lstrip()[:6].upper() == "COMMIT":
-            self.checkpointer_commits += 1
-
-    def add(self, history: list[Any], store_commits: int, checkpointer_commits: int) -> None:
+    def add(self, history: list[Any], store_commits: int, checkpointer_commits: int | None = None) -> None:
         self.samples["supersteps"].append(sum(1 for c in history if c.metadata.get("source") == "loop"))
         self.samples["checkpoints"].append(len(history))
         self.samples["store commits"].append(store_commits)
-        self.samples["checkpointer commits"].append(checkpointer_commits)
+        if checkpointer_commits is not None:
+            self.samples["checkpointer commits"].append(checkpointer_commits)
 
     def describe(self) -> str:
         return "  ".join(f"{k} {statistics.median(v):g}" for k, v in self.samples.items() if v)
 
 
-def counting(conn: sqlite3.Connection, counted: Counted) -> Callable[[], int]:
-    """Count ``conn``'s commits; return a reader of how many since it was last read."""
-    conn.set_trace_callback(counted.saw)
-    last = [0]
-
-    def since() -> int:
-        now = counted.checkpointer_commits
-        last[0], delta = now, now - last[0]
-        return delta
-
-    return since
+def checkpointer_commits(conn: sqlite3.Connection, round_trip: Callable[[], None]) -> int:
+    """The commits ``conn`` makes in one (untimed) round trip: a trace callback writes out
+    every statement, the checkpoints' blobs too, so it stays off while timing."""
+    seen: list[str] = []
+    conn.set_trace_callback(lambda statement: seen.append(statement.lstrip()[:6].upper()))
+    try:
+        round_trip()
+    finally:
+        conn.set_trace_callback(None)
+    return seen.count("COMMIT")
 
 class PlainArm:
     name = "plain langgraph"
@@ -191,13 +186,14 @@ class PlainArm:
         self.conn, self.graph = open_plain(tmp / "plain.db")
         self.approver = approver
         self.counted = Counted()
-        self._commits = counting(self.conn, self.counted)
         self._last: tuple[dict[str, Any], int] | None = None
+
+    def checkpointer_commits(self) -> int:
+        return checkpointer_commits(self.conn, self.round_trip)
 
     def round_trip(self) -> None:
         thread = uuid.uuid4().hex
         config: Any = {"configurable": {"thread_id": thread}}
-        self._commits()
         self.graph.invoke({}, config, durability="sync")
         if not self.graph.get_state(config).interrupts:
             raise SystemExit("plain arm did not pause")
@@ -212,8 +208,7 @@ class PlainArm:
         """Count the last round trip (outside its timing)."""
         assert self._last is not None
         config, answered = self._last
-        checkpointer = self._commits()
-        self.counted.add(list(self.graph.get_state_history(config)), answered, checkpointer)
+        self.counted.add(list(self.graph.get_state_history(config)), answered)
 
 
 class ScopegraphArm:
@@ -225,11 +220,12 @@ class ScopegraphArm:
         self.runtime = Runtime(workflow, store=url)
         self.approver = approver
         self.counted = Counted()
-        self._commits = counting(self.runtime._saver_conn, self.counted)
         self._last: tuple[str, int, int] | None = None
 
+    def checkpointer_commits(self) -> int:
+        return checkpointer_commits(self.runtime._saver_conn, self.round_trip)
+
     def round_trip(self) -> None:
-        self._commits()
         before = self.runtime.store.counts.commits
         report = self.runtime.run("pay the claim", initiator="alice")
         if report.status != "paused":
@@ -244,9 +240,8 @@ class ScopegraphArm:
         """Count the last round trip (outside its timing)."""
         assert self._last is not None
         run_id, worker, answered = self._last
-        checkpointer = self._commits()
         history = list(self.runtime.graph.get_state_history({"configurable": {"thread_id": run_id}}))
-        self.counted.add(history, worker + answered, checkpointer)
+        self.counted.add(history, worker + answered)
 
 
 def main() -> None:
@@ -273,6 +268,8 @@ def main() -> None:
                     if i >= args.warmup:
                         times[arm.name].append(time.perf_counter() - start)
                         arm.count()
+            for arm in arms:
+                arm.counted.samples["checkpointer commits"].append(arm.checkpointer_commits())
         finally:
             approver.close()
         print(f"runs={args.runs} warmup={args.warmup} (one round trip = run, pause, approve elsewhere, resume)")

@@ -254,14 +254,20 @@ class ScopegraphArm:
             executor=DirectExecutor(),
         )
         self.runtime = Runtime(workflow, store=place.url)
-        self.checkpoint_commits = 0
-        saver_conn = self.runtime._saver_conn
-        if isinstance(saver_conn, sqlite3.Connection):  # what the checkpointer commits, for comparison
-            saver_conn.set_trace_callback(self._saw)
 
-    def _saw(self, statement: str) -> None:
-        if statement.lstrip()[:6].upper() == "COMMIT":
-            self.checkpoint_commits += 1
+    def checkpointer_commits(self) -> int | None:
+        """What the checkpointer commits in one run (SQLite only), counted in an untimed run:
+        a trace callback writes out every statement, the checkpoints' blobs too."""
+        conn = self.runtime._saver_conn
+        if not isinstance(conn, sqlite3.Connection):
+            return None
+        seen: list[str] = []
+        conn.set_trace_callback(lambda statement: seen.append(statement.lstrip()[:6].upper()))
+        try:
+            self.run_once()
+        finally:
+            conn.set_trace_callback(None)
+        return seen.count("COMMIT")
 
     def run_once(self) -> None:
         report = self.runtime.run(TASK, initiator="bench")
@@ -347,7 +353,6 @@ def overhead(args: argparse.Namespace, tmp: Path) -> int:
         floor.samples.clear()
         store = scoped.runtime.store
         commits, statements = store.counts.commits, store.counts.statements
-        checkpoint_commits = scoped.checkpoint_commits
         floor_statements = 0
         per_step: dict[str, list[float]] = {arm.name: [] for arm in arms}
         for _ in range(args.runs):
@@ -360,7 +365,7 @@ def overhead(args: argparse.Namespace, tmp: Path) -> int:
         total_steps = args.runs * steps
         commits = (store.counts.commits - commits) / total_steps
         statements = (store.counts.statements - statements - floor_statements) / total_steps
-        checkpoint_commits = (scoped.checkpoint_commits - checkpoint_commits) / total_steps
+        checkpointer = scoped.checkpointer_commits()
     finally:
         for arm in arms:
             arm.close()
@@ -375,8 +380,8 @@ def overhead(args: argparse.Namespace, tmp: Path) -> int:
     floor_median = statistics.median(floor.samples)
     print(f"overhead {(scoped_median - plain_median) * 1e6:.1f} µs/step")
     print(f"commits_per_step={commits:.2f} statements_per_step={statements:.2f}"
-          + (f" round_trips_per_step={statements:.2f}" if args.store else
-             f" checkpointer_commits_per_step={checkpoint_commits:.2f}"))
+          + (f" round_trips_per_step={statements:.2f}" if checkpointer is None else
+             f" checkpointer_commits_per_step={checkpointer / steps:.2f}"))
     print(f"floor_us={floor_median * 1e6:.1f} (one signature, one decision, two commits) "
           f"floor_ratio={(plain_median + floor_median) / plain_median:.3f}")
     print(f"ratio={scoped_median / plain_median:.3f}")
