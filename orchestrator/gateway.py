@@ -471,23 +471,28 @@ class Gateway:
         are written before the ledger's tip is taken (the store's lock order). A call that
         ends here (refused, paused for approval, replayed) ends its step here too when
         ``closing`` says this is the step's last call.
+
+        Should writing raise anything but a store failure (a bug), nothing of it is
+        written, and the call is denied, that denial recorded on its own.
         """
+        try:
+            return self._write_decision(checked, tool_name, arguments, ctx, attempt, key, closing)
+        except StoreError:
+            raise
+        except Exception as exc:
+            failed = _Checked(decision=_check_failed(exc), tool=checked.tool, grant_id=checked.grant_id)
+            return self._write_decision(failed, tool_name, arguments, ctx, attempt, key, None)
+
+    def _write_decision(self, checked: _Checked, tool_name: str, arguments: Mapping[str, Any],
+                        ctx: CallContext, attempt: int, key: str | None,
+                        closing: StepClosing | None) -> _Recorded:
         decision, grant, tool = checked.decision, checked.grant, checked.tool
-        minted = consumed = False
+        minted = consumed = revoked = False
         earlier: CallRecord | None = None
         result: CallResult | None = None
         with self.store.atomic():
             if grant is not None:  # a verified grant bound to this call: the call spends a use
-                # A grant's first use writes its row (see ``GrantIssuer.mint(deferred=True)``).
-                minted = self.issuer.write_unwritten(grant.jti, taking_use=True)
-                try:
-                    if not minted:
-                        self.issuer.consume_use(grant)
-                except GrantError as exc:
-                    decision = Decision.deny(str(exc), GRANT_POLICY_ID)
-                else:
-                    if checked.approval is not None:
-                        consumed, decision = self._take_approval(checked.approval, grant, decision)
+                minted, consumed, decision = self._take_use(grant, checked.approval, decision)
             if decision.outcome == "deny":
                 decision = self._scrubbed_decision(tool_name, decision, arguments)
             # A refused call is recorded with the arguments it was given; a decided one with
@@ -511,13 +516,12 @@ class Gateway:
             if decision.outcome != "allow":  # an allowed call is counted once it has run (``_called``)
                 self._record(checked.grant_id, ctx, tool_name, attempt, "denied", decision, recorded)
             closes = closing is not None and result is not None and grant is not None
-            revoked = self._revoke_for(closing, grant) if closing is not None and closes and grant else False
+            if closing is not None and result is not None and grant is not None:
+                revoked = self.issuer.revoke(grant.jti, reason=closing.reason)
             if self.ledger is not None:
-                if minted:
-                    assert grant is not None
+                if minted and grant is not None:
                     self.ledger.append("grant_minted", ctx.run_id, **grant_minted_fields(grant))
-                if consumed:
-                    assert grant is not None and checked.approval is not None
+                if consumed and grant is not None and checked.approval is not None:
                     self.ledger.append("approval_consumed", ctx.run_id, approval_id=checked.approval.id,
                                        step_id=ctx.step_id, digest=checked.approval.digest, grant_id=grant.jti)
                 self.ledger.append(
@@ -526,37 +530,37 @@ class Gateway:
                     policy_ids=list(decision.policy_ids), reasons=list(decision.reasons),
                     arguments_digest=digest,
                 )
-                if result is not None and earlier is not None:
-                    assert grant is not None
+                if result is not None and earlier is not None and grant is not None:
                     self.ledger.append(
                         "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool_name, grant_id=grant.jti,
                         attempt=attempt, status=result.status, replayed=True,
                         arguments_digest=digest, result_digest=None, duration_ms=0.0,
                     )
-            if closes:
-                assert closing is not None and result is not None and grant is not None
-                self._close(closing, grant, ctx, result, revoked)
+            if closing is not None and result is not None and closes:
+                closing.end(result, revoked)
         return _Recorded(decision=decision, grant_id=checked.grant_id, digest=digest, result=result,
-                         closed=bool(closes))
+                         closed=closes)
 
-    def _take_approval(self, approval: _Approval, grant: Grant, decision: Decision) -> tuple[bool, Decision]:
-        """Consume the approval checked earlier, atomically with the use (it may have been
-        used or have expired since it was read): ``(consumed, decision)``."""
+    def _take_use(self, grant: Grant, approval: _Approval | None,
+                  decision: Decision) -> tuple[bool, bool, Decision]:
+        """Take one use of ``grant`` (the first one writes its row, if its mint was deferred)
+        and consume ``approval`` with it: ``(written now, approval consumed, decision)``.
+        A revoked, exhausted or unknown grant, or an approval used or expired since it was
+        read, denies the call."""
+        minted = self.issuer.write_unwritten(grant.jti, taking_use=True)
+        try:
+            if not minted:
+                self.issuer.consume_use(grant)
+        except GrantError as exc:
+            return minted, False, Decision.deny(str(exc), GRANT_POLICY_ID)
+        if approval is None:
+            return minted, False, decision
         assert self.approvals is not None  # checked with the approval
         try:
             self.approvals.consume(approval.id, digest=approval.digest, consumer=approval.consumer)
         except ApprovalError as exc:
-            return False, Decision.deny(str(exc), APPROVAL_POLICY_ID)
-        return True, decision
-
-    def _revoke_for(self, closing: StepClosing, grant: Grant) -> bool:
-        """The row write of a closing step: its grant revoked, before the ledger's tip is taken."""
-        return self.issuer.revoke(grant.jti, reason=closing.reason)
-
-    def _close(self, closing: StepClosing, grant: Grant, ctx: CallContext, result: CallResult,
-               revoked: bool) -> None:
-        """End the step with ``result``, in the transaction that records it (see ``StepClosing``)."""
-        closing.end(result, revoked)
+            return minted, False, Decision.deny(str(exc), APPROVAL_POLICY_ID)
+        return minted, True, decision
 
     def _called(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
                 normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
@@ -564,14 +568,37 @@ class Gateway:
                 error_type: str | None = None, error: str | None = None, *, digest: str | None = None,
                 result: CallResult | None = None, closing: StepClosing | None = None) -> None:
         """Account for one execution in one transaction: idempotency record, use record,
-        ledger, and (for a step's last call) the step's end."""
+        ledger, and (for a step's last call) the step's end. Should ending the step raise
+        anything but a store failure (a bug), the execution is recorded without it and the
+        host ends the step itself."""
         elapsed = time.perf_counter() - started
         self.metrics.tool_latency.record(elapsed, {"tool": tool.name, "status": status})
         closes = closing is not None and result is not None
+        try:
+            self._write_result(ctx, tool, grant, decision, attempt, normalized, status, stored, key, result_json,
+                               error_type, error, digest, elapsed, result if closes else None, closing)
+        except StoreError:
+            raise
+        except Exception:
+            if not closes:
+                raise
+            closes = False
+            self._write_result(ctx, tool, grant, decision, attempt, normalized, status, stored, key, result_json,
+                               error_type, error, digest, elapsed, None, None)
+        if closes and closing is not None:
+            closing.result = result
+
+    def _write_result(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
+                      normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
+                      key: str | None, result_json: str | None, error_type: str | None, error: str | None,
+                      digest: str | None, elapsed: float, result: CallResult | None,
+                      closing: StepClosing | None) -> None:
         with self.store.atomic():
             self._finish(key, status, stored)
             self._record(grant.jti, ctx, tool.name, attempt, status, decision, normalized)
-            revoked = self._revoke_for(closing, grant) if closing is not None and closes else False
+            revoked = False
+            if closing is not None and result is not None:  # a row: before the ledger's tip is taken
+                revoked = self.issuer.revoke(grant.jti, reason=closing.reason)
             if self.ledger is not None:
                 self.ledger.append(
                     "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
@@ -581,12 +608,8 @@ class Gateway:
                     duration_ms=round(elapsed * 1000, 3), error_type=error_type,
                     **({"error": error} if error is not None else {}),
                 )
-            if closes:
-                assert closing is not None and result is not None
-                self._close(closing, grant, ctx, result, revoked)
-        if closes:
-            assert closing is not None
-            closing.result = result
+            if closing is not None and result is not None:
+                closing.end(result, revoked)
 
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
                 decision: Decision, attempt: int) -> CallResult:
