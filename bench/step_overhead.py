@@ -26,8 +26,9 @@ counted over the timed runs of the scopegraph arm:
 
 - ``commits_per_step=`` and ``statements_per_step=``: transactions committed and SQL
   statements sent by scopegraph's store (``BEGIN`` and ``COMMIT`` included), over all
-  steps, per-run writes included (on PostgreSQL a statement is a round trip, printed as
-  ``round_trips_per_step=`` too); on SQLite the checkpointer's own commits per step;
+  steps, per-run writes included; on PostgreSQL ``round_trips_per_step=`` (a transaction's
+  statements are pipelined: those whose results nobody reads share a round trip), on
+  SQLite the checkpointer's own commits per step;
 - ``floor_us=``: one Ed25519 signature of a grant, one Cedar decision and two commits,
   timed in this process with the runtime's own signer, policy engine and store (samples
   taken between the runs): the least a secured step must cost on top of a plain one.
@@ -352,19 +353,21 @@ def overhead(args: argparse.Namespace, tmp: Path) -> int:
         floor.sample(20)
         floor.samples.clear()
         store = scoped.runtime.store
-        commits, statements = store.counts.commits, store.counts.statements
-        floor_statements = 0
+        commits, statements, trips = store.counts.commits, store.counts.statements, store.counts.round_trips
+        floor_statements = floor_trips = 0
         per_step: dict[str, list[float]] = {arm.name: [] for arm in arms}
         for _ in range(args.runs):
             for arm in arms:
                 per_step[arm.name].append(timed(arm.run_once) / steps)
-            before = store.counts.statements, store.counts.commits
+            before = store.counts.statements, store.counts.commits, store.counts.round_trips
             floor.sample(10)
             floor_statements += store.counts.statements - before[0]
             commits += store.counts.commits - before[1]
+            floor_trips += store.counts.round_trips - before[2]
         total_steps = args.runs * steps
         commits = (store.counts.commits - commits) / total_steps
         statements = (store.counts.statements - statements - floor_statements) / total_steps
+        trips = (store.counts.round_trips - trips - floor_trips) / total_steps
         checkpointer = scoped.checkpointer_commits()
     finally:
         for arm in arms:
@@ -380,7 +383,7 @@ def overhead(args: argparse.Namespace, tmp: Path) -> int:
     floor_median = statistics.median(floor.samples)
     print(f"overhead {(scoped_median - plain_median) * 1e6:.1f} µs/step")
     print(f"commits_per_step={commits:.2f} statements_per_step={statements:.2f}"
-          + (f" round_trips_per_step={statements:.2f}" if checkpointer is None else
+          + (f" round_trips_per_step={trips:.2f}" if checkpointer is None else
              f" checkpointer_commits_per_step={checkpointer / steps:.2f}"))
     print(f"floor_us={floor_median * 1e6:.1f} (one signature, one decision, two commits) "
           f"floor_ratio={(plain_median + floor_median) / plain_median:.3f}")

@@ -92,10 +92,12 @@ class LedgerHead:
 @dataclass
 class StoreCounts:
     """What a store has asked of its database, counted as it goes (for benchmarks and
-    structural tests): every statement sent, ``BEGIN`` and ``COMMIT`` included (each a
-    round trip to a PostgreSQL server), and the transactions committed."""
+    structural tests): every statement sent, ``BEGIN`` and ``COMMIT`` included, the
+    round trips they took (statements a PostgreSQL transaction pipelines share one), and
+    the transactions committed."""
 
     statements: int = 0
+    round_trips: int = 0
     commits: int = 0
 
 

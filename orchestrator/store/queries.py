@@ -46,13 +46,22 @@ _USE_COLUMNS = "jti, run_id, step_id, tool, attempt, outcome, decision, policy_i
 
 
 class Tx:
-    """One open transaction: its connection, and where it has moved the ledger's tip to."""
+    """One open transaction: its connection, and where it has moved the ledger's tip to.
 
-    __slots__ = ("conn", "failed", "tip", "tip_moved", "ledger_rows", "_store")
+    With ``pipeline`` (a backend that pipelines, PostgreSQL), statements are sent without
+    waiting for their results; reading a result (``rowcount``, ``fetchone``, ``fetchall``)
+    sends everything queued and takes in the results, so statements whose results nobody
+    reads share their round trip with the next read, or with the commit. A failed
+    statement is then reported at that read or at the commit; it dooms the transaction
+    either way.
+    """
 
-    def __init__(self, store: SqlStore, conn: Any) -> None:
+    __slots__ = ("conn", "failed", "tip", "tip_moved", "ledger_rows", "pipeline", "_store")
+
+    def __init__(self, store: SqlStore, conn: Any, pipeline: Any = None) -> None:
         self._store = store
         self.conn = conn
+        self.pipeline = pipeline
         self.failed = False
         self.tip: tuple[int, str] | None = None  # the chain's end as this transaction sees it
         self.tip_moved = False
@@ -69,12 +78,60 @@ class Tx:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement (in the dialect already); a driver error dooms the transaction."""
-        self._store.counts.statements += 1
+        counts = self._store.counts
+        counts.statements += 1
+        if self.pipeline is None:
+            counts.round_trips += 1
         try:
-            return self.conn.execute(sql, params)
+            cursor = self.conn.execute(sql, params)
         except self._store.driver_errors as exc:
             self.failed = True
             raise self._store.error(exc) from exc
+        return cursor if self.pipeline is None else _Pending(self, cursor)
+
+    def sync(self) -> None:
+        """Send the statements queued in the pipeline and take in their results."""
+        self._store.counts.round_trips += 1
+        try:
+            self.pipeline.sync()
+        except self._store.driver_errors as exc:
+            self.failed = True
+            raise self._store.error(exc) from exc
+
+
+class _Pending:
+    """A pipelined statement's result, taken in when it is first read."""
+
+    __slots__ = ("_tx", "_cursor")
+
+    def __init__(self, tx: Tx, cursor: Any) -> None:
+        self._tx = tx
+        self._cursor = cursor
+
+    def _ready(self) -> Any:
+        if self._cursor.pgresult is None:
+            self._tx.sync()
+        return self._cursor
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._ready().rowcount)
+
+    def fetchone(self) -> Any:
+        cursor = self._ready()
+        try:
+            return cursor.fetchone()
+        except self._tx._store.driver_errors as exc:
+            self._tx.failed = True
+            raise self._tx._store.error(exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        cursor = self._ready()
+        try:
+            return list(cursor.fetchall())
+        except self._tx._store.driver_errors as exc:
+            self._tx.failed = True
+            raise self._tx._store.error(exc) from exc
 
 
 class _Current(threading.local):
@@ -100,6 +157,10 @@ class SqlStore:
     def _end(self, conn: Any, *, commit: bool) -> None:
         """Commit or roll back ``conn``'s transaction, then give the connection back."""
         raise NotImplementedError
+
+    def _pipeline(self, conn: Any) -> Any:
+        """The pipeline ``conn``'s transaction sends its statements through; ``None``: none."""
+        return None
 
     def _read_outside(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """The rows of one read, outside any transaction."""
@@ -131,8 +192,10 @@ class SqlStore:
         if joined is not None:  # already inside this thread's transaction: join it
             yield joined
             return
-        tx = Tx(self, self._begin())
+        conn = self._begin()
+        tx = Tx(self, conn, self._pipeline(conn))
         self.counts.statements += 1  # BEGIN
+        self.counts.round_trips += 1
         self._current.tx = tx
         try:
             yield tx
@@ -146,10 +209,12 @@ class SqlStore:
         except BaseException:
             self._current.tx = None
             self.counts.statements += 1  # ROLLBACK
+            self.counts.round_trips += 1
             self._end(tx.conn, commit=False)
             raise
         self._current.tx = None
-        self.counts.statements += 1  # COMMIT
+        self.counts.statements += 1  # COMMIT, with what a pipeline still holds
+        self.counts.round_trips += 1
         self._end(tx.conn, commit=True)
         self.counts.commits += 1
 
@@ -161,6 +226,7 @@ class SqlStore:
                 joined.flush_ledger()  # the transaction reads what it wrote
             return list(joined.execute(sql, params).fetchall())
         self.counts.statements += 1
+        self.counts.round_trips += 1
         return self._read_outside(sql, params)
 
     def _q(self, template: str) -> str:
