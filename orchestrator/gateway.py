@@ -328,10 +328,10 @@ class Gateway:
         approval_id = approval_id if attempt == 1 else None
         key = f"{call_key}#{attempt}" if call_key else None
         closing = closing if closing is not None and closing.result is None else None
-        with tr.span(tr.DECIDE, {tr.GEN_AI_TOOL_NAME: tool_name, tr.STEP_ID: ctx.step_id,
-                                 tr.SPIFFE_ID: str(ctx.principal), tr.ATTEMPT: attempt,
-                                 tr.DATA_LABELS: sorted(ctx.data_labels),
-                                 tr.APPROVAL_ID: approval_id}) as decide_span:
+        with tr.span(tr.DECIDE, lambda: {tr.GEN_AI_TOOL_NAME: tool_name, tr.STEP_ID: ctx.step_id,
+                                         tr.SPIFFE_ID: str(ctx.principal), tr.ATTEMPT: attempt,
+                                         tr.DATA_LABELS: sorted(ctx.data_labels),
+                                         tr.APPROVAL_ID: approval_id}) as decide_span:
             try:
                 # validate → scope → decide: reads only. No write transaction is open, so a
                 # slow check (a pattern, a policy) never holds the store's write lock.

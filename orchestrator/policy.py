@@ -173,7 +173,8 @@ class CedarPolicyEngine:
         # every context attribute it is given, used or not). ``None``: everything.
         nodes = list(self._policies.to_pst().static_policies.values())
         self._context_keys = _attributes_read(nodes, "context")
-        self._reads_principal = _attributes_read(nodes, "principal") != frozenset()
+        self._principal_keys = _attributes_read(nodes, "principal")
+        self._reads_principal = self._principal_keys != frozenset()
         self._entities: OrderedDict[tuple[str, ...], cedarpy.Entities] = OrderedDict()
 
     @classmethod
@@ -251,6 +252,8 @@ class CedarPolicyEngine:
 
     def _context(self, request: CallRequest, approved: bool, approval_count: int) -> dict[str, Any]:
         keys = self._context_keys
+        # Checked whether or not a policy reads them: a value Cedar cannot hold denies the call.
+        arguments = self._cedar_arguments(request.arguments)
         fields: dict[str, Callable[[], Any]] = {
             "widened": lambda: request.widened,
             "tool": lambda: request.tool.name,
@@ -260,7 +263,7 @@ class CedarPolicyEngine:
             "workflow": lambda: request.workflow,
             "run_id": lambda: request.run_id,
             "step_id": lambda: request.step_id,
-            "arguments": lambda: self._cedar_arguments(request.arguments),
+            "arguments": lambda: arguments,
             "argument_names": lambda: sorted(request.arguments),
             "data_labels": lambda: sorted(request.data_labels),
             "in_plan": lambda: request.in_plan,
@@ -301,10 +304,12 @@ class CedarPolicyEngine:
         return out
 
     def _principal_entity(self, request: CallRequest) -> dict[str, Any]:
+        attrs = {"role": request.role, "workflow": request.workflow,
+                 "run_id": request.run_id, "step_id": request.step_id}
+        keys = self._principal_keys
         return {
             "uid": {"type": "Scopegraph::Agent", "id": str(request.principal)},
-            "attrs": {"role": request.role, "workflow": request.workflow,
-                      "run_id": request.run_id, "step_id": request.step_id},
+            "attrs": attrs if keys is None else {k: v for k, v in attrs.items() if k in keys},
             "parents": [],
         }
 

@@ -110,9 +110,10 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
                      for sid in asking}
             return {"status": "failed", "error": str(exc), **({"steps": ended} if ended else {})}
         dumped = plan.model_dump(mode="json")
-        original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"]) \
-            if previous is not None else plan
-        widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
+        widened: list[str] = []  # a first plan is the original: nothing in it is wider than itself
+        if previous is not None:
+            original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"])
+            widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
         rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
                          plan_digest=sha256_hex(canonical_json(dumped)), revision=revision,
                          failures=[steps[sid]["failure"] for sid in asking], widened=widened,
@@ -187,14 +188,12 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
     done = {sid for sid, st in statuses.items() if st == "completed"}
     ready = plan.ready_steps(done, started=steps.keys())
     if ready:
-        results = {sid: steps[sid].get("result") for sid in done}
         batch = _dispatch([s.id for s in ready])
-        return [Send("step", _step_input(state, step, results, batch)) for step in ready]
+        return [Send("step", _step_input(state, step, done, batch)) for step in ready]
     waiting = [sid for sid, st in statuses.items() if st == "awaiting_approval"]
     if waiting:
         batch = _dispatch(waiting)
-        results = {sid: steps[sid].get("result") for sid in done}
-        return [Send("approval", _step_input(state, plan.step(sid), results, batch)) for sid in waiting]
+        return [Send("approval", _step_input(state, plan.step(sid), done, batch)) for sid in waiting]
     return END
 
 
@@ -216,13 +215,13 @@ def _with_labels(update: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     return {**update, "data_labels": labels} if labels else update
 
 
-def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any]) -> StepInput:
+def _step_input(state: RunState, step: Step, done: set[str], batch: dict[str, Any]) -> StepInput:
     steps = state.get("steps") or {}
     return StepInput(
         run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
         planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
-        dependencies={d: results[d] for d in step.depends_on if d in results},
-        dependency_labels={d: steps[d].get("labels") or [] for d in step.depends_on if d in results},
+        dependencies={d: steps[d].get("result") for d in step.depends_on if d in done},
+        dependency_labels={d: steps[d].get("labels") or [] for d in step.depends_on if d in done},
         data_labels=state.get("data_labels") or [],
         widened=step.id in (state.get("widened") or ()),
         replans=int(state.get("replans") or 0),
@@ -312,7 +311,7 @@ def _revoked(rt: Runtime, run_id: str, step_id: str, jti: str, tool: str) -> Non
 
 
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
-    return tr.span(f"{tr.EXECUTE_TOOL} {step.tool}", {
+    return tr.span(f"{tr.EXECUTE_TOOL} {step.tool}", lambda: {
         tr.GEN_AI_OPERATION: "execute_tool", tr.GEN_AI_TOOL_NAME: step.tool,
         tr.GEN_AI_TOOL_CALL_ID: f"{payload['run_id']}/{step.id}", tr.GEN_AI_TOOL_TYPE: "function",
         tr.GEN_AI_AGENT_NAME: "executor", tr.GEN_AI_AGENT_ID: str(identity),
