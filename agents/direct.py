@@ -57,7 +57,8 @@ class DirectExecutor:
         return args
 
     def execute(self, ctx: StepContext) -> Any:
-        return ctx.tools.call(ctx.step.tool, **self.arguments_for(ctx))
+        # Its one call is its last: the step ends in the same write as the call's result.
+        return ctx.tools.last_call(ctx.step.tool, **self.arguments_for(ctx))
 
 
 _MISSING = object()

@@ -13,7 +13,11 @@ Two arms, interleaved after a warm-up, on SQLite checkpoints with the same setti
   runs the tool and revokes everything, with spans and ledger records on every hop.
 
 The approver is one long-lived subprocess (so interpreter start-up is not measured),
-driven over a pipe. The last line printed is ``ratio=<x>``: scopegraph over plain.
+driven over a pipe. Per round trip it also prints, for each arm, the LangGraph supersteps
+run and checkpoints written (read back from the thread's history), the commits of the
+arm's own store (scopegraph's store, in the worker and in the approver process; the
+plain arm's answers table) and the commits of its checkpointer. The last line printed
+is ``ratio=<x>``: scopegraph over plain.
 
     python bench/approval_roundtrip.py [--runs 15]
 """
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -106,13 +111,16 @@ def serve_approver(sg_url: str, plain_path: str) -> None:
     for line in sys.stdin:
         kind, _, ident = line.strip().partition(" ")
         if kind == "sg":
+            before = store.counts.commits
             approvals.approve(ident, approver="bob", reason="bench")
+            commits = store.counts.commits - before
         elif kind == "lg":
             with conn:
                 conn.execute("INSERT INTO answers (thread_id, answer) VALUES (?, 'approved')", (ident,))
+            commits = 1
         else:
             break
-        sys.stdout.write("ok\n")
+        sys.stdout.write(f"ok {commits}\n")
         sys.stdout.flush()
 
 
@@ -123,12 +131,15 @@ class Approver:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
 
-    def ask(self, line: str) -> None:
+    def ask(self, line: str) -> int:
+        """Have the approver answer; return the commits its answer took."""
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        if self.proc.stdout.readline().strip() != "ok":
+        reply, _, commits = self.proc.stdout.readline().strip().partition(" ")
+        if reply != "ok":
             raise SystemExit(f"approver failed on {line!r}")
+        return int(commits)
 
     def close(self) -> None:
         assert self.proc.stdin
@@ -139,24 +150,65 @@ class Approver:
 
 # --- the two arms -----------------------------------------------------------------------
 
+class Counted:
+    """Per round trip: supersteps, checkpoints, the arm's store commits, checkpointer commits."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[int]] = {"supersteps": [], "checkpoints": [], "store commits": [],
+                                              "checkpointer commits": []}
+
+    def add(self, history: list[Any], store_commits: int, checkpointer_commits: int | None = None) -> None:
+        self.samples["supersteps"].append(sum(1 for c in history if c.metadata.get("source") == "loop"))
+        self.samples["checkpoints"].append(len(history))
+        self.samples["store commits"].append(store_commits)
+        if checkpointer_commits is not None:
+            self.samples["checkpointer commits"].append(checkpointer_commits)
+
+    def describe(self) -> str:
+        return "  ".join(f"{k} {statistics.median(v):g}" for k, v in self.samples.items() if v)
+
+
+def checkpointer_commits(conn: sqlite3.Connection, round_trip: Callable[[], None]) -> int:
+    """The commits ``conn`` makes in one (untimed) round trip: a trace callback writes out
+    every statement, the checkpoints' blobs too, so it stays off while timing."""
+    seen: list[str] = []
+    conn.set_trace_callback(lambda statement: seen.append(statement.lstrip()[:6].upper()))
+    try:
+        round_trip()
+    finally:
+        conn.set_trace_callback(None)
+    return seen.count("COMMIT")
+
 class PlainArm:
     name = "plain langgraph"
 
     def __init__(self, tmp: Path, approver: Approver) -> None:
         self.conn, self.graph = open_plain(tmp / "plain.db")
         self.approver = approver
+        self.counted = Counted()
+        self._last: tuple[dict[str, Any], int] | None = None
+
+    def checkpointer_commits(self) -> int:
+        return checkpointer_commits(self.conn, self.round_trip)
 
     def round_trip(self) -> None:
         thread = uuid.uuid4().hex
-        config = {"configurable": {"thread_id": thread}}
+        config: Any = {"configurable": {"thread_id": thread}}
         self.graph.invoke({}, config, durability="sync")
         if not self.graph.get_state(config).interrupts:
             raise SystemExit("plain arm did not pause")
-        self.approver.ask(f"lg {thread}")
+        answered = self.approver.ask(f"lg {thread}")
         (answer,) = self.conn.execute("SELECT answer FROM answers WHERE thread_id = ?", (thread,)).fetchone()
         final = self.graph.invoke(Command(resume=answer), config, durability="sync")
         if final.get("status") != "completed":
             raise SystemExit(f"plain arm ended {final.get('status')!r}")
+        self._last = (config, answered)
+
+    def count(self) -> None:
+        """Count the last round trip (outside its timing)."""
+        assert self._last is not None
+        config, answered = self._last
+        self.counted.add(list(self.graph.get_state_history(config)), answered)
 
 
 class ScopegraphArm:
@@ -167,15 +219,29 @@ class ScopegraphArm:
                             planner=ScriptedPlanner(PLAN), executor=DirectExecutor())
         self.runtime = Runtime(workflow, store=url)
         self.approver = approver
+        self.counted = Counted()
+        self._last: tuple[str, int, int] | None = None
+
+    def checkpointer_commits(self) -> int:
+        return checkpointer_commits(self.runtime._saver_conn, self.round_trip)
 
     def round_trip(self) -> None:
+        before = self.runtime.store.counts.commits
         report = self.runtime.run("pay the claim", initiator="alice")
         if report.status != "paused":
             raise SystemExit(f"scopegraph arm did not pause: {report.status}")
-        self.approver.ask(f"sg {report.approvals[0]['id']}")
+        answered = self.approver.ask(f"sg {report.approvals[0]['id']}")
         final = self.runtime.resume(report.run_id)
         if final.status != "completed":
             raise SystemExit(f"scopegraph arm ended {final.status!r}")
+        self._last = (report.run_id, self.runtime.store.counts.commits - before, answered)
+
+    def count(self) -> None:
+        """Count the last round trip (outside its timing)."""
+        assert self._last is not None
+        run_id, worker, answered = self._last
+        history = list(self.runtime.graph.get_state_history({"configurable": {"thread_id": run_id}}))
+        self.counted.add(history, worker + answered)
 
 
 def main() -> None:
@@ -201,6 +267,9 @@ def main() -> None:
                     arm.round_trip()
                     if i >= args.warmup:
                         times[arm.name].append(time.perf_counter() - start)
+                        arm.count()
+            for arm in arms:
+                arm.counted.samples["checkpointer commits"].append(arm.checkpointer_commits())
         finally:
             approver.close()
         print(f"runs={args.runs} warmup={args.warmup} (one round trip = run, pause, approve elsewhere, resume)")
@@ -209,6 +278,8 @@ def main() -> None:
             medians[name] = statistics.median(values)
             print(f"{name:<16} median {medians[name] * 1000:8.2f} ms  "
                   f"min {min(values) * 1000:8.2f}  max {max(values) * 1000:8.2f}")
+        for arm in arms:
+            print(f"{arm.name:<16} per round trip (medians): {arm.counted.describe()}")
         print(f"ratio={medians['scopegraph'] / medians['plain langgraph']:.3f}")
 
 

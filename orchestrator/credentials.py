@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jwt
@@ -101,6 +101,8 @@ class GrantIssuer:
         # revocation or use checks. Bounded; entries leave when their grant is revoked.
         self._signed: OrderedDict[str, Grant] = OrderedDict()
         self._signed_lock = threading.Lock()
+        # Grants minted with ``deferred=True`` whose row may not be in the store yet.
+        self._unwritten: dict[str, GrantRecord] = {}
     def mint(
         self,
         *,
@@ -112,8 +114,14 @@ class GrantIssuer:
         constraints: Mapping[str, Any],
         act: Mapping[str, Any],
         parent: Grant | None = None,
+        deferred: bool = False,
     ) -> Grant:
         """Sign a grant for one step and record it; the store learns its facts, not its token.
+
+        With ``deferred``, the grant's row is not written now but by ``write_unwritten``,
+        inside the transaction of the grant's first use (or of its revocation): until then
+        the store does not know the grant, so it is unusable (``consume_use`` finds no row
+        and refuses it), and a crash before that write loses nothing that was used.
 
         With ``parent`` (delegation), the new grant must lie inside the parent's scope:
         same tool, every constraint narrowing the parent's, no argument the parent does
@@ -156,10 +164,15 @@ class GrantIssuer:
             **({"parents": list(parents)} if parents else {}),
         }
         token = self.domain.sign(claims)
-        self.store.add_grant(GrantRecord(
+        record = GrantRecord(
             jti=jti, run_id=run_id, step_id=step_id, tool=tool, subject=str(subject),
             issued_at=now, expires_at=expires_at, max_uses=self.max_uses,
-        ))
+        )
+        if deferred:
+            with self._signed_lock:
+                self._unwritten[jti] = record
+        else:
+            self.store.add_grant(record)
         grant = Grant(
             jti=jti, subject=subject, tool=tool, run_id=run_id, step_id=step_id, workflow=workflow,
             constraints=_CONSTRAINTS.validate_python(serial) if _needs_parse(constraints) else dict(constraints),
@@ -247,6 +260,26 @@ class GrantIssuer:
         with self._signed_lock:
             for token in [t for t, g in self._signed.items() if g.jti == jti]:
                 del self._signed[token]
+            self._unwritten.pop(jti, None)
+
+    def write_unwritten(self, jti: str, *, taking_use: bool = False) -> bool:
+        """Write the row of a grant minted with ``deferred=True``, in the caller's transaction.
+
+        With ``taking_use``, the row is written with its first use taken (what
+        ``consume_use`` would do next, and cannot refuse for a row just written).
+        Returns whether this call wrote it (the caller then audits the mint in the same
+        transaction, and has taken its use); ``False`` when it is written already or was
+        never deferred.
+        """
+        with self._signed_lock:
+            record = self._unwritten.get(jti)
+        if record is None:
+            return False
+        if self.store.add_grant(replace(record, uses=1) if taking_use else record, if_absent=True):
+            return True  # kept until seen in the store: this transaction may yet roll back
+        with self._signed_lock:
+            self._unwritten.pop(jti, None)
+        return False
 
     def consume_use(self, grant: Grant) -> None:
         """Take one use of ``grant`` and of each of its ancestors, each atomically with its
@@ -272,10 +305,17 @@ class GrantIssuer:
         self._forget(jti)
         return self.store.revoke_grant(jti, reason=reason, at=self.clock.now())
 
-    def revoke_run(self, run_id: str, *, reason: str) -> int:
+    def forget_run(self, run_id: str) -> None:
+        """Drop what this issuer holds of ``run_id``'s grants: their verified tokens, and
+        deferred grants not written yet (which stay unknown to the store: unusable for good)."""
         with self._signed_lock:
             for token in [t for t, g in self._signed.items() if g.run_id == run_id]:
                 del self._signed[token]
+            for jti in [j for j, r in self._unwritten.items() if r.run_id == run_id]:
+                del self._unwritten[jti]
+
+    def revoke_run(self, run_id: str, *, reason: str) -> int:
+        self.forget_run(run_id)
         return self.store.revoke_run(run_id, reason=reason, at=self.clock.now())
 
 

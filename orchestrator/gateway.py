@@ -1,12 +1,22 @@
 """The gateway: the only path from an executor to a tool.
 
-Every call, retries included, goes through the same pipeline:
-verify the grant (signature, issuer, audience, lifetime) → check it is this run's,
-this step's and this identity's → take one use (revocation and remaining uses,
-atomically in the store) → validate the arguments → check them against the grant's
-constraints → (for an approved call: recompute the action digest and consume the
-approval, atomically) → decide with policy → record an idempotency key → execute →
-label the output → record the use.
+Every call, retries included, goes through the same pipeline of named stages:
+
+1. validate (``_authorize``, ``_check``): the tool exists; the grant verifies (signature,
+   issuer, audience, lifetime) and is this run's, this step's and this identity's; the
+   arguments validate and lie inside the grant's constraints; an approval presented with
+   the call is for exactly this action (its digest recomputed);
+2. scope and decide (``_check``): policy decides on the call as made;
+3. record (``_record_decision``): ONE short write transaction takes the grant's use with a
+   conditional update (a revoked, exhausted or unknown grant denies the call, and that
+   denial is what is recorded), consumes the approval, records the decision, the use and
+   the idempotency key, and appends the ledger records;
+4. execute (``_execute``): the tool runs, with no transaction open;
+5. record (``_called``): one transaction for the result, the use's outcome and the
+   ledger record (and, for a step's last call, the step's end: see ``StepClosing``).
+
+Stages 1 and 2 only read: no constraint check, policy evaluation or tool call runs
+inside an open store write transaction, so a slow one never holds the write lock.
 Any failure denies the call with a reason, including an exception nobody expected
 while checking it (a policy engine's bug, an argument nested too deep to parse):
 nothing reaches the tool without an ``allow`` decided at the moment of the call, and
@@ -24,7 +34,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,7 +47,7 @@ from tenacity import (
 )
 
 from . import tracing as tr
-from .approvals import ApprovalService
+from .approvals import ApprovalRequest, ApprovalService, action_digest_for
 from .canonical import sha256_hex
 from .clock import Clock
 from .constraints import admits
@@ -56,7 +66,7 @@ from .identity import SpiffeId
 from .ledger import Ledger
 from .policy import CallRequest, Decision, PolicyEngine
 from .provenance import Observation, trace_arguments
-from .redaction import scrub, secret_values
+from .redaction import recorded_constraints, scrub, secret_values
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
 
@@ -168,6 +178,76 @@ class _Denied(Exception):
         self.grant_id = grant_id
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Approval:
+    """An approval presented with a call and checked for it: consumed when the use is taken."""
+
+    id: str
+    digest: str
+    consumer: str  # the call's idempotency key
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Checked:
+    """What the checking stages concluded about one call, before anything is written.
+
+    ``grant`` is set once the grant verified and is bound to the call: the call then
+    spends one of its uses, whatever was decided. ``grant_id`` names the presented
+    grant once its signature verified, bound or not.
+    """
+
+    decision: Decision
+    tool: Tool | None = None
+    grant: Grant | None = None
+    grant_id: str | None = None
+    normalized: dict[str, Any] | None = None
+    approval: _Approval | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Recorded:
+    """What the record stage wrote: the final decision, and the call's result when it
+    ends there (refused, paused for approval, or replayed) instead of running."""
+
+    decision: Decision
+    grant_id: str | None
+    digest: str | None  # of the arguments, as recorded
+    result: CallResult | None
+    closed: bool  # the step ended in the same transaction
+
+
+@dataclass(kw_only=True)
+class StepClosing:
+    """Ends a step with its last call, in the transaction that records the call's final result.
+
+    A host that knows a call is its step's last (``ToolHandle.last_call``) passes one to
+    ``Gateway.call``. The gateway then revokes the step's grant (for ``reason``) and calls
+    ``end(result, revoked)`` with the call's final result inside the transaction that
+    records that result (the decision's, for a call refused, paused for approval or
+    replayed; the result's, for a call that ran), so the result, the revocation and the
+    step's outcome are one commit. ``end`` writes the host's records of the step's end
+    (the revocation's audit record among them, if ``revoked``: this call revoked the
+    grant); it runs inside an open write transaction, so it must do no policy, constraint
+    or tool work.
+
+    ``result`` is set once that transaction is written. It stays ``None`` when the call
+    did not end the step (a transient failure that was retried and given up on, a store
+    failure): the host then ends the step itself.
+    """
+
+    reason: str
+    end: Callable[[CallResult, bool], None]
+    result: CallResult | None = None
+
+
+def grant_minted_fields(grant: Grant, secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """The ``grant_minted`` ledger record of a step's grant (no token: its facts; a value
+    the plan pinned for a ``secret`` argument is masked)."""
+    return {"step_id": grant.step_id, "grant_id": grant.jti, "spiffe_id": str(grant.subject), "tool": grant.tool,
+            "issued_at": grant.issued_at, "expires_at": grant.expires_at, "max_uses": grant.max_uses,
+            "constraints": recorded_constraints(grant.constraints, secrets), "act": dict(grant.act)}
+
+
 class Gateway:
     """Authorizes and executes tool calls. Holds no standing credential of its own."""
 
@@ -205,17 +285,20 @@ class Gateway:
         *,
         call_key: str | None = None,
         approval_id: str | None = None,
+        closing: StepClosing | None = None,
     ) -> CallResult:
         """Authorize and run one call; retry transient failures, re-authorizing each try.
 
         ``call_key`` names this call for idempotency: a call whose key already completed
         returns its recorded result instead of running again (crash recovery). An
-        ``approval_id`` presents a human approval for exactly this call.
+        ``approval_id`` presents a human approval for exactly this call. ``closing`` makes
+        this the step's last call: the step ends in the transaction that records its
+        final result (see ``StepClosing``).
         """
         # The common case is one attempt: the retry machinery is built only after a
         # transient failure. Every retry goes through ``_attempt`` again: a new decision.
         try:
-            return self._attempt(token, tool, arguments, ctx, 1, call_key, approval_id)
+            return self._attempt(token, tool, arguments, ctx, 1, call_key, approval_id, closing)
         except TransientToolError as exc:
             last: BaseException | None = exc
         attempt_no = 1
@@ -233,7 +316,8 @@ class Gateway:
                 for attempt in retrying:
                     with attempt:
                         attempt_no = attempt.retry_state.attempt_number + 1
-                        return self._attempt(token, tool, arguments, ctx, attempt_no, call_key, approval_id)
+                        return self._attempt(token, tool, arguments, ctx, attempt_no, call_key, approval_id,
+                                             closing)
             except RetryError as exc:
                 last = exc.last_attempt.exception()
         return CallResult(
@@ -246,36 +330,23 @@ class Gateway:
 
     def _attempt(
         self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
-        call_key: str | None, approval_id: str | None,
+        call_key: str | None, approval_id: str | None, closing: StepClosing | None = None,
     ) -> CallResult:
         # An approval is consumed once: a retry of an approved call cannot present it again.
         approval_id = approval_id if attempt == 1 else None
         key = f"{call_key}#{attempt}" if call_key else None
-        with tr.span(tr.DECIDE, {tr.GEN_AI_TOOL_NAME: tool_name, tr.STEP_ID: ctx.step_id,
-                                 tr.SPIFFE_ID: str(ctx.principal), tr.ATTEMPT: attempt,
-                                 tr.DATA_LABELS: sorted(ctx.data_labels),
-                                 tr.APPROVAL_ID: approval_id}) as decide_span:
-            # One transaction for the use taken, the approval consumed, the decision's
-            # records and the idempotency key: they land together or not at all.
+        closing = closing if closing is not None and closing.result is None else None
+        with tr.span(tr.DECIDE, lambda: {tr.GEN_AI_TOOL_NAME: tool_name, tr.STEP_ID: ctx.step_id,
+                                         tr.SPIFFE_ID: str(ctx.principal), tr.ATTEMPT: attempt,
+                                         tr.DATA_LABELS: sorted(ctx.data_labels),
+                                         tr.APPROVAL_ID: approval_id}) as decide_span:
             try:
-                with self.store.atomic():
-                    try:
-                        tool, grant, normalized, decision = self._authorize(
-                            token, tool_name, arguments, ctx, attempt, approval_id, key)
-                    except StoreError:
-                        raise
-                    except Exception as exc:  # _Denied, or anything raised while checking the call
-                        denied = exc if isinstance(exc, _Denied) else _Denied(_check_failed(exc))
-                        refusal = self._scrubbed_decision(tool_name, denied.decision, arguments)
-                        self._decided(decide_span, ctx, tool_name, attempt, denied.grant_id, refusal,
-                                      None, arguments)
-                        return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
-                                          decision=refusal, attempts=attempt, grant_id=denied.grant_id)
-                    self._decided(decide_span, ctx, tool_name, attempt, grant.jti, decision, tool, normalized)
-                    earlier = None
-                    if decision.outcome == "allow" and key is not None:
-                        earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
-                                                        tool=tool_name, at=self.clock.now())
+                # validate → scope → decide: reads only. No write transaction is open, so a
+                # slow check (a pattern, a policy) never holds the store's write lock.
+                checked = self._checked(token, tool_name, arguments, ctx, attempt, approval_id, key)
+                # record: one short transaction for the use taken (or refused), the approval
+                # consumed, the decision's records and the idempotency key.
+                decided = self._record_decision(checked, tool_name, arguments, ctx, attempt, key, closing)
             except StoreError as exc:
                 # No store, no verified grant and no record of the call: fail closed.
                 outage = Decision.deny(f"the store is unavailable, so the call is denied: {exc}",
@@ -285,22 +356,19 @@ class Gateway:
                 self.metrics.denials.add(1, {"reason": STORE_POLICY_ID, "tool": tool_name})
                 return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
                                   decision=outage, attempts=attempt)
-        if decision.outcome == "needs_approval":
-            return CallResult(tool=tool_name, arguments=normalized, status="needs_approval",
-                              decision=decision, attempts=attempt, grant_id=grant.jti)
-        if earlier is not None and not _cut_off_read(earlier, tool):
-            replayed = self._replay(earlier, tool, grant, normalized, decision, attempt)
-            if self.ledger is not None:
-                self.ledger.append(
-                    "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
-                    attempt=attempt, status=replayed.status, replayed=True,
-                    arguments_digest=_digest(normalized), result_digest=None, duration_ms=0.0,
-                )
-            return replayed
+            self._decided(decide_span, tool_name, decided.grant_id, decided.decision,
+                          checked.tool if decided.decision.outcome != "deny" else None)
+        if closing is not None and decided.closed:
+            closing.result = decided.result
+        if decided.result is not None:
+            return decided.result
+        tool, grant, normalized = checked.tool, checked.grant, checked.normalized
+        assert tool is not None and grant is not None and normalized is not None  # an allowed call was checked
         with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool_name, tr.GRANT_ID: grant.jti,
                                     tr.ATTEMPT: attempt, tr.RISK: tool.risk.value}) as call_span:
             try:
-                result = self._execute(tool, grant, normalized, decision, ctx, attempt, key, arguments)
+                result = self._execute(tool, grant, normalized, decided.decision, ctx, attempt, key, arguments,
+                                       closing=closing, digest=decided.digest)
             except TransientToolError as exc:
                 call_span.set_attribute(tr.CALL_STATUS, "error")
                 tr.record_failure(call_span, type(exc).__name__,
@@ -312,30 +380,36 @@ class Gateway:
             return result
 
     def _execute(self, tool: Tool, grant: Grant, normalized: dict[str, Any], decision: Decision,
-                 ctx: CallContext, attempt: int, key: str | None, raw: Mapping[str, Any]) -> CallResult:
+                 ctx: CallContext, attempt: int, key: str | None, raw: Mapping[str, Any], *,
+                 closing: StepClosing | None = None, digest: str | None = None) -> CallResult:
         started = time.perf_counter()
         try:
             value = _run(tool, normalized, grant.danger_token() if tool.takes_grant else None,
                          self._credentials(tool, grant))
             result_json = json.dumps(value, default=str, sort_keys=True)
         except TransientToolError as exc:
+            # Not the call's final result: the retry loop in ``call`` authorizes the next
+            # attempt from scratch, so the step is not closed here.
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None,
-                         error_type=type(exc).__name__,
+                         error_type=type(exc).__name__, digest=digest,
                          error=self._failure(tool.name, type(exc).__name__, exc, raw, normalized))
-            raise exc  # the retry loop in ``call`` authorizes the next attempt from scratch
+            raise exc
         except Exception as exc:
             # A value the tool returned that cannot be recorded (nested too deep, a cycle)
             # fails the call like an exception: it could not be replayed after a crash.
             error = self._failure(tool.name, type(exc).__name__, exc, raw, normalized)
+            failed = CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
+                                error=error, attempts=attempt, grant_id=grant.jti,
+                                error_type=type(exc).__name__, labels=tool.labels)
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", json.dumps(error),
-                         started, key, None, error_type=type(exc).__name__, error=error)
-            return CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
-                              error=error, attempts=attempt, grant_id=grant.jti,
-                              error_type=type(exc).__name__, labels=tool.labels)
-        self._called(ctx, tool, grant, decision, attempt, normalized, "ok", result_json, started, key,
-                     result_json)
-        return CallResult(tool=tool.name, arguments=normalized, status="ok", decision=decision,
+                         started, key, None, error_type=type(exc).__name__, error=error, digest=digest,
+                         result=failed, closing=closing)
+            return failed
+        done = CallResult(tool=tool.name, arguments=normalized, status="ok", decision=decision,
                           value=value, labels=tool.labels, attempts=attempt, grant_id=grant.jti)
+        self._called(ctx, tool, grant, decision, attempt, normalized, "ok", result_json, started, key,
+                     result_json, digest=digest, result=done, closing=closing)
+        return done
 
     def _credentials(self, tool: Tool, grant: Grant) -> dict[str, Any] | None:
         """The downstream credentials ``tool`` declares, issued for this call's step: passed
@@ -389,9 +463,8 @@ class Gateway:
             message = message[:MAX_ERROR_CHARS] + "…"
         return f"tool {tool_name!r} failed: {error_type}" + (f": {message}" if message else "")
 
-    def _decided(self, s: Any, ctx: CallContext, tool_name: str, attempt: int, jti: str | None,
-                 decision: Decision, tool: Tool | None, arguments: Mapping[str, Any]) -> None:
-        """Account for one decision: span attributes, metrics, the use record and the ledger."""
+    def _decided(self, s: Any, tool_name: str, jti: str | None, decision: Decision, tool: Tool | None) -> None:
+        """Account for one recorded decision: span attributes and metrics."""
         s.set_attribute(tr.DECISION, decision.outcome)
         s.set_attribute(tr.POLICY_IDS, list(decision.policy_ids))
         if jti:
@@ -405,34 +478,158 @@ class Gateway:
         if decision.outcome == "deny":
             self.metrics.denials.add(1, {"reason": decision.policy_ids[0] if decision.policy_ids else "none",
                                          "tool": tool_name})
-        if decision.outcome != "allow":  # an allowed call is counted once it has run (``_called``)
-            self._record(jti, ctx, tool_name, attempt, "denied", decision, arguments)
-        if self.ledger is not None:
-            self.ledger.append(
-                "decision", ctx.run_id, step_id=ctx.step_id, tool=tool_name, grant_id=jti,
-                spiffe_id=str(ctx.principal), attempt=attempt, decision=decision.outcome,
-                policy_ids=list(decision.policy_ids), reasons=list(decision.reasons),
-                arguments_digest=_digest(arguments),
-            )
+
+    def _record_decision(self, checked: _Checked, tool_name: str, arguments: Mapping[str, Any],
+                         ctx: CallContext, attempt: int, key: str | None,
+                         closing: StepClosing | None) -> _Recorded:
+        """The record stage: one transaction for everything written before a tool runs.
+
+        The grant's row (if its mint was deferred), the use taken by a conditional update
+        that refuses a revoked, exhausted or unknown grant (the call is then denied, and
+        that denial is what is recorded), the approval consumed, the idempotency key, the
+        use of a refused call and the ledger records, chained in this transaction. Rows
+        are written before the ledger's tip is taken (the store's lock order). A call that
+        ends here (refused, paused for approval, replayed) ends its step here too when
+        ``closing`` says this is the step's last call.
+
+        Should writing raise anything but a store failure (a bug), nothing of it is
+        written, and the call is denied, that denial recorded on its own.
+        """
+        try:
+            return self._write_decision(checked, tool_name, arguments, ctx, attempt, key, closing)
+        except StoreError:
+            raise
+        except Exception as exc:
+            failed = _Checked(decision=_check_failed(exc), tool=checked.tool, grant_id=checked.grant_id)
+            return self._write_decision(failed, tool_name, arguments, ctx, attempt, key, None)
+
+    def _write_decision(self, checked: _Checked, tool_name: str, arguments: Mapping[str, Any],
+                        ctx: CallContext, attempt: int, key: str | None,
+                        closing: StepClosing | None) -> _Recorded:
+        decision, grant, tool = checked.decision, checked.grant, checked.tool
+        minted = consumed = revoked = False
+        earlier: CallRecord | None = None
+        result: CallResult | None = None
+        with self.store.atomic():
+            if grant is not None:  # a verified grant bound to this call: the call spends a use
+                minted, consumed, decision = self._take_use(grant, checked.approval, decision)
+            if decision.outcome == "deny":
+                decision = self._scrubbed_decision(tool_name, decision, arguments)
+            # A refused call is recorded with the arguments it was given; a decided one with
+            # the arguments as the tool would see them.
+            recorded = arguments if decision.outcome == "deny" or checked.normalized is None else checked.normalized
+            digest = _digest(recorded)
+            if decision.outcome == "allow":
+                assert tool is not None and grant is not None and checked.normalized is not None
+                if key is not None:
+                    earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
+                                                    tool=tool_name, at=self.clock.now())
+                if earlier is not None and not _cut_off_read(earlier, tool):
+                    result = self._replay(earlier, tool, grant, checked.normalized, decision, attempt)
+            elif decision.outcome == "needs_approval":
+                assert grant is not None and checked.normalized is not None
+                result = CallResult(tool=tool_name, arguments=checked.normalized, status="needs_approval",
+                                    decision=decision, attempts=attempt, grant_id=grant.jti)
+            else:
+                result = CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
+                                    decision=decision, attempts=attempt, grant_id=checked.grant_id)
+            if decision.outcome != "allow":  # an allowed call is counted once it has run (``_called``)
+                self._record(checked.grant_id, ctx, tool_name, attempt, "denied", decision, recorded)
+            closes = closing is not None and result is not None and grant is not None
+            if closing is not None and result is not None and grant is not None:
+                revoked = self.issuer.revoke(grant.jti, reason=closing.reason)
+            if self.ledger is not None:
+                if minted and grant is not None:
+                    self.ledger.append("grant_minted", ctx.run_id, **grant_minted_fields(grant, tool.secrets))
+                if consumed and grant is not None and checked.approval is not None:
+                    self.ledger.append("approval_consumed", ctx.run_id, approval_id=checked.approval.id,
+                                       step_id=ctx.step_id, digest=checked.approval.digest, grant_id=grant.jti)
+                self.ledger.append(
+                    "decision", ctx.run_id, step_id=ctx.step_id, tool=tool_name, grant_id=checked.grant_id,
+                    spiffe_id=str(ctx.principal), attempt=attempt, decision=decision.outcome,
+                    policy_ids=list(decision.policy_ids), reasons=list(decision.reasons),
+                    arguments_digest=digest,
+                )
+                if result is not None and earlier is not None and grant is not None:
+                    self.ledger.append(
+                        "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool_name, grant_id=grant.jti,
+                        attempt=attempt, status=result.status, replayed=True,
+                        arguments_digest=digest, result_digest=None, duration_ms=0.0,
+                    )
+            if closing is not None and result is not None and closes:
+                closing.end(result, revoked)
+        return _Recorded(decision=decision, grant_id=checked.grant_id, digest=digest, result=result,
+                         closed=closes)
+
+    def _take_use(self, grant: Grant, approval: _Approval | None,
+                  decision: Decision) -> tuple[bool, bool, Decision]:
+        """Take one use of ``grant`` (the first one writes its row, if its mint was deferred)
+        and consume ``approval`` with it: ``(written now, approval consumed, decision)``.
+        A revoked, exhausted or unknown grant, or an approval used or expired since it was
+        read, denies the call."""
+        minted = self.issuer.write_unwritten(grant.jti, taking_use=True)
+        try:
+            if not minted:
+                self.issuer.consume_use(grant)
+        except GrantError as exc:
+            return minted, False, Decision.deny(str(exc), GRANT_POLICY_ID)
+        if approval is None:
+            return minted, False, decision
+        assert self.approvals is not None  # checked with the approval
+        try:
+            self.approvals.consume(approval.id, digest=approval.digest, consumer=approval.consumer)
+        except ApprovalError as exc:
+            return minted, False, Decision.deny(str(exc), APPROVAL_POLICY_ID)
+        return minted, True, decision
 
     def _called(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
                 normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
                 started: float, key: str | None, result_json: str | None,
-                error_type: str | None = None, error: str | None = None) -> None:
-        """Account for one execution: idempotency record, use record, metrics, ledger."""
+                error_type: str | None = None, error: str | None = None, *, digest: str | None = None,
+                result: CallResult | None = None, closing: StepClosing | None = None) -> None:
+        """Account for one execution in one transaction: idempotency record, use record,
+        ledger, and (for a step's last call) the step's end. Should ending the step raise
+        anything but a store failure (a bug), the execution is recorded without it and the
+        host ends the step itself."""
         elapsed = time.perf_counter() - started
         self.metrics.tool_latency.record(elapsed, {"tool": tool.name, "status": status})
+        closes = closing is not None and result is not None
+        try:
+            self._write_result(ctx, tool, grant, decision, attempt, normalized, status, stored, key, result_json,
+                               error_type, error, digest, elapsed, result if closes else None, closing)
+        except StoreError:
+            raise
+        except Exception:
+            if not closes:
+                raise
+            closes = False
+            self._write_result(ctx, tool, grant, decision, attempt, normalized, status, stored, key, result_json,
+                               error_type, error, digest, elapsed, None, None)
+        if closes and closing is not None:
+            closing.result = result
+
+    def _write_result(self, ctx: CallContext, tool: Tool, grant: Grant, decision: Decision, attempt: int,
+                      normalized: Mapping[str, Any], status: Literal["ok", "error"], stored: str | None,
+                      key: str | None, result_json: str | None, error_type: str | None, error: str | None,
+                      digest: str | None, elapsed: float, result: CallResult | None,
+                      closing: StepClosing | None) -> None:
         with self.store.atomic():
             self._finish(key, status, stored)
             self._record(grant.jti, ctx, tool.name, attempt, status, decision, normalized)
+            revoked = False
+            if closing is not None and result is not None:  # a row: before the ledger's tip is taken
+                revoked = self.issuer.revoke(grant.jti, reason=closing.reason)
             if self.ledger is not None:
                 self.ledger.append(
                     "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
-                    attempt=attempt, status=status, arguments_digest=_digest(normalized),
+                    attempt=attempt, status=status,
+                    arguments_digest=digest if digest is not None else _digest(normalized),
                     result_digest=sha256_hex(result_json) if result_json is not None else None,
                     duration_ms=round(elapsed * 1000, 3), error_type=error_type,
                     **({"error": error} if error is not None else {}),
                 )
+            if closing is not None and result is not None:
+                closing.end(result, revoked)
 
     def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
                 decision: Decision, attempt: int) -> CallResult:
@@ -455,10 +652,33 @@ class Gateway:
         if key is not None:
             self.store.finish_call(key, status=status, result=result, at=self.clock.now())
 
-    def _authorize(
+    def _checked(
         self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
-        approval_id: str | None = None, key: str | None = None,
-    ) -> tuple[Tool, Grant, dict[str, Any], Decision]:
+        approval_id: str | None, key: str | None,
+    ) -> _Checked:
+        """validate → scope → decide, reading only. Any failure is a denial, including an
+        exception nobody expected (only the store's failure escapes: the call fails closed)."""
+        try:
+            tool, grant = self._authorize(token, tool_name, ctx)
+        except _Denied as denied:
+            return _Checked(decision=denied.decision, grant_id=denied.grant_id)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return _Checked(decision=_check_failed(exc))
+        try:
+            return self._check(tool, grant, arguments, ctx, attempt, approval_id, key)
+        except _Denied as denied:
+            return _Checked(decision=denied.decision, tool=tool, grant=grant, grant_id=grant.jti)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return _Checked(decision=_check_failed(exc), tool=tool, grant=grant, grant_id=grant.jti)
+
+    def _authorize(self, token: str, tool_name: str, ctx: CallContext) -> tuple[Tool, Grant]:
+        """The tool, and the grant presented for it: signature, issuer, audience, lifetime,
+        and bound to this run, step, workflow and identity. Its use is taken later, when
+        the decision is recorded."""
         try:
             tool = self.tools.get_tool(tool_name)
         except UnknownToolError as exc:
@@ -470,25 +690,13 @@ class Gateway:
         mismatch = _binding_mismatch(grant, ctx)
         if mismatch:
             raise _Denied(Decision.deny(mismatch, GRANT_POLICY_ID), grant.jti)
-        try:
-            self.issuer.consume_use(grant)
-        except GrantError as exc:
-            raise _Denied(Decision.deny(str(exc), GRANT_POLICY_ID), grant.jti) from None
-        except StoreError as exc:
-            raise _Denied(Decision.deny(f"store unavailable, failing closed: {exc}", STORE_POLICY_ID),
-                          grant.jti) from None
-        try:
-            return self._check(tool, grant, arguments, ctx, attempt, approval_id, key)
-        except (_Denied, StoreError):
-            raise
-        except Exception as exc:
-            raise _Denied(_check_failed(exc), grant.jti) from None
+        return tool, grant
 
     def _check(
         self, tool: Tool, grant: Grant, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
         approval_id: str | None, key: str | None,
-    ) -> tuple[Tool, Grant, dict[str, Any], Decision]:
-        """Validate, scope and decide one call of a verified grant whose use is taken."""
+    ) -> _Checked:
+        """Validate, scope and decide one call of a verified grant."""
         try:
             normalized = tool.validate_arguments(arguments)
         except ToolArgumentsError as exc:
@@ -496,15 +704,14 @@ class Gateway:
         outside = _outside_scope(grant, arguments, normalized)
         if outside:
             raise _Denied(Decision.deny(outside, SCOPE_POLICY_ID), grant.jti)
-        approved, approval_count = False, 0
+        approval, approval_count = None, 0
         if approval_id is not None:
-            approval_count = self._consume_approval(approval_id, tool, normalized, ctx, grant,
-                                                    key or uuid.uuid4().hex)
-            approved = True
+            approval, approval_count = self._check_approval(approval_id, tool, normalized, ctx, grant,
+                                                            key or uuid.uuid4().hex)
         request = CallRequest(
             principal=ctx.principal, role=ctx.role, workflow=ctx.workflow, run_id=ctx.run_id,
             step_id=ctx.step_id, tool=tool, arguments=normalized, data_labels=ctx.data_labels,
-            in_plan=True, attempt=attempt, approved=approved, approval_count=approval_count,
+            in_plan=True, attempt=attempt, approved=approval is not None, approval_count=approval_count,
             provenance=trace_arguments(normalized, grant.constraints if ctx.planned is None else ctx.planned,
                                        ctx.observations, passed=arguments),
             widened=ctx.widened,
@@ -512,34 +719,36 @@ class Gateway:
         try:
             decision = self.policy.decide(request)
         except ScopegraphError as exc:
-            raise _Denied(Decision.deny(f"policy failed, failing closed: {exc}", "policy-error"), grant.jti) from None
+            decision = Decision.deny(f"policy failed, failing closed: {exc}", "policy-error")
         except Exception as exc:  # a policy engine's bug: its message may quote the arguments
-            raise _Denied(Decision.deny(f"policy evaluation raised {type(exc).__name__}; denied to fail closed",
-                                        "policy-error"), grant.jti) from None
-        if decision.outcome == "deny":
-            raise _Denied(decision, grant.jti)
-        return tool, grant, normalized, decision
+            decision = Decision.deny(f"policy evaluation raised {type(exc).__name__}; denied to fail closed",
+                                     "policy-error")
+        # A denied call still spends its use; the approval it presented is consumed with it.
+        return _Checked(decision=decision, tool=tool, grant=grant, grant_id=grant.jti, normalized=normalized,
+                        approval=approval)
 
-    def _consume_approval(self, approval_id: str, tool: Tool, normalized: Mapping[str, Any],
-                          ctx: CallContext, grant: Grant, consumer: str) -> int:
-        """Recompute the digest of the call actually made and consume the approval for it."""
+    def _check_approval(self, approval_id: str, tool: Tool, normalized: Mapping[str, Any],
+                        ctx: CallContext, grant: Grant, consumer: str) -> tuple[_Approval, int]:
+        """Recompute the digest of the call actually made and check the approval for it.
+
+        Read, not consumed: ``_take_approval`` consumes it atomically with the call's use,
+        checking it again. Returns the approval to consume and its number of approvers.
+        """
         if self.approvals is None:
             raise _Denied(Decision.deny("no approval service is configured", APPROVAL_POLICY_ID), grant.jti)
         try:
-            # The digest in the layout the request was made with (stored requests keep theirs).
-            approval = self.approvals.consume_action(
-                approval_id, run_id=ctx.run_id, step_id=ctx.step_id, tool=tool.name, arguments=normalized,
-                policy_version=self.policy.version, consumer=consumer)
+            approval = self.approvals.get(approval_id)
         except (ApprovalError, StoreError) as exc:
             raise _Denied(Decision.deny(str(exc), APPROVAL_POLICY_ID), grant.jti) from None
-        digest = approval.digest
-        if approval.run_id != ctx.run_id or approval.step_id != ctx.step_id:
-            raise _Denied(Decision.deny(f"approval {approval_id!r} is for another step", APPROVAL_POLICY_ID),
-                          grant.jti)
-        if self.ledger is not None:
-            self.ledger.append("approval_consumed", ctx.run_id, approval_id=approval_id,
-                               step_id=ctx.step_id, digest=digest, grant_id=grant.jti)
-        return len(set(approval.approvers))
+        # The digest in the layout the request was made with (stored requests keep theirs).
+        digest = action_digest_for(approval.digest_version, run_id=ctx.run_id, step_id=ctx.step_id,
+                                   tool=tool.name, arguments=normalized, policy_version=self.policy.version)
+        problem = _approval_problem(approval, digest, consumer, self.clock.now())
+        if problem is None and (approval.run_id != ctx.run_id or approval.step_id != ctx.step_id):
+            problem = f"approval {approval_id!r} is for another step"
+        if problem is not None:
+            raise _Denied(Decision.deny(problem, APPROVAL_POLICY_ID), grant.jti)
+        return _Approval(id=approval_id, digest=digest, consumer=consumer), len(set(approval.approvers))
 
     def _record(self, jti: str | None, ctx: CallContext, tool: str, attempt: int,
                 outcome: Literal["ok", "denied", "error"], decision: Decision,
@@ -552,6 +761,21 @@ class Gateway:
             outcome=outcome, decision=decision.outcome, policy_ids=decision.policy_ids,
             at=self.clock.now(), observed=_observed(arguments, known.secrets if known else frozenset()),
         ))
+
+
+def _approval_problem(approval: ApprovalRequest, digest: str, consumer: str, now: float) -> str | None:
+    """Why ``approval`` cannot authorize the call of ``digest`` by ``consumer`` now, if it
+    cannot: the checks ``ApprovalService.consume`` makes again, atomically, when it is used."""
+    if approval.digest != digest:
+        return f"approval {approval.id!r} is for a different action"
+    state = approval.effective_status(now)
+    if state == "consumed":
+        return None if approval.consumed_by == consumer else f"approval {approval.id!r} was already used"
+    if state == "expired":
+        return f"approval {approval.id!r} expired"
+    if state != "approved":
+        return f"approval {approval.id!r} is {state}, not approved"
+    return None
 
 
 def _cut_off_read(earlier: CallRecord, tool: Tool) -> bool:

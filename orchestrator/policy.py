@@ -23,7 +23,8 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -174,6 +175,13 @@ class CedarPolicyEngine:
         self.version = digest.hexdigest()[:16]
         self.files = tuple(name for name, _ in sources)
         self._tool_entities: dict[str, cedarpy.Entities] = {}
+        # What the policies read, found once: a request carries only that (Cedar parses
+        # every context attribute it is given, used or not). ``None``: everything.
+        nodes = list(self._policies.to_pst().static_policies.values())
+        self._context_keys = _attributes_read(nodes, "context")
+        self._principal_keys = _attributes_read(nodes, "principal")
+        self._reads_principal = self._principal_keys != frozenset()
+        self._entities: OrderedDict[tuple[str, ...], cedarpy.Entities] = OrderedDict()
 
     @classmethod
     def from_paths(
@@ -233,10 +241,7 @@ class CedarPolicyEngine:
             "context": context,
         }
         try:
-            # The tool's entity is parsed once; only the principal is parsed per call.
-            entities = self._tool_entities_handle(request.tool).with_added_json_str(
-                json.dumps([self._principal_entity(request)]))
-            result = cedarpy.is_authorized(cedar_request, self._policies, entities)
+            result = cedarpy.is_authorized(cedar_request, self._policies, self._entities_for(request))
         except Exception as exc:  # cedarpy raises bare exceptions on malformed input
             return _Evaluation.deny(f"policy evaluation failed ({type(exc).__name__}); denied to fail closed",
                                     "policy-error")
@@ -265,45 +270,31 @@ class CedarPolicyEngine:
         return "unknown"
 
     def _context(self, request: CallRequest, approved: bool, approval_count: int) -> dict[str, Any]:
-        origins = {name: request.provenance.get(name) or Origin(source="executor", labels=request.data_labels)
-                   for name in request.arguments}
-        tool = request.tool
-        roles = tool.roles
-        destinations = sorted(tool.destinations & set(request.arguments))
-        contents = sorted(tool.contents & set(request.arguments))
-        # Without declared destinations any argument may say where data goes: then the
-        # destination is "in the plan" only if the plan fixed every argument.
-        where = destinations or sorted(request.arguments)
-        open_destinations = [n for n in where if origins[n].source not in FIXED_SOURCES]
-        return {
-            "provenance": {name: {**o.as_context(), "role": roles.get(name, "")} for name, o in origins.items()},
-            "destinations": destinations,
-            "untrusted_destinations": [d for d in where if "untrusted" in origins[d].labels],
-            "untrusted_arguments": sorted(n for n, o in origins.items() if "untrusted" in o.labels),
-            "destinations_in_plan": not open_destinations,
-            # Only declared destinations: without them no argument is known to be one.
-            "destinations_in_user_data": bool(destinations) and all(origins[n].user_data for n in open_destinations),
-            "contents": contents,
-            "untrusted_contents": [c for c in contents if "untrusted" in origins[c].labels],
-            # A read tool given a destination (a URL, a host) sends data there: egress for it.
-            "egress": tool.risk.value == "egress" or (tool.risk.value == "read" and bool(destinations)),
-            "widened": request.widened,
-            "tool": request.tool.name,
-            "risk": request.tool.risk.value,
-            "role": request.role,
-            "principal_id": str(request.principal),
-            "workflow": request.workflow,
-            "run_id": request.run_id,
-            "step_id": request.step_id,
-            "arguments": self._cedar_arguments(request.arguments),
-            "argument_names": sorted(request.arguments),
-            "data_labels": sorted(request.data_labels),
-            "in_plan": request.in_plan,
-            "attempt": request.attempt,
-            "approved": approved,
-            "approval_count": approval_count if approved else 0,
-            **request.extra,
+        keys = self._context_keys
+        # Checked whether or not a policy reads them: a value Cedar cannot hold denies the call.
+        arguments = self._cedar_arguments(request.arguments)
+        fields: dict[str, Callable[[], Any]] = {
+            "widened": lambda: request.widened,
+            "tool": lambda: request.tool.name,
+            "risk": lambda: request.tool.risk.value,
+            "role": lambda: request.role,
+            "principal_id": lambda: str(request.principal),
+            "workflow": lambda: request.workflow,
+            "run_id": lambda: request.run_id,
+            "step_id": lambda: request.step_id,
+            "arguments": lambda: arguments,
+            "argument_names": lambda: sorted(request.arguments),
+            "data_labels": lambda: sorted(request.data_labels),
+            "in_plan": lambda: request.in_plan,
+            "attempt": lambda: request.attempt,
+            "approved": lambda: approved,
+            "approval_count": lambda: approval_count if approved else 0,
         }
+        if keys is None or not keys.isdisjoint(_PROVENANCE_KEYS):
+            fields.update(_provenance_fields(request))
+        context = {k: f() for k, f in fields.items() if keys is None or k in keys}
+        context.update((k, v) for k, v in request.extra.items() if keys is None or k in keys)
+        return context
 
     def _cedar_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """The typed arguments Cedar sees.
@@ -332,12 +323,30 @@ class CedarPolicyEngine:
         return out
 
     def _principal_entity(self, request: CallRequest) -> dict[str, Any]:
+        attrs = {"role": request.role, "workflow": request.workflow,
+                 "run_id": request.run_id, "step_id": request.step_id}
+        keys = self._principal_keys
         return {
             "uid": {"type": "Scopegraph::Agent", "id": str(request.principal)},
-            "attrs": {"role": request.role, "workflow": request.workflow,
-                      "run_id": request.run_id, "step_id": request.step_id},
+            "attrs": attrs if keys is None else {k: v for k, v in attrs.items() if k in keys},
             "parents": [],
         }
+
+    def _entities_for(self, request: CallRequest) -> cedarpy.Entities:
+        """The tool's entity and, if a policy reads the principal, the principal's: parsed
+        once per tool, and once per principal while it keeps calling (a few kept)."""
+        tool_entities = self._tool_entities_handle(request.tool)
+        if not self._reads_principal:
+            return tool_entities
+        key = (request.tool.name, str(request.principal), request.role, request.workflow, request.run_id,
+               request.step_id)
+        cached = self._entities.get(key)
+        if cached is None:
+            cached = tool_entities.with_added_json_str(json.dumps([self._principal_entity(request)]))
+            self._entities[key] = cached
+            while len(self._entities) > _ENTITIES_KEPT:
+                self._entities.popitem(last=False)
+        return cached
 
     def _tool_entities_handle(self, tool: Tool) -> cedarpy.Entities:
         cached = self._tool_entities.get(tool.name)
@@ -460,6 +469,73 @@ def _argument_types(tools: ToolRegistry) -> tuple[dict[str, str], dict[str, str]
         elif len(kinds) > 1:
             conflicts[arg] = ", ".join(f"{t}: {k or 'untyped'}" for t, k in sorted(by_tool.items()))
     return types, conflicts
+
+
+_ENTITIES_KEPT = 64
+_PROVENANCE_KEYS = frozenset({"provenance", "destinations", "untrusted_destinations", "untrusted_arguments",
+                              "destinations_in_plan", "destinations_in_user_data", "contents",
+                              "untrusted_contents", "egress"})
+
+
+def _provenance_fields(request: CallRequest) -> dict[str, Callable[[], Any]]:
+    """The context attributes drawn from where each argument came from and what it is (its role)."""
+    origins = {name: request.provenance.get(name) or Origin(source="executor", labels=request.data_labels)
+               for name in request.arguments}
+    tool = request.tool
+    roles = tool.roles
+    destinations = sorted(tool.destinations & set(request.arguments))
+    contents = sorted(tool.contents & set(request.arguments))
+    # Without declared destinations any argument may say where data goes: then the
+    # destination is "in the plan" only if the plan fixed every argument.
+    where = destinations or sorted(request.arguments)
+    open_destinations = [n for n in where if origins[n].source not in FIXED_SOURCES]
+    return {
+        "provenance": lambda: {name: {**o.as_context(), "role": roles.get(name, "")} for name, o in origins.items()},
+        "destinations": lambda: destinations,
+        "untrusted_destinations": lambda: [d for d in where if "untrusted" in origins[d].labels],
+        "untrusted_arguments": lambda: sorted(n for n, o in origins.items() if "untrusted" in o.labels),
+        "destinations_in_plan": lambda: not open_destinations,
+        # Only declared destinations: without them no argument is known to be one.
+        "destinations_in_user_data": lambda: bool(destinations) and all(origins[n].user_data
+                                                                       for n in open_destinations),
+        "contents": lambda: contents,
+        "untrusted_contents": lambda: [c for c in contents if "untrusted" in origins[c].labels],
+        # A read tool given a destination (a URL, a host) sends data there: egress for it.
+        "egress": lambda: tool.risk.value == "egress" or (tool.risk.value == "read" and bool(destinations)),
+    }
+
+
+def _attributes_read(nodes: Iterable[Any], var: str) -> frozenset[str] | None:
+    """The attributes of ``var`` (``context``, ``principal``…) that the policies read
+    (``var.X``, ``var has X``); ``None`` if one uses ``var`` otherwise (as a whole)."""
+    found: set[str] = set()
+    whole = False
+
+    def is_var(expr: Any) -> bool:
+        return type(expr).__name__ == "Var" and getattr(expr, "name", None) == var
+
+    def walk(obj: Any) -> None:
+        nonlocal whole
+        kind = type(obj).__name__
+        if kind in ("GetAttr", "HasAttr") and is_var(obj.base):
+            found.update([obj.attr] if kind == "GetAttr" else obj.attrs[:1])
+            return
+        if is_var(obj):
+            whole = True
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, Mapping):
+            for item in obj.values():
+                walk(item)
+        elif hasattr(obj, "__dataclass_fields__"):
+            for f in obj.__dataclass_fields__:
+                walk(getattr(obj, f))
+
+    for node in nodes:
+        walk(node)
+    return None if whole else frozenset(found)
 
 
 def _argument_references(node: Any) -> set[str]:

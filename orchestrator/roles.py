@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .canonical import canonical_json, sha256_hex
-from .gateway import CallContext, CallResult, Gateway
+from .gateway import CallContext, CallResult, Gateway, StepClosing
 from .identity import SpiffeId, Svid
 from .plan import Plan, Step, parse_plan
 
@@ -105,10 +105,12 @@ class NeedsApproval(Exception):
 class ToolHandle:
     """An executor's only way to call tools: through the gateway, with its step's grant."""
 
-    def __init__(self, gateway: Gateway, token: str, ctx: CallContext) -> None:
+    def __init__(self, gateway: Gateway, token: str, ctx: CallContext, *,
+                 closing: StepClosing | None = None) -> None:
         self._gateway = gateway
         self.__token = token
         self._ctx = ctx
+        self._closing = closing
         self.calls: list[CallResult] = []
 
     def call(self, tool: str, /, **arguments: Any) -> CallResult:
@@ -117,8 +119,25 @@ class ToolHandle:
         Raises:
             NeedsApproval: policy wants a human to approve this exact call first.
         """
+        return self._call(tool, arguments, None)
+
+    def last_call(self, tool: str, /, **arguments: Any) -> CallResult:
+        """``call``, for an executor that knows this is its step's last call.
+
+        The step ends with this call: its grant is revoked and its outcome (this call's)
+        recorded in the same write as the call's result, one commit fewer per step. Return
+        right after it: nothing the executor does afterwards changes the step's outcome,
+        and a further call is refused, its grant being revoked. Where the host cannot end
+        the step with a call (a delegated child step), this is a plain ``call``.
+
+        Raises:
+            NeedsApproval: policy wants a human to approve this exact call first.
+        """
+        return self._call(tool, arguments, self._closing)
+
+    def _call(self, tool: str, arguments: dict[str, Any], closing: StepClosing | None) -> CallResult:
         key = _call_key(self._ctx, len(self.calls), tool, arguments)
-        result = self._gateway.call(self.__token, tool, arguments, self._ctx, call_key=key)
+        result = self._gateway.call(self.__token, tool, arguments, self._ctx, call_key=key, closing=closing)
         self.calls.append(result)
         # What this call returned is now something the executor has seen: later calls of
         # the step carry its labels, and their arguments are traced against it.

@@ -16,7 +16,7 @@ also gets ``error.type`` and an ``exception`` event carrying the scrubbed messag
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -93,6 +93,7 @@ SECRET_KIND = "scopegraph.secret.kind"        # "ephemeral" | "static"
 SECRET_NAME = "scopegraph.secret.name"        # the tool parameter that receives it
 SECRET_PRINCIPAL = "scopegraph.secret.principal"  # the downstream name: a role, an audience
 TOKEN_AUDIENCE = "scopegraph.token.audience"
+GRANT_REVOKED_WITH_CALL = "scopegraph.grant.revoked_with_call"  # written in the last call's transaction
 
 _propagator = TraceContextTextMapPropagator()
 
@@ -114,12 +115,18 @@ def enabled() -> bool:
 
 
 @contextmanager
-def span(name: str, attributes: Mapping[str, Any] | None = None, *,
+def span(name: str, attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None, *,
          context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
-    """A span that records an exception as an error status and re-raises it."""
+    """A span that records an exception as an error status and re-raises it.
+
+    ``attributes`` may be a function that returns them: it is called only if an SDK
+    records the span, so a caller without one builds nothing.
+    """
     if not enabled():
         yield INVALID_SPAN
         return
+    if callable(attributes):
+        attributes = attributes()
     with _TRACER.start_as_current_span(name, context=context, kind=kind,
                                         attributes=_clean(attributes or {}),
                                         record_exception=False, set_status_on_exception=False) as s:

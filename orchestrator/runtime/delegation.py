@@ -23,7 +23,7 @@ from .. import tracing as tr
 from ..canonical import canonical_json, sha256_hex
 from ..credentials import Grant
 from ..errors import GrantError, PlanError, ScopegraphError
-from ..gateway import SCOPE_POLICY_ID
+from ..gateway import SCOPE_POLICY_ID, grant_minted_fields
 from ..identity import SpiffeId
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
@@ -165,11 +165,17 @@ class _Delegation:
             # tool's default would run unchecked, though the parent's grant may refuse it.
             constraints = {**{k: v for k, v in self.grant.constraints.items() if k not in child.constraints},
                            **child.constraints}
+            # The parent's grant may not be written yet (see ``graph._mint``): it is now, as
+            # the child's mint spends one of its uses.
+            parent_minted = rt.issuer.write_unwritten(self.grant.jti)
             grant = rt.issuer.mint(
                 subject=identity, tool=child.tool, run_id=self.run_id, step_id=path, workflow=rt.workflow.name,
                 constraints=constraints, parent=self.grant,
                 act={"sub": str(self.planner_id), "act": {"sub": str(self.identity), "act": dict(self.grant.act)}},
             )
+            if parent_minted:
+                rt.ledger.append("grant_minted", self.run_id,
+                                 **grant_minted_fields(self.grant, rt.workflow.registry[self.grant.tool].secrets))
             rt.ledger.append("grant_minted", self.run_id, step_id=path, grant_id=grant.jti,
                              spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
                              expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=self.grant.jti,

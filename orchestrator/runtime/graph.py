@@ -28,6 +28,7 @@ A repeated step (``for_each``) is sent as one task per item, each its own step r
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
@@ -39,7 +40,7 @@ from ..canonical import action_digest_v2, canonical_json, sha256_hex
 from ..constraints import narrows
 from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
-from ..gateway import CallContext, CallResult
+from ..gateway import CallContext, CallResult, StepClosing, grant_minted_fields
 from ..identity import SpiffeId, Svid
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
@@ -61,6 +62,8 @@ from .state import RunState, StepInput
 
 if TYPE_CHECKING:
     from .runner import Runtime
+
+STEP_ENDED = "step ended"  # why a step's grant is revoked when the step ends
 
 
 def build_graph(rt: Runtime) -> StateGraph:
@@ -114,9 +117,10 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
                      for sid in asking}
             return {"status": "failed", "error": str(exc), **({"steps": ended} if ended else {})}
         dumped = plan.model_dump(mode="json")
-        original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"]) \
-            if previous is not None else plan
-        widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
+        widened: list[str] = []  # a first plan is the original: nothing in it is wider than itself
+        if previous is not None:
+            original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"])
+            widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
         rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
                          plan_digest=sha256_hex(canonical_json(dumped)), revision=revision,
                          failures=[steps[sid]["failure"] for sid in asking], widened=widened,
@@ -280,18 +284,15 @@ def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tu
                                  tr.GEN_AI_TOOL_NAME: step.tool}) as s:
         # The step's proof of identity lives no longer than its grant.
         svid = rt.domain.issue_svid(identity, ttl=rt.workflow.grant_ttl)
-        with rt.store.atomic():  # the grant and its audit record land together
-            grant = rt.issuer.mint(
-                subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
-                workflow=rt.workflow.name, constraints=step.constraints,
-                act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
-            )
-            rt.ledger.append("grant_minted", payload["run_id"], step_id=step.id, grant_id=grant.jti,
-                             spiffe_id=str(identity), tool=step.tool, issued_at=grant.issued_at,
-                             expires_at=grant.expires_at,
-                             max_uses=grant.max_uses,
-                             constraints=recorded_constraints(grant.constraints, _secrets(rt, step.tool)),
-                             act=dict(grant.act))
+        # Signed now; written, with its audit record, in the transaction of its first use
+        # (or of its revocation, for a step that makes no call). Until then the store does
+        # not know it, so it is unusable, and a crash before that loses nothing.
+        grant = rt.issuer.mint(
+            subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
+            workflow=rt.workflow.name, constraints=step.constraints,
+            act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
+            deferred=True,
+        )
         s.set_attribute(tr.GRANT_ID, grant.jti)
         s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
     rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
@@ -306,19 +307,33 @@ def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
             ended: dict[str, Any] | None = None) -> None:
     """Revoke the step's grant; with ``ended``, record the step's outcome in the same write."""
     with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}), rt.store.atomic():
-        revoked = rt.issuer.revoke(grant.jti, reason="step ended")
+        minted = rt.issuer.write_unwritten(grant.jti)  # a step that made no call: written with its end
+        revoked = rt.issuer.revoke(grant.jti, reason=STEP_ENDED)
+        if minted:
+            rt.ledger.append("grant_minted", run_id, **grant_minted_fields(grant, _secrets(rt, step.tool)))
         if revoked:
-            rt.ledger.append("grant_revoked", run_id, step_id=step.id, grant_id=grant.jti,
-                             reason="step ended")
+            _revoked(rt, run_id, step.id, grant.jti, step.tool)
         if ended is not None and "status" in ended:
             _step_ended(rt, run_id, ended)
-    if revoked:
-        rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
     rt.secrets.end_step(run_id, step.id)  # the step's downstream credentials end with its grant
 
 
+def _revoked_with_call(rt: Runtime, run_id: str, grant: Grant, step: Step) -> None:
+    """The revocation's span for a step that ended with its last call: the revocation was
+    written in that call's transaction, so only the step's downstream credentials are left."""
+    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id, tr.GRANT_REVOKED_WITH_CALL: True}):
+        pass
+    rt.secrets.end_step(run_id, step.id)  # the step's downstream credentials end with its grant
+
+
+def _revoked(rt: Runtime, run_id: str, step_id: str, jti: str, tool: str) -> None:
+    """Audit and count the revocation of a step's grant as its step ends."""
+    rt.ledger.append("grant_revoked", run_id, step_id=step_id, grant_id=jti, reason=STEP_ENDED)
+    rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": tool})
+
+
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
-    return tr.span(f"{tr.EXECUTE_TOOL} {step.tool}", {
+    return tr.span(f"{tr.EXECUTE_TOOL} {step.tool}", lambda: {
         tr.GEN_AI_OPERATION: "execute_tool", tr.GEN_AI_TOOL_NAME: step.tool,
         tr.GEN_AI_TOOL_CALL_ID: f"{payload['run_id']}/{step.id}", tr.GEN_AI_TOOL_TYPE: "function",
         tr.GEN_AI_AGENT_NAME: "executor", tr.GEN_AI_AGENT_ID: str(identity),
@@ -358,9 +373,11 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
     svid, grant = _mint(rt, payload, step, identity)
     ctx = _call_context(rt, payload, plan, step, identity)
-    handle = ToolHandle(rt.gateway, grant.danger_token(), ctx)
     record: dict[str, Any] = {"step_id": step.id, "tool": step.tool, "spiffe_id": str(identity),
                               "grant_id": grant.jti, "grant_ids": [grant.jti]}
+    sealed: dict[str, Any] = {}
+    closing = _closing(rt, payload, step, identity, record, lambda: handle.calls, sealed)
+    handle = ToolHandle(rt.gateway, grant.danger_token(), ctx, closing=closing)
     children: list[dict[str, Any]] = []
     try:
         rt.workflow.executor.execute(StepContext(
@@ -374,10 +391,10 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     except ReplanRequested as ask:
         record.update(_replan_record(rt, payload, step, ask, handle.calls))
     except NeedsApproval as pause:
-        request = _request_approval(rt, payload, step, identity, pause.result)
-        record.update(status="awaiting_approval", decision="needs_approval",
-                      policy_ids=list(pause.result.decision.policy_ids), reason=pause.result.audit_reason,
-                      approval_id=request.id, approval_ids=[request.id])
+        if pause.result is closing.result:  # asked for in the write that ended the step
+            record.update(sealed)
+        else:
+            record.update(_paused(rt, payload, step, identity, pause.result, []))
     except ScopegraphError as exc:
         record.update(status="failed", decision=None, policy_ids=[], reason=str(exc))
     except Exception as exc:  # an executor bug ends the step, never the run's bookkeeping
@@ -385,7 +402,13 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
         record.update(status="failed", decision=None, policy_ids=[],
                       reason=f"executor raised {type(exc).__name__}")
     finally:
-        _revoke(rt, payload["run_id"], step, grant, ended=record)
+        # A step that ended with its last call has its grant revoked and its outcome
+        # recorded already. Only an executor that did more after that call (raised, or
+        # called again) changes the outcome: the step's end is then recorded again.
+        if closing.result is None or ("status" in record and _ended(record) != _ended({**record, **sealed})):
+            _revoke(rt, payload["run_id"], step, grant, ended=record)
+        else:
+            _revoked_with_call(rt, payload["run_id"], grant, step)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
     if children:
@@ -396,6 +419,34 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     if labels:
         record["labels"] = labels
     return _with_labels({"steps": {step.id: record}}, labels)
+
+
+def _closing(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, record: dict[str, Any],
+             earlier: Callable[[], list[CallResult]], sealed: dict[str, Any]) -> StepClosing:
+    """How a step ends with its last call (see ``StepClosing``): the outcome of its calls
+    (``earlier`` ones and the last) goes into ``sealed`` and the ledger, in the call's write."""
+
+    def end(result: CallResult, revoked: bool) -> None:
+        if result.status == "needs_approval":
+            outcome = _paused(rt, payload, step, identity, result, record.get("approval_ids") or [])
+        else:
+            outcome = step_outcome([*earlier(), result], step.tool)
+        if revoked:
+            _revoked(rt, payload["run_id"], step.id, result.grant_id or "", step.tool)
+        sealed.clear()
+        sealed.update(outcome)
+        _step_ended(rt, payload["run_id"], {**record, **outcome})
+
+    return StepClosing(reason=STEP_ENDED, end=end)
+
+
+def _paused(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, result: CallResult,
+            approval_ids: list[str]) -> dict[str, Any]:
+    """The outcome of a step whose call waits for a human: the approval request it made."""
+    request = _request_approval(rt, payload, step, identity, result)
+    return {"status": "awaiting_approval", "decision": "needs_approval",
+            "policy_ids": list(result.decision.policy_ids), "reason": result.audit_reason,
+            "approval_id": request.id, "approval_ids": [*approval_ids, request.id]}
 
 
 def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanRequested,
@@ -476,6 +527,12 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     return {**update, **_landed(payload)}
 
 
+def _ended(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What a ``step_ended`` record says of a step."""
+    return (record.get("status"), record.get("decision"), list(record.get("policy_ids") or []),
+            record.get("reason") or "", record.get("approval_id"))
+
+
 def _step_ended(rt: Runtime, run_id: str, record: dict[str, Any]) -> None:
     rt.ledger.append("step_ended", run_id, step_id=record["step_id"], status=record.get("status"),
                      decision=record.get("decision"), policy_ids=list(record.get("policy_ids") or []),
@@ -525,6 +582,9 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     record["grant_id"] = grant.jti
     record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
     ctx = _call_context(rt, payload, plan, step, identity, frozenset(record.get("labels") or ()))
+    # The step's one call is its last: it ends in the write that records the call.
+    sealed: dict[str, Any] = {}
+    closing = _closing(rt, payload, step, identity, record, list, sealed)
     ended: dict[str, Any] | None = None
     # Approved under policies that have changed since (an upgrade while the run was paused):
     # the approval names the old version and cannot be used; the call is decided afresh,
@@ -533,21 +593,24 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     try:
         if state in ("approved", "consumed") and not stale:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"approval:{approval.id}", approval_id=approval.id)
+                                     call_key=f"approval:{approval.id}", approval_id=approval.id,
+                                     closing=closing)
         else:
             result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"{'reasked' if stale else 'proposal'}:{approval.id}")
+                                     call_key=f"{'reasked' if stale else 'proposal'}:{approval.id}", closing=closing)
         record["calls"] = [*record.get("calls", []), _call_summary(result)]
-        if result.status == "needs_approval":
-            request = _request_approval(rt, payload, step, identity, result)
-            record.update(status="awaiting_approval", decision="needs_approval",
-                          policy_ids=list(result.decision.policy_ids), reason=result.audit_reason,
-                          approval_id=request.id, approval_ids=[*record.get("approval_ids", []), request.id])
+        if closing.result is not None:
+            record.update(sealed)
+        elif result.status == "needs_approval":
+            record.update(_paused(rt, payload, step, identity, result, record.get("approval_ids") or []))
         else:
             record.update(step_outcome([result], step.tool))
         ended = record
     finally:
-        _revoke(rt, payload["run_id"], step, grant, ended=ended)
+        if closing.result is None:
+            _revoke(rt, payload["run_id"], step, grant, ended=ended)
+        else:
+            _revoked_with_call(rt, payload["run_id"], grant, step)
     return _with_labels({"steps": {step.id: record}}, _labels([result])), True
 
 

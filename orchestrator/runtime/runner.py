@@ -154,7 +154,7 @@ class Runtime:
         if not _RUN_ID.match(run_id):
             raise ConfigError(f"invalid run id {run_id!r}")
         planner_id = self.domain.id("wf", self.workflow.name, "run", run_id, "planner")
-        with self.store.atomic():  # the run and its first audit record land together
+        with self.store.atomic():  # the run, its lease and its first audit record land together
             existing = self.store.get_run(run_id)
             # A run submitted to the workers waits as "queued": starting it is its first drive.
             if existing is not None and (existing.status != "queued" or existing.workflow != self.workflow.name):
@@ -164,6 +164,7 @@ class Runtime:
                 run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=initiator,
                 status="running", created_at=now, updated_at=now,
             ))
+            self._take_lease(run_id, now)
             self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
                                initiator=initiator, initiator_principal=principal.name,
                                initiator_authenticated_by=principal.authenticated_by, task_digest=sha256_hex(task),
@@ -176,7 +177,8 @@ class Runtime:
         }
         if self.workflow.on_denial != "fail":
             initial["on_denial"] = self.workflow.on_denial
-        return self._drive(run_id, initial, None)
+        with self._lease(run_id, taken=True) as leased:
+            return self._drive_leased(run_id, initial, None, leased)
 
     def resume(self, run_id: str) -> RunReport:
         """Continue a paused or crashed run from its last checkpoint.
@@ -241,6 +243,7 @@ class Runtime:
         self.secrets.end_run(run_id, reason=reason)
         live = [g.jti for g in self.store.grants_for_run(run_id) if g.revoked_at is None]
         if not live:
+            self.issuer.forget_run(run_id)  # a grant minted but not written yet is dropped
             return 0
         with self.store.atomic():
             count = self.issuer.revoke_run(run_id, reason=reason)
@@ -254,32 +257,33 @@ class Runtime:
     def _config(self, run_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
 
-    def _drive(self, run_id: str, graph_input: Any, parent: Context | None) -> RunReport:
-        with self._lease(run_id, status="running") as leased:
-            return self._drive_leased(run_id, graph_input, parent, leased)
-
     @contextmanager
-    def _lease(self, run_id: str, *, status: str | None = None) -> Iterator[list[bool]]:
-        """Hold the run's lease (setting ``status`` as it is taken); release it at the end
-        unless the drive released it already (``leased[0]`` false).
+    def _lease(self, run_id: str, *, taken: bool = False) -> Iterator[list[bool]]:
+        """Hold the run's lease (unless ``taken`` already); release it at the end unless the
+        drive released it already (``leased[0]`` false).
 
         Raises:
             RunBusyError: another runtime holds the lease.
         """
-        now = self.clock.now()
-        with self.store.atomic():
-            holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
-                                            now=now, owner_alive=_owner_alive)
-            if holder is None and status is not None:
-                self.store.set_run_status(run_id, status, at=now)
-        if holder is not None:
-            raise RunBusyError(f"run {run_id!r} is being driven by another runtime ({holder})")
+        if not taken:
+            self._take_lease(run_id, self.clock.now())
         leased = [True]
         try:
             yield leased
         finally:
             if leased[0]:  # only if ``_drive_leased`` did not get to release it itself
                 self.store.release_run(run_id, owner=self._owner)
+
+    def _take_lease(self, run_id: str, now: float) -> None:
+        """Take the right to drive ``run_id`` (in the caller's transaction, if any).
+
+        Raises:
+            RunBusyError: another runtime holds the lease.
+        """
+        holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
+                                        now=now, owner_alive=_owner_alive)
+        if holder is not None:
+            raise RunBusyError(f"run {run_id!r} is being driven by another runtime ({holder})")
 
     def _drive_leased(self, run_id: str, graph_input: Any, parent: Context | None,
                       leased: list[bool]) -> RunReport:

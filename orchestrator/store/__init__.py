@@ -14,6 +14,7 @@ from .base import (
     LedgerRow,
     RunRecord,
     Store,
+    StoreCounts,
     TrustKeyRecord,
     UseRecord,
 )
@@ -52,5 +53,5 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
 
 __all__ = [
     "ApproverRecord", "CallRecord", "DEFAULT_STORE_URL", "GrantRecord", "GrantState", "LedgerHead", "LedgerRow",
-    "RunRecord", "SqliteStore", "Store", "TrustKeyRecord", "UseRecord", "open_store",
+    "RunRecord", "SqliteStore", "Store", "StoreCounts", "TrustKeyRecord", "UseRecord", "open_store",
 ]

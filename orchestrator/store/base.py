@@ -123,10 +123,23 @@ class ApproverRecord:
     removed_at: float | None = None
 
 
+@dataclass
+class StoreCounts:
+    """What a store has asked of its database, counted as it goes (for benchmarks and
+    structural tests): every statement sent, ``BEGIN`` and ``COMMIT`` included, the
+    round trips they took (statements a PostgreSQL transaction pipelines share one), and
+    the transactions committed."""
+
+    statements: int = 0
+    round_trips: int = 0
+    commits: int = 0
+
+
 class Store(Protocol):
     """Everything durable that is not a checkpoint."""
 
     url: str
+    counts: StoreCounts
 
     def atomic(self) -> AbstractContextManager[None]:
         """A transaction that nested store calls (from this thread) join."""
@@ -138,7 +151,10 @@ class Store(Protocol):
         """Store the key unless one exists already; return the key that is stored."""
         ...
 
-    def add_grant(self, grant: GrantRecord) -> None: ...
+    def add_grant(self, grant: GrantRecord, *, if_absent: bool = False) -> bool:
+        """Insert ``grant``; return whether it was inserted. A grant already stored is an
+        error, or with ``if_absent`` a no-op (a deferred grant written by whoever comes first)."""
+        ...
 
     def consume_grant_use(self, jti: str) -> GrantState:
         """Atomically take one use of ``jti`` if it is known, unrevoked and has uses left."""

@@ -13,6 +13,10 @@ writer at a time) PostgreSQL gets from row locks, taken where a read decides a w
 - single-statement updates (grant uses, revocations) rely on PostgreSQL re-checking
   their ``WHERE`` against the newest row version under READ COMMITTED.
 
+A transaction's statements after its ``BEGIN`` are pipelined (psycopg's pipeline mode):
+those whose results nobody reads travel with the next read or with the ``COMMIT``, so a
+transaction costs a round trip per result it needs rather than one per statement.
+
 The runtime's transactions take grant, approval and call rows before the ledger tip, and
 the tip before the signed head; only a run's own row is locked after the tip (at the
 run's end, by its lease holder alone). Should two transactions still wait on each other,
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -86,6 +91,8 @@ class PostgresStore(SqlStore):
                 migrate(conn, self.url)
         except psycopg.Error as exc:
             raise self.error(exc, "cannot be opened") from exc
+        # Each open transaction's pipeline (and what closes it), by its connection.
+        self._pipelines: dict[int, tuple[ExitStack, psycopg.Pipeline]] = {}
         self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
             url, kwargs=kwargs, min_size=1, max_size=max_connections, timeout=POOL_TIMEOUT_SECONDS,
             # Give up a reconnection series soon: the pool's backoff doubles the gaps
@@ -105,15 +112,37 @@ class PostgresStore(SqlStore):
             conn, _ = self._checkout("BEGIN")
         except psycopg.Error as exc:
             raise self.error(exc) from exc
+        # The rest of the transaction is pipelined: statements whose results nobody reads
+        # travel with the next read or with the COMMIT, one round trip instead of one each.
+        stack = ExitStack()
+        try:
+            pipeline = stack.enter_context(conn.pipeline())
+        except psycopg.Error as exc:
+            self._pool.putconn(conn)
+            raise self.error(exc) from exc
+        except BaseException:
+            self._pool.putconn(conn)
+            raise
+        self._pipelines[id(conn)] = (stack, pipeline)
         return conn
 
+    def _pipeline(self, conn: Any) -> Any:
+        return self._pipelines[id(conn)][1]
+
     def _end(self, conn: Any, *, commit: bool) -> None:
+        pipeline, _ = self._pipelines.pop(id(conn))
         try:
             if commit:
                 conn.execute("COMMIT")
+                pipeline.close()  # sends it, with what is still queued, and reports any failure
             else:
+                try:
+                    pipeline.close()
+                except psycopg.Error:
+                    pass  # the failure is what is being rolled back
                 _rollback_quietly(conn)
         except psycopg.Error as exc:
+            _rollback_quietly(conn)
             raise self.error(exc) from exc
         finally:
             self._pool.putconn(conn)  # one left broken or mid-transaction is discarded or reset

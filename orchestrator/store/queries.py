@@ -7,9 +7,10 @@ driver's errors; this class does the rest, in the words of the backend's ``Diale
 Transactions. Every write method runs in a transaction; inside ``atomic()`` the calls of
 one thread join that one transaction (a nested block is not a savepoint), so a caller can
 put any number of store operations in one commit. Ledger appends inside a transaction are
-chained in order from the tip read (and, on PostgreSQL, locked) at the first append; the
-tip row is written once, just before the commit. A statement that fails dooms its
-transaction, even if the caller catches the error: nothing of it is written.
+chained in order from the tip read (and, on PostgreSQL, locked) at the first append; their
+rows are inserted together, in one statement, before the transaction reads the ledger or
+commits, and the tip row is written once, just before the commit. A statement that fails
+dooms its transaction, even if the caller catches the error: nothing of it is written.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .base import (
     LedgerHead,
     LedgerRow,
     RunRecord,
+    StoreCounts,
     TrustKeyRecord,
     UseRecord,
     grant_from_row,
@@ -44,28 +46,97 @@ from .secrets import SecretRecords
 _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
 _TRUST_KEY_COLUMNS = "purpose, kid, generation, public_jwk, origin, created_at, retired_at, endorsement"
 _APPROVER_COLUMNS = "name, display, public_pem, kid, enrolled_at, removed_at, endorsement"
+_LEDGER_ROWS_PER_INSERT = 100  # 7 parameters a row: well under SQLite's and PostgreSQL's limits
 _USE_COLUMNS = "jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at, observed"
 
 
 class Tx:
-    """One open transaction: its connection, and where it has moved the ledger's tip to."""
+    """One open transaction: its connection, and where it has moved the ledger's tip to.
 
-    __slots__ = ("conn", "failed", "tip", "tip_moved", "_store")
+    With ``pipeline`` (a backend that pipelines, PostgreSQL), statements are sent without
+    waiting for their results; reading a result (``rowcount``, ``fetchone``, ``fetchall``)
+    sends everything queued and takes in the results, so statements whose results nobody
+    reads share their round trip with the next read, or with the commit. A failed
+    statement is then reported at that read or at the commit; it dooms the transaction
+    either way.
+    """
 
-    def __init__(self, store: SqlStore, conn: Any) -> None:
+    __slots__ = ("conn", "failed", "tip", "tip_moved", "ledger_rows", "pipeline", "_store")
+
+    def __init__(self, store: SqlStore, conn: Any, pipeline: Any = None) -> None:
         self._store = store
         self.conn = conn
+        self.pipeline = pipeline
         self.failed = False
         self.tip: tuple[int, str] | None = None  # the chain's end as this transaction sees it
         self.tip_moved = False
+        self.ledger_rows: list[tuple[Any, ...]] = []  # appended, not inserted yet
+
+    def flush_ledger(self) -> None:
+        """Insert the ledger rows appended so far, in as few statements as may be."""
+        rows, self.ledger_rows = self.ledger_rows, []
+        for start in range(0, len(rows), _LEDGER_ROWS_PER_INSERT):
+            batch = rows[start:start + _LEDGER_ROWS_PER_INSERT]
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(batch))
+            self.execute(self._store.dialect.sql(f"INSERT INTO sg_ledger ({_LEDGER_COLUMNS}) VALUES {marks}"),
+                         [value for row in batch for value in row])
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement (in the dialect already); a driver error dooms the transaction."""
+        counts = self._store.counts
+        counts.statements += 1
+        if self.pipeline is None:
+            counts.round_trips += 1
         try:
-            return self.conn.execute(sql, params)
+            cursor = self.conn.execute(sql, params)
         except self._store.driver_errors as exc:
             self.failed = True
             raise self._store.error(exc) from exc
+        return cursor if self.pipeline is None else _Pending(self, cursor)
+
+    def sync(self) -> None:
+        """Send the statements queued in the pipeline and take in their results."""
+        self._store.counts.round_trips += 1
+        try:
+            self.pipeline.sync()
+        except self._store.driver_errors as exc:
+            self.failed = True
+            raise self._store.error(exc) from exc
+
+
+class _Pending:
+    """A pipelined statement's result, taken in when it is first read."""
+
+    __slots__ = ("_tx", "_cursor")
+
+    def __init__(self, tx: Tx, cursor: Any) -> None:
+        self._tx = tx
+        self._cursor = cursor
+
+    def _ready(self) -> Any:
+        if self._cursor.pgresult is None:
+            self._tx.sync()
+        return self._cursor
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._ready().rowcount)
+
+    def fetchone(self) -> Any:
+        cursor = self._ready()
+        try:
+            return cursor.fetchone()
+        except self._tx._store.driver_errors as exc:
+            self._tx.failed = True
+            raise self._tx._store.error(exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        cursor = self._ready()
+        try:
+            return list(cursor.fetchall())
+        except self._tx._store.driver_errors as exc:
+            self._tx.failed = True
+            raise self._tx._store.error(exc) from exc
 
 
 class _Current(threading.local):
@@ -81,6 +152,7 @@ class SqlStore(SecretRecords):
 
     def __init__(self) -> None:
         self._current = _Current()
+        self.counts = StoreCounts()
 
     # what a backend supplies ---------------------------------------------------------------
     def _begin(self) -> Any:
@@ -90,6 +162,10 @@ class SqlStore(SecretRecords):
     def _end(self, conn: Any, *, commit: bool) -> None:
         """Commit or roll back ``conn``'s transaction, then give the connection back."""
         raise NotImplementedError
+
+    def _pipeline(self, conn: Any) -> Any:
+        """The pipeline ``conn``'s transaction sends its statements through; ``None``: none."""
+        return None
 
     def _read_outside(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """The rows of one read, outside any transaction."""
@@ -121,10 +197,15 @@ class SqlStore(SecretRecords):
         if joined is not None:  # already inside this thread's transaction: join it
             yield joined
             return
-        tx = Tx(self, self._begin())
+        conn = self._begin()
+        tx = Tx(self, conn, self._pipeline(conn))
+        self.counts.statements += 1  # BEGIN
+        self.counts.round_trips += 1
         self._current.tx = tx
         try:
             yield tx
+            if tx.ledger_rows and not tx.failed:
+                tx.flush_ledger()
             if tx.failed:
                 raise StoreError(f"store {self.url!r} rolled a transaction back after a failed "
                                  "statement; nothing of it was written")
@@ -132,16 +213,25 @@ class SqlStore(SecretRecords):
                 tx.execute(self.dialect.sql("UPDATE sg_ledger_tip SET seq = ?, hash = ? WHERE id = 1"), tx.tip)
         except BaseException:
             self._current.tx = None
+            self.counts.statements += 1  # ROLLBACK
+            self.counts.round_trips += 1
             self._end(tx.conn, commit=False)
             raise
         self._current.tx = None
+        self.counts.statements += 1  # COMMIT, with what a pipeline still holds
+        self.counts.round_trips += 1
         self._end(tx.conn, commit=True)
+        self.counts.commits += 1
 
     def _rows(self, template: str, params: Sequence[Any] = ()) -> list[Any]:
         sql = self.dialect.sql(template)
         joined = self._current.tx
         if joined is not None:
+            if joined.ledger_rows:
+                joined.flush_ledger()  # the transaction reads what it wrote
             return list(joined.execute(sql, params).fetchall())
+        self.counts.statements += 1
+        self.counts.round_trips += 1
         return self._read_outside(sql, params)
 
     def _q(self, template: str) -> str:
@@ -162,12 +252,14 @@ class SqlStore(SecretRecords):
         return bytes(row[0])
 
     # grants -------------------------------------------------------------------------------
-    def add_grant(self, grant: GrantRecord) -> None:
+    def add_grant(self, grant: GrantRecord, *, if_absent: bool = False) -> bool:
+        conflict = " ON CONFLICT (jti) DO NOTHING" if if_absent else ""
         with self._tx() as tx:
-            tx.execute(self._q("INSERT INTO sg_grants (jti, run_id, step_id, tool, subject, issued_at, "
-                               "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)"),
-                       (grant.jti, grant.run_id, grant.step_id, grant.tool, grant.subject,
-                        grant.issued_at, grant.expires_at, grant.max_uses))
+            cur = tx.execute(self._q("INSERT INTO sg_grants (jti, run_id, step_id, tool, subject, issued_at, "
+                                     "expires_at, max_uses, uses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" + conflict),
+                             (grant.jti, grant.run_id, grant.step_id, grant.tool, grant.subject,
+                              grant.issued_at, grant.expires_at, grant.max_uses, grant.uses))
+            return bool(cur.rowcount == 1)
 
     def consume_grant_use(self, jti: str) -> GrantState:
         with self._tx() as tx:
@@ -283,8 +375,7 @@ class SqlStore(SecretRecords):
                 tx.tip = (int(tip[0]), str(tip[1]))
             seq, prev = tx.tip[0] + 1, tx.tip[1]
             digest = seal(seq, prev)
-            tx.execute(self._q(f"INSERT INTO sg_ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                       (seq, run_id, kind, at, data, prev, digest))
+            tx.ledger_rows.append((seq, run_id, kind, at, data, prev, digest))
             tx.tip, tx.tip_moved = (seq, digest), True
             return seq
 

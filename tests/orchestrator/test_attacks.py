@@ -152,6 +152,9 @@ def test_expired_grant(hostile_run: Callable[..., Any], clock: FixedClock) -> No
 
 def test_revoked_grant(hostile_run: Callable[..., Any]) -> None:
     def revoke_own(rt: Runtime, ctx: StepContext) -> None:
+        # A grant is written to the store with its first use (issue 11): one refused call
+        # (it spends a use) makes it one an operator can find and revoke.
+        assert ctx.tools.call("read_doc", path="/etc/passwd").status == "denied"
         [mine] = [g for g in rt.store.grants_for_run("attack1") if g.step_id == ctx.step.id]
         rt.issuer.revoke(mine.jti, reason="operator pulled it")
 
@@ -159,6 +162,19 @@ def test_revoked_grant(hostile_run: Callable[..., Any]) -> None:
     doc = report.steps[0]
     assert doc.status == "denied" and "revoked" in doc.reason
     assert report.status == "denied" and RAN == []
+
+
+def test_a_grant_revoked_with_its_run_before_its_first_use_is_useless(hostile_run: Callable[..., Any]) -> None:
+    def revoke_run(rt: Runtime, ctx: StepContext) -> None:
+        # This step's grant is minted, not written before its first use: the store knows
+        # only the first step's, and revoking the run drops this one for good.
+        assert [g.step_id for g in rt.store.grants_for_run("attack1")] == ["doc"]
+        rt.revoke_run("attack1", reason="operator pulled the run")
+
+    _, report, _ = hostile_run(revoke_run, target="look")
+    look = report.steps[1]
+    assert look.status == "denied" and "unknown to the store" in look.reason and "scopegraph:grant" in look.policy_ids
+    assert report.status == "denied" and RAN == PLANNED[:1]
 
 
 def test_grant_from_another_run(hostile_run: Callable[..., Any]) -> None:
@@ -305,10 +321,10 @@ def test_store_lost_mid_run_stops_the_run(make_workflow: Callable[..., Workflow]
     assert RAN == [], "no tool runs once the store cannot record the call"
     reopened = SqliteStore(store_path)
     try:
-        grants = reopened.grants_for_run("lost1")
-        assert len(grants) == 1  # the second step never got a grant
-        assert grants[0].uses == 0
-        assert grants[0].expires_at - grants[0].issued_at <= rt.workflow.grant_ttl  # it dies by TTL
+        # The first step's grant was minted, but a grant is written with its first use
+        # (issue 11), which never came: the store never knew it, so nobody can use it
+        # (a use needs its row); the second step never got a grant.
+        assert reopened.grants_for_run("lost1") == []
     finally:
         reopened.close()
 
