@@ -540,7 +540,8 @@ class Gateway:
                 revoked = self.issuer.revoke(grant.jti, reason=closing.reason)
             if self.ledger is not None:
                 if minted and grant is not None:
-                    self.ledger.append("grant_minted", ctx.run_id, **grant_minted_fields(grant, tool.secrets))
+                    secrets = tool.secrets if tool is not None else ()
+                    self.ledger.append("grant_minted", ctx.run_id, **grant_minted_fields(grant, secrets))
                 if consumed and grant is not None and checked.approval is not None:
                     self.ledger.append("approval_consumed", ctx.run_id, approval_id=checked.approval.id,
                                        step_id=ctx.step_id, digest=checked.approval.digest, grant_id=grant.jti)

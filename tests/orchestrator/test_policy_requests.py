@@ -40,7 +40,8 @@ def request(n: int, *, step_id: str = "s2", attempt: int = 1) -> CallRequest:
 def test_the_baseline_request_carries_only_what_the_baseline_reads(tmp_path: Path) -> None:
     context = engine(tmp_path)._context(request(3), False, 0)
     assert set(context) == {"in_plan", "role", "risk", "approved", "data_labels", "untrusted_destinations",
-                            "destinations_in_plan", "widened"}
+                            "destinations_in_plan", "widened", "untrusted_contents", "destinations_in_user_data",
+                            "egress"}
     baseline = resources.files("scopegraph.policies").joinpath("baseline.cedar").read_text()
     for key in context:
         assert f"context.{key}" in baseline
