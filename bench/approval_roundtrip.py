@@ -46,6 +46,7 @@ from scopegraph.approvals import ApprovalService
 from scopegraph.clock import SystemClock
 from scopegraph.ledger import Ledger
 from scopegraph.store import open_store
+from scopegraph.store.sqlite import WAL_AUTOCHECKPOINT_PAGES
 
 PAYMENTS: list[int] = []
 
@@ -93,7 +94,8 @@ def open_plain(path: Path) -> tuple[sqlite3.Connection, Any]:
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0)
     saver = SqliteSaver(conn)
     saver.setup()
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # as the runtime's checkpoint connection
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     conn.execute("CREATE TABLE IF NOT EXISTS answers (thread_id TEXT PRIMARY KEY, answer TEXT NOT NULL)")
     conn.commit()
     return conn, build_plain_graph().compile(checkpointer=saver)
@@ -108,6 +110,7 @@ def serve_approver(sg_url: str, plain_path: str) -> None:
     approvals = ApprovalService(store, clock=clock, ledger=Ledger(store, clock=clock))
     conn = sqlite3.connect(plain_path, timeout=10.0)
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     for line in sys.stdin:
         kind, _, ident = line.strip().partition(" ")
         if kind == "sg":

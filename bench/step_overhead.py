@@ -70,6 +70,7 @@ from scopegraph.policy import CallRequest
 from scopegraph.runtime.state import merge_batches, merge_steps, union_labels
 from scopegraph.store import UseRecord
 from scopegraph.store.postgres import checkpointer_for_postgres
+from scopegraph.store.sqlite import WAL_AUTOCHECKPOINT_PAGES
 from scopegraph.telemetry import configure
 
 WORKFLOW = "bench"
@@ -200,12 +201,14 @@ class Place:
 
 
 def open_checkpointer(path: Path) -> tuple[sqlite3.Connection, SqliteSaver]:
-    # The same settings as the runtime's checkpoint connection: WAL (set by setup) and
-    # synchronous=NORMAL, so neither arm pays an fsync per commit that the other skips.
+    # The same settings as the runtime's checkpoint connection: WAL (set by setup),
+    # synchronous=NORMAL and the WAL auto-checkpoint threshold, so neither arm pays a disk
+    # sync the other skips.
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0)
     saver = SqliteSaver(conn)
     saver.setup()
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     return conn, saver
 
 

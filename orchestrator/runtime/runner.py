@@ -41,6 +41,7 @@ from ..plan import Plan
 from ..policy import CedarPolicyEngine, PolicyEngine
 from ..store import RunRecord, SqliteStore, Store, open_store
 from ..store.postgres import PostgresStore, checkpointer_for_postgres
+from ..store.sqlite import WAL_AUTOCHECKPOINT_PAGES
 from ..trust import TrustRoots
 from ..workflow import Workflow
 from .graph import build_graph, final_status
@@ -399,6 +400,7 @@ def _checkpointer_for(store: Store) -> tuple[Any, BaseCheckpointSaver[Any]]:
         saver = SqliteSaver(conn)
         saver.setup()
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")  # as the store's own connection
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open checkpoints in {store.url!r}: {exc}") from exc
     return conn, saver

@@ -18,6 +18,7 @@ import pytest
 from scopegraph import Runtime, Workflow, tool
 from scopegraph.agents import DirectExecutor, ScriptedPlanner
 from scopegraph.policy import CallRequest, CedarPolicyEngine, Decision
+from scopegraph.store.sqlite import WAL_AUTOCHECKPOINT_PAGES
 
 from .conftest import Backend
 
@@ -147,6 +148,15 @@ def test_a_slow_check_holds_no_write_lock_while_another_connection_writes(backen
         report = rt.run("3", initiator="alice")
     assert report.status == "completed", report.summary()
     assert written == ["s0", "s0", "s1", "s2"]
+
+
+def test_the_runtimes_sqlite_connections_checkpoint_the_log_in_large_batches(tmp_path: Any) -> None:
+    with Runtime(workflow(), store=f"sqlite:///{tmp_path / 'wal.db'}") as rt:
+        store_conn, saver_conn = rt.store._conn, rt._saver_conn  # type: ignore[attr-defined]
+        pages = [c.execute("PRAGMA wal_autocheckpoint").fetchone()[0] for c in (store_conn, saver_conn)]
+        modes = [c.execute("PRAGMA journal_mode").fetchone()[0] for c in (store_conn, saver_conn)]
+    assert pages == [WAL_AUTOCHECKPOINT_PAGES] * 2 and WAL_AUTOCHECKPOINT_PAGES > 1000  # SQLite's default
+    assert modes == ["wal", "wal"]
 
 
 @pytest.mark.parametrize("store_kind", ["sqlite"])

@@ -52,7 +52,7 @@ def test_the_baseline_request_carries_only_what_the_baseline_reads(tmp_path: Pat
     ('@id("no-second-try")\nforbid (principal, action, resource) when { context.attempt > 1 };',
      request(3, attempt=2), request(3)),
     # an argument, and a principal attribute the baseline does not read
-    ('@id("small-counts")\nforbid (principal, action, resource) '
+    ('@id("small-counts")\nforbid (principal, action, resource)\n'
      'when { context.arguments has n && context.arguments.n > 10 };',
      request(11), request(10)),
     ('@id("not-step-s9")\nforbid (principal, action, resource) when { principal.step_id == "s9" };',
