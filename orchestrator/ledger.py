@@ -78,16 +78,17 @@ def record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, data: Any, pr
 
 def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: bytes, prev_hash: str) -> str:
     # The record's JCS form, with its payload's JCS bytes put in whole (members in JCS order).
-    record = (b'{"at":' + jcs(at) + b',"data":' + payload + b',"kind":' + jcs(kind) + b',"prev":' + jcs(prev_hash)
-              + b',"run_id":' + jcs(run_id) + b',"seq":' + jcs(seq) + b',"type":"' + LEDGER_RECORD_V2.encode()
-              + b'"}')
+    record = (b'{"at":' + jcs_bytes(at) + b',"data":' + payload + b',"kind":' + jcs_bytes(kind) + b',"prev":'
+              + jcs_bytes(prev_hash) + b',"run_id":' + jcs_bytes(run_id) + b',"seq":' + jcs_bytes(seq)
+              + b',"type":"' + LEDGER_RECORD_V2.encode() + b'"}')
     return hashlib.sha256(record).hexdigest()
 
 
 def jcs_bytes(value: Any) -> bytes:
-    """``canonical.jcs(value)``, faster for the usual payload: when it holds no float and no key
-    with a character from U+D800 on, Python's sorted compact JSON is the same bytes (strings are
-    escaped alike, and key order by code point is key order by UTF-16 unit there).
+    """``canonical.jcs(value)``, faster for the usual payload: when it holds no key with a character
+    from U+D800 on and only floats whose repr is their ECMAScript form, Python's sorted compact
+    JSON is the same bytes (strings are escaped alike, and key order by code point is key order
+    by UTF-16 unit there).
 
     Raises:
         ValueError: as ``canonical.jcs``.
@@ -105,6 +106,10 @@ def _plain(value: Any, depth: int) -> bool:
         return True
     if isinstance(value, int):
         return abs(value) <= _MAX_EXACT_INT
+    if isinstance(value, float):
+        # Where Python's repr is the ECMAScript form JCS asks for: not integral ("1.0" is "1"
+        # there), and neither so small nor so large that either writes an exponent.
+        return math.isfinite(value) and not value.is_integer() and 1e-4 <= abs(value) < 1e16
     if depth > 64:
         return False
     if isinstance(value, dict):
@@ -112,7 +117,7 @@ def _plain(value: Any, depth: int) -> bool:
                    for k, v in value.items())
     if isinstance(value, list):
         return all(_plain(v, depth + 1) for v in value)
-    return False  # floats (ECMAScript number form), tuples, anything else: the full JCS
+    return False  # other floats (ECMAScript number form), tuples, anything else: the full JCS
 
 
 def jcs_safe(value: Any) -> Any:
