@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 from ..errors import StoreError
 from .base import (
@@ -104,6 +104,33 @@ class Tx:
             raise self._store.error(exc) from exc
 
 
+class _Scope:
+    """One store operation or ``atomic`` block: it joins this thread's open transaction,
+    or begins one and ends it (committed, or rolled back if anything was raised)."""
+
+    __slots__ = ("_store", "_tx", "_owner")
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+        self._tx: Tx | None = None
+        self._owner = False
+
+    def __enter__(self) -> Tx:
+        joined = self._store._current.tx
+        if joined is not None:
+            self._tx = joined
+            return joined
+        self._owner = True
+        self._tx = self._store._open()
+        return self._tx
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> Literal[False]:
+        if self._owner and self._tx is not None:
+            self._store._close(self._tx, exc)
+        return False  # what was raised in the block goes on
+
+
 class _Pending:
     """A pipelined statement's result, taken in when it is first read."""
 
@@ -176,8 +203,7 @@ class SqlStore(SecretRecords):
         return StoreError(f"store {self.url!r} {doing}: {exc}")
 
     # transactions ------------------------------------------------------------------------
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self) -> AbstractContextManager[None]:
         """Group several store calls into one transaction: all of them land, or none.
 
         Nested ``atomic`` blocks and the store's own methods, called from the same thread,
@@ -188,40 +214,48 @@ class SqlStore(SecretRecords):
                 whole transaction is then rolled back, even if the failure was caught
                 inside the block).
         """
-        with self._tx():
-            yield
+        return _Scope(self)  # type: ignore[return-value]  # yields the Tx, which callers ignore
 
-    @contextmanager
-    def _tx(self) -> Iterator[Tx]:
-        joined = self._current.tx
-        if joined is not None:  # already inside this thread's transaction: join it
-            yield joined
-            return
+    def _tx(self) -> _Scope:
+        """This thread's transaction: joined if one is open, begun (and ended) otherwise."""
+        return _Scope(self)
+
+    def _open(self) -> Tx:
         conn = self._begin()
         tx = Tx(self, conn, self._pipeline(conn))
         self.counts.statements += 1  # BEGIN
         self.counts.round_trips += 1
         self._current.tx = tx
-        try:
-            yield tx
-            if tx.ledger_rows and not tx.failed:
-                tx.flush_ledger()
-            if tx.failed:
-                raise StoreError(f"store {self.url!r} rolled a transaction back after a failed "
-                                 "statement; nothing of it was written")
-            if tx.tip_moved and tx.tip is not None:
-                tx.execute(self.dialect.sql("UPDATE sg_ledger_tip SET seq = ?, hash = ? WHERE id = 1"), tx.tip)
-        except BaseException:
+        return tx
+
+    def _close(self, tx: Tx, failure: BaseException | None) -> None:
+        """End ``tx``: commit it, or roll it back after ``failure`` (which the caller then
+        raises) or a failed statement (raised here as a ``StoreError``)."""
+        if failure is None:
+            try:
+                if tx.ledger_rows and not tx.failed:
+                    tx.flush_ledger()
+                if tx.failed:
+                    raise StoreError(f"store {self.url!r} rolled a transaction back after a failed "
+                                     "statement; nothing of it was written")
+                if tx.tip_moved and tx.tip is not None:
+                    tx.execute(self.dialect.sql("UPDATE sg_ledger_tip SET seq = ?, hash = ? WHERE id = 1"), tx.tip)
+            except BaseException:
+                self._roll_back(tx)
+                raise
             self._current.tx = None
-            self.counts.statements += 1  # ROLLBACK
+            self.counts.statements += 1  # COMMIT, with what a pipeline still holds
             self.counts.round_trips += 1
-            self._end(tx.conn, commit=False)
-            raise
+            self._end(tx.conn, commit=True)
+            self.counts.commits += 1
+            return
+        self._roll_back(tx)
+
+    def _roll_back(self, tx: Tx) -> None:
         self._current.tx = None
-        self.counts.statements += 1  # COMMIT, with what a pipeline still holds
+        self.counts.statements += 1  # ROLLBACK
         self.counts.round_trips += 1
-        self._end(tx.conn, commit=True)
-        self.counts.commits += 1
+        self._end(tx.conn, commit=False)
 
     def _rows(self, template: str, params: Sequence[Any] = ()) -> list[Any]:
         sql = self.dialect.sql(template)
