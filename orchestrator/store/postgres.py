@@ -189,6 +189,10 @@ class PostgresStore(SqlStore):
 
     def _lock_trust_keys(self, tx: Any) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(%s)", (_TRUST_KEYS_LOCK,))
+        if tx.pipeline is not None:
+            # Held before anything else happens: the keystore makes keys between statements,
+            # so a lock still queued in the pipeline would serialise nothing.
+            tx.sync()
 
     def close(self) -> None:
         self._pool.close()
