@@ -316,11 +316,12 @@ def _connect(key: tuple[str, str], module: str, token_label: str, pin: str) -> _
         return connection
 
 
-@retry(retry=retry_if_exception_type(p11.GeneralError), stop=stop_after_attempt(5),
+@retry(retry=retry_if_exception_type((p11.GeneralError, p11.NoSuchToken)), stop=stop_after_attempt(8),
        wait=wait_random(0.02, 0.2), reraise=True)
 def _get_token(lib: Any, token_label: str) -> Any:
     # A token whose objects another process is writing at that moment can fail to list
-    # (SoftHSM2's file store answers CKR_GENERAL_ERROR): a read, so it is tried again.
+    # (SoftHSM2's file store answers CKR_GENERAL_ERROR, or leaves the token out of the slot
+    # list): a read, so it is tried again. A token that is really missing fails within ~1 s.
     return lib.get_token(token_label=token_label)
 
 
