@@ -147,10 +147,6 @@ class Store(Protocol):
 
     def load_signing_key(self, name: str) -> bytes | None: ...
 
-    def save_signing_key(self, name: str, private_pem: bytes, created_at: float) -> bytes:
-        """Store the key unless one exists already; return the key that is stored."""
-        ...
-
     def add_grant(self, grant: GrantRecord, *, if_absent: bool = False) -> bool:
         """Insert ``grant``; return whether it was inserted. A grant already stored is an
         error, or with ``if_absent`` a no-op (a deferred grant written by whoever comes first)."""

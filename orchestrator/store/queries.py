@@ -276,15 +276,6 @@ class SqlStore(SecretRecords):
         rows = self._rows("SELECT private_pem FROM sg_keys WHERE name = ?", (name,))
         return bytes(rows[0][0]) if rows else None
 
-    def save_signing_key(self, name: str, private_pem: bytes, created_at: float) -> bytes:
-        with self._tx() as tx:
-            cur = tx.execute(self._q("INSERT INTO sg_keys (name, private_pem, created_at) VALUES (?, ?, ?) "
-                                     "ON CONFLICT (name) DO NOTHING"), (name, private_pem, created_at))
-            if cur.rowcount == 1:
-                return private_pem
-            row = tx.execute(self._q("SELECT private_pem FROM sg_keys WHERE name = ?"), (name,)).fetchone()
-        return bytes(row[0])
-
     # grants -------------------------------------------------------------------------------
     def add_grant(self, grant: GrantRecord, *, if_absent: bool = False) -> bool:
         conflict = " ON CONFLICT (jti) DO NOTHING" if if_absent else ""

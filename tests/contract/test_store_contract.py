@@ -104,19 +104,10 @@ def race(n: int, work: Callable[[int], T]) -> list[T]:
 
 
 # keys ---------------------------------------------------------------------------------------
-def test_a_signing_key_is_saved_once_and_the_first_one_wins(store: Store) -> None:
+def test_the_store_has_no_way_to_save_a_private_key(store: Store) -> None:
+    # Private keys live in a keystore; the store only reads a 0.1.0 store's key to move it out.
+    assert not hasattr(store, "save_signing_key")
     assert store.load_signing_key("domain") is None
-    assert store.save_signing_key("domain", b"first-pem", T0) == b"first-pem"
-    assert store.save_signing_key("domain", b"second-pem", T0 + 1) == b"first-pem"
-    assert store.load_signing_key("domain") == b"first-pem"
-    assert store.load_signing_key("other") is None
-
-
-def test_racing_key_savers_all_get_the_one_stored_key(backend: Backend) -> None:
-    stores = [backend.open() for _ in range(4)]
-    got = race(8, lambda i: stores[i % 4].save_signing_key("domain", f"pem-{i}".encode(), T0))
-    assert len(set(got)) == 1
-    assert stores[0].load_signing_key("domain") == got[0]
 
 
 # grants and their uses ----------------------------------------------------------------------
@@ -471,7 +462,6 @@ def test_racing_lease_takers_one_wins(backend: Backend) -> None:
 
 # atomic -------------------------------------------------------------------------------------
 def write_everything(store: Store) -> None:
-    store.save_signing_key("domain", b"pem", T0)
     store.add_grant(grant("g1"))
     assert store.consume_grant_use("g0") == "ok"
     store.revoke_grant("g0", reason="step ended", at=T0)
@@ -494,7 +484,7 @@ def prepare(store: Store) -> None:
 
 
 def nothing_written(store: Store) -> bool:
-    return (store.load_signing_key("domain") is None and store.grant_state("g1") == "unknown"
+    return (store.grant_state("g1") == "unknown"
             and store.grant_state("g0") == "ok" and store.uses_for_run("run-1") == []
             and store.get_approval("apr_1") is None and store.get_approval("apr_0") == "approved"
             and len(store.ledger_rows()) == 1 and store.ledger_head() is None and store.get_run("run-1") is None
@@ -510,7 +500,7 @@ def test_atomic_lands_every_write_together(backend: Backend) -> None:
         assert nothing_written(other)  # nobody else sees them before the commit
     assert not nothing_written(other)
     assert other.grant_state("g0") == "revoked" and other.get_approval("apr_0") == "consumed"
-    assert other.get_run("run-1") == run("run-1") and other.load_signing_key("domain") == b"pem"
+    assert other.get_run("run-1") == run("run-1")
     assert_one_chain(other.ledger_rows())
 
 
