@@ -200,11 +200,7 @@ class FromStep(_Constraint):
     @field_validator("path")
     @classmethod
     def _path(cls, path: str) -> str:
-        try:
-            parse_path(path)
-        except PathError as exc:
-            raise ValueError(str(exc)) from None
-        return path
+        return _checked_path(path)
 
     def allows(self, value: Any) -> bool:
         if self.bound is None or self.overflow:
@@ -228,6 +224,15 @@ class FromStep(_Constraint):
         return where
 
 
+def _checked_path(path: str) -> str:
+    """A value path as written, or a validation error naming what is wrong with it."""
+    try:
+        parse_path(path)
+    except PathError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
 class Item(_Constraint):
     """In a repeated step (``for_each``): the argument is this iteration's item, or the
     value at ``path`` inside it. Each iteration's grant pins it; unbound, it allows nothing."""
@@ -238,11 +243,7 @@ class Item(_Constraint):
     @field_validator("path")
     @classmethod
     def _path(cls, path: str) -> str:
-        try:
-            parse_path(path)
-        except PathError as exc:
-            raise ValueError(str(exc)) from None
-        return path
+        return _checked_path(path)
 
     def allows(self, value: Any) -> bool:
         return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ class StaticSecret(Credential):
         return (self._value,)
 
 
-class _StaticSource:
+class _StaticSource(ABC):
     kind: SecretKind = "static"
 
     def accepts(self, spec: SecretSpec) -> bool:
@@ -80,12 +81,14 @@ class _StaticSource:
 
     def revoke(self, handle: str, principal: str) -> None:
         """Nothing downstream to destroy: the source simply hands the value to no one else."""
+        return None
 
     def leftovers(self) -> list[tuple[str, str]]:
         return []
 
+    @abstractmethod
     def _read(self, name: str) -> tuple[str, str]:
-        raise NotImplementedError
+        """The secret ``name`` and where it came from."""
 
 
 class EnvSecretSource(_StaticSource):

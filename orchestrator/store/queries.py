@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal
@@ -170,7 +171,7 @@ class _Current(threading.local):
     tx: Tx | None = None
 
 
-class SqlStore(SecretRecords):
+class SqlStore(SecretRecords, ABC):
     """The ``Store`` protocol in SQL; subclasses connect, begin, end and map errors."""
 
     url: str
@@ -182,21 +183,21 @@ class SqlStore(SecretRecords):
         self.counts = StoreCounts()
 
     # what a backend supplies ---------------------------------------------------------------
+    @abstractmethod
     def _begin(self) -> Any:
         """A connection with a write transaction begun on it (held by this thread until ``_end``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _end(self, conn: Any, *, commit: bool) -> None:
         """Commit or roll back ``conn``'s transaction, then give the connection back."""
-        raise NotImplementedError
 
     def _pipeline(self, conn: Any) -> Any:
         """The pipeline ``conn``'s transaction sends its statements through; ``None``: none."""
         return None
 
+    @abstractmethod
     def _read_outside(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """The rows of one read, outside any transaction."""
-        raise NotImplementedError
 
     def error(self, exc: BaseException, doing: str = "failed") -> StoreError:
         """``exc`` (a driver error) as one line that names the store and no secret."""
