@@ -133,20 +133,31 @@ def _steps(records: Sequence[Mapping[str, Any]], plan: Mapping[str, Any] | None,
         if sid and sid not in known:
             known.add(sid)
             base = sid.split("[", 1)[0]
-            at = next((i for i, (p, _, _) in enumerate(planned) if p == base), None)
+            # The step itself, or, once its first iteration has taken its place, that iteration.
+            at = next((i for i, (p, _, _) in enumerate(planned)
+                       if p == base or p.startswith(base + "[")), None)
             if at is None or not sid.endswith("]"):
                 planned.append((sid, r.get("tool", "?"), []))
                 continue
             deps = planned[at][2]
-            if not any(other.get("step_id") == base for other in records):
-                del planned[at]  # a repeated step's own id has no records: its iterations do
-            else:
-                at += 1
-            while at < len(planned) and planned[at][0].startswith(base + "["):
+            if planned[at][0] == base:
+                if not any(other.get("step_id") == base for other in records):
+                    del planned[at]  # a repeated step's own id has no records: its iterations do
+                else:
+                    at += 1
+            # Iterations may run side by side, so the ledger's order is not theirs: the item
+            # index is.
+            while at < len(planned) and planned[at][0].startswith(base + "[") \
+                    and _item_index(planned[at][0]) < _item_index(sid):
                 at += 1
             planned.insert(at, (sid, r.get("tool", "?"), deps))
     return [_step(sid, tool, deps, [r for r in records if r.get("step_id") == sid],
                   grants, approvals, ms, now) for sid, tool, deps in planned]
+
+
+def _item_index(step_id: str) -> int:
+    index = step_id.rsplit("[", 1)[-1].rstrip("]")
+    return int(index) if index.isdigit() else -1
 
 
 def _step(step_id: str, tool: str, depends_on: list[str], records: Sequence[Mapping[str, Any]],
