@@ -15,12 +15,14 @@ from typing import Any, cast
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
+from scopegraph import tracing as tr
 from scopegraph.constraints import Exact, OneOf, Pattern, Prefix, Range
 from scopegraph.errors import ConfigError, ScopegraphError
 from scopegraph.gateway import CallResult
 from scopegraph.roles import FAILURE_KINDS, FailureKind, ReplanRequested, StepContext
 
 from ._llm import function_name, function_spec, quote_data
+from .model_spans import model_call_config
 
 REPLAN_FUNCTION = "request_replan"
 
@@ -92,7 +94,7 @@ class LLMExecutor:
         messages = step_messages(ctx, instructions=self.instructions, replan=replan)
         last: CallResult | None = None
         for _ in range(self.max_attempts):
-            reply = bound.invoke(messages)
+            reply = bound.invoke(messages, config=model_call_config())
             assert isinstance(reply, AIMessage)
             messages.append(reply)
             for bad in reply.invalid_tool_calls:
@@ -112,7 +114,8 @@ class LLMExecutor:
                     continue
                 # Exactly as proposed: only the model's name for the step's tool is mapped back.
                 name = tool if call["name"] == function else call["name"]
-                last = ctx.tools.call(name, **call["args"])
+                with tr.model_tool_call(call["id"]):  # its span names the model's call
+                    last = ctx.tools.call(name, **call["args"])
                 if last.ok:
                     return last
                 messages.append(ToolMessage(content=_refusal(last), tool_call_id=call["id"] or ""))

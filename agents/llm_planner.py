@@ -24,6 +24,7 @@ from scopegraph.plan import Plan
 from scopegraph.roles import PlanningContext
 
 from ._llm import function_spec, json_object_from_text, message_text, to_json
+from .model_spans import model_call_config
 
 PLAN_FUNCTION = "submit_plan"
 
@@ -112,7 +113,7 @@ class LLMPlanner:
             return self._ask_text, False
 
         def ask(messages: list[BaseMessage]) -> tuple[AIMessage, Any]:
-            out = runnable.invoke(messages)
+            out = runnable.invoke(messages, config=model_call_config())
             assert isinstance(out, dict)
             raw = out["raw"]
             if out.get("parsed") is not None:
@@ -126,7 +127,7 @@ class LLMPlanner:
         return ask, True
 
     def _ask_text(self, messages: list[BaseMessage]) -> tuple[AIMessage, Any]:
-        reply = self.model.invoke(messages)
+        reply = self.model.invoke(messages, config=model_call_config())
         assert isinstance(reply, AIMessage)
         return reply, _from_text(reply)
 

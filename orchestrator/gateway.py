@@ -276,7 +276,19 @@ class Gateway:
         self.clock = clock
         self.retry = retry or RetrySettings()
 
-    def call(
+    def call(self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
+             call_key: str | None = None, approval_id: str | None = None,
+             closing: StepClosing | None = None) -> CallResult:
+        """``_call``, traced as one ``execute_tool`` span: its decisions, runs and outcome."""
+        with tr.tool_call_span(tool, run_id=ctx.run_id, step_id=ctx.step_id, principal=ctx.principal) as s:
+            result = self._call(token, tool, arguments, ctx, call_key=call_key, approval_id=approval_id,
+                                closing=closing)
+            tr.tool_call_ended(s, status=result.status, decision=result.decision.outcome,
+                               policy_ids=result.decision.policy_ids, reasons=result.decision.reasons,
+                               error_type=result.error_type)
+            return result
+
+    def _call(
         self,
         token: str,
         tool: str,

@@ -16,8 +16,10 @@ also gets ``error.type`` and an ``exception`` event carrying the scrubbed messag
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -37,8 +39,9 @@ TRACER_NAME = "scopegraph"
 
 # span names
 INVOKE_WORKFLOW = "invoke_workflow"          # + " {workflow}"
-INVOKE_AGENT = "invoke_agent"                # + " {agent}"
-EXECUTE_TOOL = "execute_tool"                # + " {tool}"
+INVOKE_AGENT = "invoke_agent"                # + " {agent}": the planner; the executor, once per step
+EXECUTE_TOOL = "execute_tool"                # + " {tool}": one tool call, retries and refusals included
+CHAT = "chat"                                # + " {model}": one model call (GenAI inference span)
 GRANT_MINT = "scopegraph.grant.mint"
 GRANT_REVOKE = "scopegraph.grant.revoke"
 DECIDE = "scopegraph.decide"
@@ -67,12 +70,26 @@ GEN_AI_AGENT_ID = "gen_ai.agent.id"
 GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
 GEN_AI_TOOL_TYPE = "gen_ai.tool.type"
+# ... of a model call (inference span). The provider's name is ``gen_ai.provider.name``, which
+# replaced ``gen_ai.system`` (opentelemetry-semantic-conventions 0.66b marks the latter deprecated).
+GEN_AI_PROVIDER = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
 
 # scopegraph attributes
 WORKFLOW = "scopegraph.workflow"
 RUN_ID = "scopegraph.run.id"
 RUN_STATUS = "scopegraph.run.status"
 STEP_ID = "scopegraph.step.id"
+STEP_TOOL = "scopegraph.step.tool"            # the tool a step's plan names, on the executor's agent span
 SPIFFE_ID = "scopegraph.spiffe_id"
 GRANT_ID = "scopegraph.grant.id"
 GRANT_EXPIRES_AT = "scopegraph.grant.expires_at"
@@ -96,6 +113,12 @@ TOKEN_AUDIENCE = "scopegraph.token.audience"
 GRANT_REVOKED_WITH_CALL = "scopegraph.grant.revoked_with_call"  # written in the last call's transaction
 
 _propagator = TraceContextTextMapPropagator()
+
+# The id a model gave the tool call being made (see ``model_tool_call``). Set by the code
+# that read it from the model's reply, read where the call's span starts: the gateway.
+_MODEL_CALL_ID: ContextVar[str | None] = ContextVar("scopegraph_model_tool_call_id", default=None)
+# A model's reply is untrusted: only an id-like value becomes an attribute.
+_CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 # A proxy until the application installs a provider, then it delegates to the real one,
@@ -175,6 +198,47 @@ def witness_event(*, seq: int, records: int, head: str, kid: str, sig: str, at: 
         current.add_event(WITNESS_EVENT, attributes)
         return
     _WITNESS_LOG.info("witness entry %d: %d ledger records, head %s", seq, records, head, extra=attributes)
+
+
+@contextmanager
+def model_tool_call(call_id: str | None) -> Iterator[None]:
+    """The tool calls made inside answer the model's tool call ``call_id``: their
+    ``execute_tool`` spans carry it as ``gen_ai.tool.call.id``, which links each to the
+    ``chat`` span whose reply asked for it. An id that does not look like one is left out."""
+    if not enabled() or not call_id or not _CALL_ID.fullmatch(call_id):
+        yield
+        return
+    token = _MODEL_CALL_ID.set(call_id)
+    try:
+        yield
+    finally:
+        _MODEL_CALL_ID.reset(token)
+
+
+def tool_call_span(tool: str, *, run_id: str, step_id: str, principal: object) -> Any:
+    """The ``execute_tool {tool}`` span of one call, whatever comes of it: the decision of
+    each attempt and each attempt's run are its children (a retry is the same call)."""
+    return span(f"{EXECUTE_TOOL} {tool}", lambda: {
+        GEN_AI_OPERATION: "execute_tool", GEN_AI_TOOL_NAME: tool, GEN_AI_TOOL_TYPE: "function",
+        GEN_AI_TOOL_CALL_ID: _MODEL_CALL_ID.get(), RUN_ID: run_id, STEP_ID: step_id, SPIFFE_ID: str(principal),
+    })
+
+
+def tool_call_ended(s: Span, *, status: str, decision: str, policy_ids: Iterable[str], reasons: Iterable[str],
+                    error_type: str | None = None) -> None:
+    """What came of the call on its ``execute_tool`` span: a refusal is an event (see the
+    module docstring), a failed tool sets ``error.type`` and ERROR."""
+    if not s.is_recording():
+        return
+    ids = [str(p) for p in policy_ids]
+    s.set_attribute(CALL_STATUS, status)
+    s.set_attribute(DECISION, decision)
+    s.set_attribute(POLICY_IDS, ids)
+    if status == "denied":
+        record_denial(s, ids, "; ".join(reasons))
+    elif status == "error":
+        s.set_attribute(ERROR_TYPE, error_type or "error")
+        set_error(s, error_type or "error")
 
 
 def inject_traceparent() -> dict[str, str]:

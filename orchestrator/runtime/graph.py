@@ -333,9 +333,9 @@ def _revoked(rt: Runtime, run_id: str, step_id: str, jti: str, tool: str) -> Non
 
 
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
-    return tr.span(f"{tr.EXECUTE_TOOL} {step.tool}", lambda: {
-        tr.GEN_AI_OPERATION: "execute_tool", tr.GEN_AI_TOOL_NAME: step.tool,
-        tr.GEN_AI_TOOL_CALL_ID: f"{payload['run_id']}/{step.id}", tr.GEN_AI_TOOL_TYPE: "function",
+    # The executor's agent span: its model calls and each of its tool calls are children.
+    return tr.span(f"{tr.INVOKE_AGENT} executor", lambda: {
+        tr.GEN_AI_OPERATION: "invoke_agent", tr.STEP_TOOL: step.tool,
         tr.GEN_AI_AGENT_NAME: "executor", tr.GEN_AI_AGENT_ID: str(identity),
         tr.SPIFFE_ID: str(identity), tr.STEP_ID: step.id, tr.RUN_ID: payload["run_id"],
         tr.RISK: rt.workflow.registry.get_tool(step.tool).risk.value,

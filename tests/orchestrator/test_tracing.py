@@ -98,10 +98,27 @@ def _root(spans: Sequence[ReadableSpan], workflow: str) -> ReadableSpan:
 
 
 def _step_span(spans: Sequence[ReadableSpan], tool_name: str, step_id: str, index: int = 0) -> ReadableSpan:
-    found = sorted((s for s in spans if s.name == f"execute_tool {tool_name}"
+    """The executor's agent span of a step (one per step run: a resumed step has two)."""
+    found = sorted((s for s in spans if s.name == "invoke_agent executor"
+                    and s.attributes.get("scopegraph.step.tool") == tool_name
                     and s.attributes.get("scopegraph.step.id") == step_id), key=lambda s: s.start_time)
-    assert len(found) > index, f"no execute_tool span #{index} for step {step_id!r}"
+    assert len(found) > index, f"no executor span #{index} for step {step_id!r}"
     return found[index]
+
+
+def _calls(spans: Sequence[ReadableSpan], step: ReadableSpan) -> list[ReadableSpan]:
+    """The step's ``execute_tool`` spans, one per tool call, in order."""
+    return sorted((k for k in children(spans, step) if k.name.startswith("execute_tool ")),
+                  key=lambda k: k.start_time)
+
+
+def _hops(spans: Sequence[ReadableSpan], step: ReadableSpan) -> list[ReadableSpan]:
+    """The step's hops in order: its own children, each tool call's span replaced by the
+    call's own children (its decisions and runs)."""
+    out: list[ReadableSpan] = []
+    for k in sorted(children(spans, step), key=lambda k: k.start_time):
+        out += sorted(children(spans, k), key=lambda c: c.start_time) if k.name.startswith("execute_tool ") else [k]
+    return out
 
 
 def _ledger(rt: Runtime, run_id: str, kind: str, **match: Any) -> list[dict[str, Any]]:
@@ -139,16 +156,25 @@ def test_allowed_run_is_one_trace_with_every_hop(otel: Capture, make_workflow: C
     assert planner.attributes["gen_ai.agent.id"] == report.planner_spiffe_id
     assert planner.attributes["scopegraph.spiffe_id"] == report.planner_spiffe_id
 
-    # Exactly: root, planner, and per step the tool span with its four children.
-    assert len(spans) == 2 + 5 * len(report.steps), _names(spans)
+    # Exactly: root, planner, and per step the executor's span, its one tool call's span
+    # and the four hops under them.
+    assert len(spans) == 2 + 6 * len(report.steps), _names(spans)
     grant_ids = set()
     for step in report.steps:
         s = _step_span(spans, step.tool, step.step_id)
         assert parent_of(spans, s) is root
         attrs = s.attributes
-        assert attrs["gen_ai.operation.name"] == "execute_tool"
-        assert attrs["gen_ai.tool.name"] == step.tool
-        assert attrs["gen_ai.tool.call.id"] == f"ok1/{step.step_id}"
+        assert attrs["gen_ai.operation.name"] == "invoke_agent"
+        (call_span,) = _calls(spans, s)
+        assert call_span.name == f"execute_tool {step.tool}"
+        assert call_span.attributes["gen_ai.operation.name"] == "execute_tool"
+        assert call_span.attributes["gen_ai.tool.name"] == step.tool
+        assert call_span.attributes["gen_ai.tool.type"] == "function"
+        assert "gen_ai.tool.call.id" not in call_span.attributes, "no model named this call"
+        assert call_span.attributes["scopegraph.decision"] == "allow"
+        assert call_span.attributes["scopegraph.call.status"] == "ok"
+        assert call_span.attributes["scopegraph.spiffe_id"] == step.spiffe_id
+        assert not is_error(call_span) and not call_span.events
         assert attrs["gen_ai.agent.name"] == "executor"
         assert attrs["gen_ai.agent.id"] == step.spiffe_id
         assert attrs["scopegraph.spiffe_id"] == step.spiffe_id
@@ -158,7 +184,7 @@ def test_allowed_run_is_one_trace_with_every_hop(otel: Capture, make_workflow: C
         assert list(attrs["scopegraph.decision.policy_ids"]) == ["allow-planned-calls"]
         assert not is_error(s)
 
-        kids = sorted(children(spans, s), key=lambda k: k.start_time)
+        kids = _hops(spans, s)
         assert [k.name for k in kids] == [MINT, DECIDE, CALL, REVOKE]
         mint, decide, call, revoke = kids
         (minted,) = _ledger(rt, "ok1", "grant_minted", step_id=step.step_id)
@@ -191,7 +217,7 @@ def test_planner_span_and_step_spans_carry_data_labels_read_so_far(
     doc, look = _step_span(spans, "read_doc", "doc"), _step_span(spans, "lookup", "look")
     assert list(doc.attributes["scopegraph.data_labels"]) == []
     assert list(look.attributes["scopegraph.data_labels"]) == ["confidential"]
-    (decide,) = by_name(children(spans, look), DECIDE)
+    (decide,) = by_name(_hops(spans, look), DECIDE)
     assert list(decide.attributes["scopegraph.data_labels"]) == ["confidential"]
 
 
@@ -214,7 +240,7 @@ def test_denied_calls_and_steps_are_events_not_errors_with_the_deciding_policies
     doc_step = next(s for s in report.steps if s.step_id == "doc")
     doc = _step_span(spans, "read_doc", "doc")
     assert not is_error(doc), "the step recovered: its last call was allowed"
-    decides = sorted(by_name(children(spans, doc), DECIDE), key=lambda s: s.start_time)
+    decides = sorted(by_name(_hops(spans, doc), DECIDE), key=lambda s: s.start_time)
     assert [d.attributes["scopegraph.decision"] for d in decides] == ["deny", "deny", "allow"]
     assert [list(d.attributes["scopegraph.decision.policy_ids"]) for d in decides] == [
         ["scopegraph:grant"], ["scopegraph:scope"], ["allow-planned-calls"]]
@@ -228,7 +254,16 @@ def test_denied_calls_and_steps_are_events_not_errors_with_the_deciding_policies
     assert "scope" in decides[1].attributes["scopegraph.decision.reason"]
     # The out-of-scope call was verified against the step's grant: it names it.
     assert decides[1].attributes["scopegraph.grant.id"] == doc_step.grant_id
-    assert len(by_name(children(spans, doc), CALL)) == 1, "a denied call reached the tool"
+    assert len(by_name(_hops(spans, doc), CALL)) == 1, "a denied call reached the tool"
+    # One span per call, refused ones included: a refusal is an event on it, not an error.
+    calls = _calls(spans, doc)
+    assert [c.name for c in calls] == ["execute_tool send_mail", "execute_tool read_doc", "execute_tool read_doc"]
+    assert [c.attributes["scopegraph.decision"] for c in calls] == ["deny", "deny", "allow"]
+    assert [c.attributes["scopegraph.call.status"] for c in calls] == ["denied", "denied", "ok"]
+    assert [len(_denial_events(c)) for c in calls] == [1, 1, 0]
+    assert [is_error(c) for c in calls] == [False, False, False]
+    assert [[k.name for k in children(spans, c)] for c in calls] == [[DECIDE], [DECIDE], [DECIDE, CALL]]
+    assert list(_denial_events(calls[1])[0]["scopegraph.decision.policy_ids"]) == ["scopegraph:scope"]
 
     mail_step = next(s for s in report.steps if s.step_id == "mail")
     mail = _step_span(spans, "send_mail", "mail")
@@ -239,10 +274,13 @@ def test_denied_calls_and_steps_are_events_not_errors_with_the_deciding_policies
     assert "no-confidential-egress" in mail.attributes["scopegraph.decision.policy_ids"]
     assert list(mail.attributes["scopegraph.data_labels"]) == ["confidential"]
     assert mail.attributes["scopegraph.tool.risk"] == "egress"
-    kids = sorted(children(spans, mail), key=lambda k: k.start_time)
+    kids = _hops(spans, mail)
     assert [k.name for k in kids] == [MINT, DECIDE, REVOKE], "a denied call has no tool.call span"
     decide = kids[1]
     assert not is_error(decide) and len(_denial_events(decide)) == 1
+    (mail_call,) = _calls(spans, mail)
+    assert not is_error(mail_call) and len(_denial_events(mail_call)) == 1
+    assert list(mail_call.attributes["scopegraph.decision.policy_ids"]) == list(mail_step.policy_ids)
     assert list(decide.attributes["scopegraph.decision.policy_ids"]) == list(mail_step.policy_ids)
     assert decide.attributes["scopegraph.grant.id"] == mail_step.grant_id
     (ledger_decision,) = _ledger(rt, "deny1", "decision", step_id="mail")
@@ -275,7 +313,7 @@ def test_approval_resumed_by_another_runtime_stays_in_the_same_trace(
     assert asked.attributes["scopegraph.approval.id"] == approval_id
     assert list(asked.attributes["scopegraph.decision.policy_ids"]) == ["writes-need-approval"]
     assert not is_error(asked)
-    asked_kids = sorted(children(paused, asked), key=lambda k: k.start_time)
+    asked_kids = _hops(paused, asked)
     assert [k.name for k in asked_kids] == [MINT, DECIDE, REVOKE], "nothing runs before the approval"
     assert asked_kids[1].attributes["scopegraph.decision"] == "needs_approval"
     first_grant = asked_kids[0].attributes["scopegraph.grant.id"]
@@ -300,7 +338,7 @@ def test_approval_resumed_by_another_runtime_stays_in_the_same_trace(
     resumed = _step_span(spans, "write_note", "note", index=1)
     assert parent_of(spans, resumed) is roots[1]
     assert not is_error(resumed)
-    kids = children(spans, resumed)
+    kids = _hops(spans, resumed)
     assert sorted(k.name for k in kids) == sorted([WAIT, MINT, DECIDE, CALL, REVOKE])
     wait = one(kids, WAIT)
     assert wait.attributes["scopegraph.approval.id"] == approval_id
@@ -385,7 +423,7 @@ def test_a_run_cancelled_mid_step_and_resumed_by_another_runtime_stays_in_its_tr
     again = _step_span(spans, "read_doc", "doc", index=1)
     assert parent_of(spans, again) is roots[1] and not is_error(again)
     # The call completed before the interruption: it is replayed, not run (and not traced) again.
-    assert [k.name for k in sorted(children(spans, again), key=lambda k: k.start_time)] == [MINT, DECIDE, REVOKE]
+    assert [k.name for k in _hops(spans, again)] == [MINT, DECIDE, REVOKE]
     assert len(by_name(spans, CALL)) == 1
     grant_ids = [str(s.attributes["scopegraph.grant.id"]) for s in by_name(spans, MINT)]
     assert len(set(grant_ids)) == 2, "the resumed step reused the interrupted step's grant"
@@ -418,9 +456,12 @@ def test_failing_tool_sets_error_status_up_to_the_root(
     assert is_error(root) and root.attributes["scopegraph.run.status"] == "failed"
     step = _step_span(spans, "explode", "boom")
     assert is_error(step) and step.attributes["scopegraph.call.status"] == "failed"
-    kids = sorted(children(spans, step), key=lambda k: k.start_time)
+    kids = _hops(spans, step)
     assert [k.name for k in kids] == [MINT, DECIDE, CALL, REVOKE]
     decide, call = kids[1], kids[2]
+    (call_span,) = _calls(spans, step)
+    assert is_error(call_span) and call_span.attributes["error.type"] == "RuntimeError"
+    assert call_span.attributes["scopegraph.call.status"] == "error"
     assert decide.attributes["scopegraph.decision"] == "allow" and not is_error(decide)
     assert is_error(call) and call.attributes["scopegraph.call.status"] == "error"
     assert not is_error(kids[3]), "revocation after a failure is not itself a failure"
@@ -437,7 +478,10 @@ def test_each_retry_is_decided_again_and_traced_with_its_attempt(
     spans = run_spans(otel.spans(), "retry1")
     step = _step_span(spans, "flaky", "f")
     assert not is_error(step)
-    kids = children(spans, step)
+    kids = _hops(spans, step)
+    (call_span,) = _calls(spans, step)  # a retry is the same call: one span, both attempts inside
+    assert sorted(k.name for k in children(spans, call_span)) == [DECIDE, DECIDE, CALL, CALL]
+    assert not is_error(call_span) and call_span.attributes["scopegraph.call.status"] == "ok"
     decides = sorted(by_name(kids, DECIDE), key=lambda s: s.start_time)
     calls = sorted(by_name(kids, CALL), key=lambda s: s.start_time)
     assert [d.attributes["scopegraph.attempt"] for d in decides] == [1, 2]
