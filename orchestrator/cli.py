@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lifetime of exchanged tokens, never past their grant (default 60)")
     serve.add_argument("--token-uses", type=_count_option, default=10, metavar="N",
                        help="introspections an exchanged token answers active (default 10)")
+    serve.add_argument("--webhook", action="append", default=[], metavar="URL",
+                       help="POST each approval event (request created, answered, expired) to URL, signed "
+                            "with $SCOPEGRAPH_WEBHOOK_SECRET; repeat for more")
 
     init = sub.add_parser("init", help="scaffold a workflow module, a starter policy and a test")
     init.add_argument("dir", nargs="?", default=".", help="where to write them (default: here)")
@@ -701,7 +704,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve(args.store, host=args.host, port=args.port, audiences=args.audience, clients=args.client,
-                 token_ttl=args.token_ttl, token_uses=args.token_uses)
+                 token_ttl=args.token_ttl, token_uses=args.token_uses, webhooks=args.webhook)
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from .brokers.tokens import IntrospectionClient, TokenService
 from .errors import ConfigError
 from .store import Store, open_store
 from .web import create_app, token_routes
+from .webhooks import attach_webhooks
 
 CLIENT_SECRET_ENV = "SCOPEGRAPH_CLIENT_SECRET_"
 
@@ -83,7 +84,7 @@ def build_app(store: Store, *, audiences: Iterable[str], clients: Iterable[str],
 
 
 def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], clients: Iterable[str],
-          token_ttl: float = 60.0, token_uses: int = 10) -> int:
+          token_ttl: float = 60.0, token_uses: int = 10, webhooks: Iterable[str] = ()) -> int:
     """Serve until interrupted (Ctrl-C, SIGTERM); 0 on a clean stop.
 
     Raises:
@@ -95,6 +96,7 @@ def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], cli
     store = open_store(store_url, create=False)  # a store the runtime made: this serves, it never creates
     try:
         app = build_app(store, audiences=audiences, clients=clients, token_ttl=token_ttl, token_uses=token_uses)
+        attach_webhooks(app, store, list(webhooks))  # approval events as signed POSTs, in the app's lifespan
         if not audiences:
             print("scopegraph: warning: no --audience registered: every token exchange is refused",
                   file=sys.stderr, flush=True)
