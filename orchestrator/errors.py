@@ -22,6 +22,7 @@
     │   ├── SecretRefusedError the credential would grant more than the step's scope implies
     │   └── TokenRequestError  a token exchange or introspection request is refused (an OAuth error code)
     ├── RunBusyError           another process is driving the run right now
+    ├── SessionError           a session is used out of order (a record for a call not allowed…)
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
 
@@ -126,6 +127,11 @@ class TokenRequestError(SecretError):
 
 class RunBusyError(ScopegraphError):
     """Another runtime holds the run's lease: two drivers must never run one run at once."""
+
+
+class SessionError(ScopegraphError):
+    """A session was asked for something its run does not allow: to record a call that
+    was not allowed, or was recorded already; to check a step not begun or not planned."""
 
 
 class ToolExecutionError(ScopegraphError):
