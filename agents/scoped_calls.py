@@ -49,8 +49,9 @@ from langgraph.types import interrupt
 from scopegraph import CallDecision, CallResult, Guard, Outcome, Session, StepEnd
 from scopegraph.approvals import ApprovalRequest
 from scopegraph.canonical import action_digest_v2, canonical_json, sha256_hex
-from scopegraph.errors import ApprovalError, ScopegraphError, SessionError, ToolError
+from scopegraph.errors import ApprovalError, ScopegraphError, SessionError, ToolError, TransientToolError
 from scopegraph.plan import Step, parse_plan
+from scopegraph.policy import Decision
 from scopegraph.provenance import Observation
 from scopegraph.roles import Planner
 
@@ -229,11 +230,16 @@ class ScopedCalls:
         """Run an allowed call through the gateway, end the step (its grant revoked), and
         answer the model."""
         session = run.session
-        result = session.execute(decision)  # a decision that ended at its check runs nothing
-        if step is not None:
-            session.end_step(step.id)
-            if result.ok:
-                run.done.add(step.id)
+        try:
+            result = session.execute(decision)  # a decision that ended at its check runs nothing
+        except TransientToolError as exc:  # recorded as failed; the model may try again, decided anew
+            result = CallResult(tool=decision.tool, arguments={}, status="error", decision=_allowed(decision),
+                                error=f"tool {decision.tool!r} failed ({type(exc).__name__}); it may be retried")
+        finally:
+            if step is not None:
+                session.end_step(step.id)  # the grant ends with its one call, whatever came of it
+        if step is not None and result.ok:
+            run.done.add(step.id)
         return tool_message(result, tool_call, step.id if step is not None else None)
 
     # internals ----------------------------------------------------------------------------
@@ -390,6 +396,10 @@ def _task(messages: Iterable[BaseMessage]) -> str:
     if not text.strip():
         raise SessionError("the human message to plan the run from is empty")
     return text
+
+
+def _allowed(decision: CallDecision) -> Decision:
+    return Decision(outcome="allow", reasons=decision.reasons, policy_ids=decision.policy_ids)
 
 
 def _awaiting(decision: CallDecision) -> StepEnd:
