@@ -2,8 +2,8 @@
 
 ::
 
-    agent = create_agent(model, middleware=[ScopegraphMiddleware(guard, planner=planner, initiator="alice")],
-                         checkpointer=InMemorySaver())
+    agent = create_agent(model, middleware=[ScopegraphMiddleware(guard, initiator="alice")],
+                         checkpointer=InMemorySaver())   # planner: the workflow's, by default
 
 - ``before_agent``: the planner fixes the run's plan from the invocation's human message
   alone (it never sees tool output), opening the run's session; the run's id and plan
@@ -48,9 +48,9 @@ class ScopegraphMiddleware(AgentMiddleware[ScopedAgentState, Any, Any]):
 
     state_schema = ScopedAgentState
 
-    def __init__(self, guard: Guard, *, planner: Planner, initiator: Initiator) -> None:
+    def __init__(self, guard: Guard, *, initiator: Initiator, planner: Planner | None = None) -> None:
         super().__init__()
-        self.calls = ScopedCalls(guard, planner=planner, initiator=initiator)
+        self.calls = ScopedCalls(guard, planner=planner or guard.workflow.planner, initiator=initiator)
         self.tools = self.calls.langchain_tools()
 
     def before_agent(self, state: ScopedAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ LangChain's human-in-the-loop request format. Its ``plan`` and ``finish`` are th
 first and last nodes: they open the run (the plan fixed from the human message alone)
 and end it (every grant revoked)::
 
-    tools = ScopedToolNode(guard, planner=planner, initiator="alice")
+    tools = ScopedToolNode(guard, initiator="alice")   # planner: the workflow's, by default
     graph = StateGraph(ScopedMessagesState)
     graph.add_node("plan", tools.plan)
     graph.add_node("agent", call_model)          # binds tools.tools to the model
@@ -46,8 +46,9 @@ class ScopedMessagesState(MessagesState):
 class ScopedToolNode(ToolNode):
     """A ``ToolNode`` that runs the workflow's tools only through scopegraph's gateway."""
 
-    def __init__(self, guard: Guard, *, planner: Planner, initiator: Initiator, name: str = "tools") -> None:
-        self.calls = ScopedCalls(guard, planner=planner, initiator=initiator)
+    def __init__(self, guard: Guard, *, initiator: Initiator, planner: Planner | None = None,
+                 name: str = "tools") -> None:
+        self.calls = ScopedCalls(guard, planner=planner or guard.workflow.planner, initiator=initiator)
         self.tools: list[BaseTool] = self.calls.langchain_tools()  # for the model to bind
         super().__init__(self.tools, name=name, wrap_tool_call=self._wrap, awrap_tool_call=self._awrap)
 
