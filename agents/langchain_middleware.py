@@ -54,6 +54,7 @@ class ScopegraphMiddleware(AgentMiddleware[ScopedAgentState, Any, Any]):
         self.tools = self.calls.langchain_tools()
 
     def before_agent(self, state: ScopedAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        self.calls.end_run(state, status="cancelled")  # a run left paused is abandoned by a new input
         return {STATE_KEY: self.calls.open_run(state["messages"], _config())}
 
     async def abefore_agent(self, state: ScopedAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ class ScopedToolNode(ToolNode):
 
     def plan(self, state: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         """The graph's first node: open the run, its plan fixed from the human message."""
+        self.calls.end_run(state, status="cancelled")  # a run left paused is abandoned by a new input
         return {STATE_KEY: self.calls.open_run(state["messages"], config)}
 
     def finish(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ interrupts in LangChain's human-in-the-loop format.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -291,3 +292,33 @@ def test_a_second_turn_is_a_new_run_planned_from_its_own_message(guard: Guard) -
     second = run_id_of(agent, config)
     assert first != second and isinstance(result["messages"][-1], AIMessage)
     assert len(EFFECTS) == 2 and all_revoked(guard, first) and all_revoked(guard, second)
+
+
+def test_an_async_agent_goes_through_the_same_path(guard: Guard) -> None:
+    model = ScriptedChatModel(replies=[tool_call("write_note", {"title": "q3", "amount": 40}), "done"])
+    agent = agent_for(guard, model, InMemorySaver())
+    config = {"configurable": {"thread_id": "t-async"}}
+
+    async def drive() -> tuple[dict[str, Any], dict[str, Any]]:
+        paused = await agent.ainvoke({"messages": [{"role": "user", "content": TASK}]}, config)
+        done = await agent.ainvoke(Command(resume={"type": "approve", "approver": "bob"}), config)
+        return paused, done
+
+    paused, done = asyncio.run(drive())
+    assert paused["__interrupt__"][0].value["scopegraph"]["policy_ids"] == ["writes-need-approval"]
+    assert tool_messages(done)[0].status == "success"
+    assert EFFECTS == [("write_note", {"title": "q3", "amount": 40})]
+    assert all_revoked(guard, run_id_of(agent, config))
+
+
+def test_a_new_input_while_paused_cancels_the_paused_run(guard: Guard) -> None:
+    model = ScriptedChatModel(replies=[tool_call("write_note", {"title": "q3", "amount": 40}), "done"])
+    agent = agent_for(guard, model, InMemorySaver())
+    config = {"configurable": {"thread_id": "t-abandon"}}
+    agent.invoke({"messages": [{"role": "user", "content": TASK}]}, config)
+    paused_run = run_id_of(agent, config)
+    agent.invoke({"messages": [{"role": "user", "content": "never mind"}]}, config)
+    assert run_id_of(agent, config) != paused_run
+    assert guard.store.get_run(paused_run).status == "cancelled"  # type: ignore[union-attr]
+    assert kinds(guard, paused_run)[-1] == "run_ended" and guard.ledger.verify(run_id=paused_run).ok
+    assert EFFECTS == []
