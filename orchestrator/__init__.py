@@ -3,15 +3,23 @@
 Public API::
 
     from scopegraph import Workflow, Runtime, tool, Risk, Plan, Step
+
+The decision API, for hosts that run their own agents::
+
+    from scopegraph import Guard, Session, Outcome, CallDecision, StepEnd
 """
 
-from .errors import ScopegraphError
+from .errors import ScopegraphError, SessionError
+from .gateway import CallResult
+from .guard import Guard
 from .plan import Plan, Step, parse_plan, validate_plan
 from .runtime import RunReport, Runtime
+from .session import CallDecision, Outcome, Session, StepEnd, StepScope
 from .tools import Risk, Tool, ToolRegistry, tool
 from .workflow import Workflow
 
 __all__ = [
-    "Plan", "Risk", "RunReport", "Runtime", "ScopegraphError", "Step", "Tool", "ToolRegistry",
-    "Workflow", "parse_plan", "tool", "validate_plan",
+    "CallDecision", "CallResult", "Guard", "Outcome", "Plan", "Risk", "RunReport", "Runtime", "ScopegraphError",
+    "Session", "SessionError", "Step", "StepEnd", "StepScope", "Tool", "ToolRegistry", "Workflow", "parse_plan",
+    "tool", "validate_plan",
 ]

@@ -24,6 +24,7 @@
     ├── RunBusyError           another process is driving the run right now
     ├── WebhookError           webhook deliveries and their signatures
     │   └── WebhookSignatureError a delivery's signature or timestamp does not verify
+    ├── SessionError           a session is used out of order (a record for a call not allowed…)
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
 
@@ -136,6 +137,11 @@ class WebhookError(ScopegraphError):
 
 class WebhookSignatureError(WebhookError):
     """A delivery's signature does not match, or its timestamp is missing, malformed or stale."""
+
+
+class SessionError(ScopegraphError):
+    """A session was asked for something its run does not allow: to record a call that
+    was not allowed, or was recorded already; to check a step not begun or not planned."""
 
 
 class ToolExecutionError(ScopegraphError):

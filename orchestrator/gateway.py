@@ -59,6 +59,7 @@ from .errors import (
     SecretError,
     StoreError,
     ToolArgumentsError,
+    ToolExecutionError,
     TransientToolError,
     UnknownToolError,
 )
@@ -216,6 +217,31 @@ class _Recorded:
     closed: bool  # the step ended in the same transaction
 
 
+@dataclass(frozen=True, kw_only=True)
+class Decided:
+    """One attempt of a call once its decision is recorded (stages 1 to 3 done).
+
+    ``result`` is set when the call ended there: refused, held for approval, replayed
+    from its idempotency record, or denied because the store failed. Otherwise the call
+    is allowed, its use taken, and it waits for ``Gateway.run`` (the gateway runs the
+    tool) or ``Gateway.record`` (the host ran it). Holds the verified grant: never
+    shown to an executor.
+    """
+
+    tool_name: str
+    arguments: Mapping[str, Any] = field(repr=False)
+    attempt: int
+    key: str | None
+    decision: Decision
+    result: CallResult | None = None
+    grant_id: str | None = None
+    tool: Tool | None = field(default=None, repr=False)
+    grant: Grant | None = field(default=None, repr=False)
+    normalized: dict[str, Any] | None = field(default=None, repr=False)
+    digest: str | None = None
+    started: float = field(default_factory=time.perf_counter, repr=False)  # for a host-run call's duration
+
+
 @dataclass(kw_only=True)
 class StepClosing:
     """Ends a step with its last call, in the transaction that records the call's final result.
@@ -298,6 +324,7 @@ class Gateway:
         call_key: str | None = None,
         approval_id: str | None = None,
         closing: StepClosing | None = None,
+        on_held: Callable[[CallResult], None] | None = None,
     ) -> CallResult:
         """Authorize and run one call; retry transient failures, re-authorizing each try.
 
@@ -305,12 +332,12 @@ class Gateway:
         returns its recorded result instead of running again (crash recovery). An
         ``approval_id`` presents a human approval for exactly this call. ``closing`` makes
         this the step's last call: the step ends in the transaction that records its
-        final result (see ``StepClosing``).
+        final result (see ``StepClosing``). ``on_held`` is as for ``decide``.
         """
         # The common case is one attempt: the retry machinery is built only after a
         # transient failure. Every retry goes through ``_attempt`` again: a new decision.
         try:
-            return self._attempt(token, tool, arguments, ctx, 1, call_key, approval_id, closing)
+            return self._attempt(token, tool, arguments, ctx, 1, call_key, approval_id, closing, on_held)
         except TransientToolError as exc:
             last: BaseException | None = exc
         attempt_no = 1
@@ -329,7 +356,7 @@ class Gateway:
                     with attempt:
                         attempt_no = attempt.retry_state.attempt_number + 1
                         return self._attempt(token, tool, arguments, ctx, attempt_no, call_key, approval_id,
-                                             closing)
+                                             closing, on_held)
             except RetryError as exc:
                 last = exc.last_attempt.exception()
         return CallResult(
@@ -343,7 +370,24 @@ class Gateway:
     def _attempt(
         self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, attempt: int,
         call_key: str | None, approval_id: str | None, closing: StepClosing | None = None,
+        on_held: Callable[[CallResult], None] | None = None,
     ) -> CallResult:
+        decided = self.decide(token, tool_name, arguments, ctx, attempt=attempt, call_key=call_key,
+                              approval_id=approval_id, closing=closing, on_held=on_held)
+        return self.run(decided, ctx, closing=closing)
+
+    def decide(
+        self, token: str, tool_name: str, arguments: Mapping[str, Any], ctx: CallContext, *,
+        attempt: int = 1, call_key: str | None = None, approval_id: str | None = None,
+        closing: StepClosing | None = None, on_held: Callable[[CallResult], None] | None = None,
+    ) -> Decided:
+        """Stages 1 to 3 for one attempt: validate, scope, decide, and record the decision.
+
+        The decision is written (the grant's use taken, an approval presented consumed)
+        whatever it is; an allowed call then goes to ``run`` or ``record``. ``on_held``
+        is called with the result of a call held for approval, inside the transaction
+        that records the decision (the host's approval request lands with it).
+        """
         # An approval is consumed once: a retry of an approved call cannot present it again.
         approval_id = approval_id if attempt == 1 else None
         key = f"{call_key}#{attempt}" if call_key else None
@@ -358,7 +402,8 @@ class Gateway:
                 checked = self._checked(token, tool_name, arguments, ctx, attempt, approval_id, key)
                 # record: one short transaction for the use taken (or refused), the approval
                 # consumed, the decision's records and the idempotency key.
-                decided = self._record_decision(checked, tool_name, arguments, ctx, attempt, key, closing)
+                recorded = self._record_decision(checked, tool_name, arguments, ctx, attempt, key, closing,
+                                                 on_held)
             except StoreError as exc:
                 # No store, no verified grant and no record of the call: fail closed.
                 outage = Decision.deny(f"the store is unavailable, so the call is denied: {exc}",
@@ -366,30 +411,131 @@ class Gateway:
                 decide_span.set_attribute(tr.DECISION, "deny")
                 tr.set_error(decide_span, "store unavailable")
                 self.metrics.denials.add(1, {"reason": STORE_POLICY_ID, "tool": tool_name})
-                return CallResult(tool=tool_name, arguments=dict(arguments), status="denied",
-                                  decision=outage, attempts=attempt)
-            self._decided(decide_span, tool_name, decided.grant_id, decided.decision,
-                          checked.tool if decided.decision.outcome != "deny" else None)
-        if closing is not None and decided.closed:
-            closing.result = decided.result
+                return Decided(tool_name=tool_name, arguments=arguments, attempt=attempt, key=key,
+                               decision=outage, result=CallResult(
+                                   tool=tool_name, arguments=dict(arguments), status="denied",
+                                   decision=outage, attempts=attempt))
+            self._decided(decide_span, tool_name, recorded.grant_id, recorded.decision,
+                          checked.tool if recorded.decision.outcome != "deny" else None)
+        if closing is not None and recorded.closed:
+            closing.result = recorded.result
+        return Decided(tool_name=tool_name, arguments=arguments, attempt=attempt, key=key,
+                       decision=recorded.decision, result=recorded.result, grant_id=recorded.grant_id,
+                       tool=checked.tool, grant=checked.grant, normalized=checked.normalized,
+                       digest=recorded.digest)
+
+    def run(self, decided: Decided, ctx: CallContext, *, closing: StepClosing | None = None) -> CallResult:
+        """Stages 4 and 5: run an allowed call's tool and record its result.
+
+        A call that ended at its decision (refused, held for approval, replayed) returns
+        that result and runs nothing.
+
+        Raises:
+            TransientToolError: the tool failed in a way worth retrying; the failed attempt
+                is recorded, and a retry is a new call, decided again.
+        """
         if decided.result is not None:
             return decided.result
-        tool, grant, normalized = checked.tool, checked.grant, checked.normalized
+        tool, grant, normalized = decided.tool, decided.grant, decided.normalized
         assert tool is not None and grant is not None and normalized is not None  # an allowed call was checked
-        with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool_name, tr.GRANT_ID: grant.jti,
-                                    tr.ATTEMPT: attempt, tr.RISK: tool.risk.value}) as call_span:
+        closing = closing if closing is not None and closing.result is None else None
+        with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool.name, tr.GRANT_ID: grant.jti,
+                                    tr.ATTEMPT: decided.attempt, tr.RISK: tool.risk.value}) as call_span:
             try:
-                result = self._execute(tool, grant, normalized, decided.decision, ctx, attempt, key, arguments,
-                                       closing=closing, digest=decided.digest)
+                result = self._execute(tool, grant, normalized, decided.decision, ctx, decided.attempt, decided.key,
+                                       decided.arguments, closing=closing, digest=decided.digest)
             except TransientToolError as exc:
                 call_span.set_attribute(tr.CALL_STATUS, "error")
                 tr.record_failure(call_span, type(exc).__name__,
-                                  self._scrubbed(tool_name, str(exc), arguments, normalized))
+                                  self._scrubbed(tool.name, str(exc), decided.arguments, normalized))
                 raise
             call_span.set_attribute(tr.CALL_STATUS, result.status)
             if not result.ok:
                 tr.record_failure(call_span, result.error_type or "error", result.error or "")
             return result
+
+    async def arun(self, decided: Decided, ctx: CallContext, *, closing: StepClosing | None = None) -> CallResult:
+        """``run`` for a caller on an event loop: an async tool is awaited on that loop."""
+        if decided.result is not None or decided.tool is None or not decided.tool.is_async:
+            return self.run(decided, ctx, closing=closing)
+        tool, grant, normalized = decided.tool, decided.grant, decided.normalized
+        assert grant is not None and normalized is not None
+        started = time.perf_counter()
+        with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool.name, tr.GRANT_ID: grant.jti,
+                                    tr.ATTEMPT: decided.attempt, tr.RISK: tool.risk.value}) as call_span:
+            outcome: Any = None
+            failure: BaseException | None = None
+            try:
+                outcome = await tool.invoke(normalized, grant.danger_token() if tool.takes_grant else None,
+                                            self._credentials(tool, grant))
+            except Exception as exc:
+                failure = exc
+            result = self._recorded_result(decided, ctx, outcome, failure, started,
+                                           closing if closing is not None and closing.result is None else None,
+                                           extra_labels=frozenset())
+            call_span.set_attribute(tr.CALL_STATUS, result.status)
+            if not result.ok:
+                tr.record_failure(call_span, result.error_type or "error", result.error or "")
+            return result
+
+    def record(self, decided: Decided, ctx: CallContext, *, value: Any = None, error: BaseException | str | None = None,
+               labels: Iterable[str] = (), closing: StepClosing | None = None) -> CallResult:
+        """Stage 5 for a call the host ran itself: record its ``value`` (or its ``error``)
+        as a gateway-run call's result is recorded, with the same spans and ledger record.
+
+        ``labels`` add to the tool's own labels (a host may know more about what came back;
+        it cannot declare the tool's output cleaner than the tool does).
+        """
+        if decided.result is not None:
+            return decided.result
+        tool, grant = decided.tool, decided.grant
+        assert tool is not None and grant is not None
+        started = decided.started
+        with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool.name, tr.GRANT_ID: grant.jti,
+                                    tr.ATTEMPT: decided.attempt, tr.RISK: tool.risk.value,
+                                    "scopegraph.tool.run_by": "host"}) as call_span:
+            failure: BaseException | None
+            if error is None:
+                failure = None
+            elif isinstance(error, BaseException):
+                failure = error
+            else:
+                failure = ToolExecutionError(str(error))
+            result = self._recorded_result(decided, ctx, value, failure, started,
+                                           closing if closing is not None and closing.result is None else None,
+                                           extra_labels=frozenset(labels))
+            call_span.set_attribute(tr.CALL_STATUS, result.status)
+            if not result.ok:
+                tr.record_failure(call_span, result.error_type or "error", result.error or "")
+            return result
+
+    def _recorded_result(self, decided: Decided, ctx: CallContext, value: Any, failure: BaseException | None,
+                         started: float, closing: StepClosing | None, *, extra_labels: frozenset[str]) -> CallResult:
+        """Record the outcome of a call that ran outside ``_execute`` (awaited, or run by the host)."""
+        tool, grant, normalized = decided.tool, decided.grant, decided.normalized
+        assert tool is not None and grant is not None and normalized is not None
+        labels = tool.labels | extra_labels
+        result_json: str | None = None
+        if failure is None:
+            try:
+                result_json = json.dumps(value, default=str, sort_keys=True)
+            except Exception as exc:  # as ``_execute``: a value that cannot be recorded fails the call
+                failure = exc
+        if failure is not None:
+            kind = type(failure).__name__
+            error = self._failure(tool.name, kind, failure, decided.arguments, normalized)
+            failed = CallResult(tool=tool.name, arguments=normalized, status="error", decision=decided.decision,
+                                error=error, attempts=decided.attempt, grant_id=grant.jti, error_type=kind,
+                                labels=labels)
+            self._called(ctx, tool, grant, decided.decision, decided.attempt, normalized, "error", json.dumps(error),
+                         started, decided.key, None, error_type=kind, error=error, digest=decided.digest,
+                         result=failed, closing=closing)
+            return failed
+        done = CallResult(tool=tool.name, arguments=normalized, status="ok", decision=decided.decision,
+                          value=value, labels=labels, attempts=decided.attempt, grant_id=grant.jti)
+        self._called(ctx, tool, grant, decided.decision, decided.attempt, normalized, "ok", result_json, started,
+                     decided.key, result_json, digest=decided.digest, result=done, closing=closing)
+        return done
 
     def _execute(self, tool: Tool, grant: Grant, normalized: dict[str, Any], decision: Decision,
                  ctx: CallContext, attempt: int, key: str | None, raw: Mapping[str, Any], *,
@@ -493,7 +639,8 @@ class Gateway:
 
     def _record_decision(self, checked: _Checked, tool_name: str, arguments: Mapping[str, Any],
                          ctx: CallContext, attempt: int, key: str | None,
-                         closing: StepClosing | None) -> _Recorded:
+                         closing: StepClosing | None,
+                         on_held: Callable[[CallResult], None] | None = None) -> _Recorded:
         """The record stage: one transaction for everything written before a tool runs.
 
         The grant's row (if its mint was deferred), the use taken by a conditional update
@@ -508,16 +655,17 @@ class Gateway:
         written, and the call is denied, that denial recorded on its own.
         """
         try:
-            return self._write_decision(checked, tool_name, arguments, ctx, attempt, key, closing)
+            return self._write_decision(checked, tool_name, arguments, ctx, attempt, key, closing, on_held)
         except StoreError:
             raise
         except Exception as exc:
             failed = _Checked(decision=_check_failed(exc), tool=checked.tool, grant_id=checked.grant_id)
-            return self._write_decision(failed, tool_name, arguments, ctx, attempt, key, None)
+            return self._write_decision(failed, tool_name, arguments, ctx, attempt, key, None, None)
 
     def _write_decision(self, checked: _Checked, tool_name: str, arguments: Mapping[str, Any],
                         ctx: CallContext, attempt: int, key: str | None,
-                        closing: StepClosing | None) -> _Recorded:
+                        closing: StepClosing | None,
+                        on_held: Callable[[CallResult], None] | None) -> _Recorded:
         decision, grant, tool = checked.decision, checked.grant, checked.tool
         minted = consumed = revoked = False
         earlier: CallRecord | None = None
@@ -569,6 +717,8 @@ class Gateway:
                         attempt=attempt, status=result.status, replayed=True,
                         arguments_digest=digest, result_digest=None, duration_ms=0.0,
                     )
+            if on_held is not None and result is not None and result.status == "needs_approval":
+                on_held(result)  # the host's approval request, in the decision's write
             if closing is not None and result is not None and closes:
                 closing.end(result, revoked)
         return _Recorded(decision=decision, grant_id=checked.grant_id, digest=digest, result=result,

@@ -1,0 +1,747 @@
+"""The decision API: a run's scoped session, through which any host checks, runs and
+records tool calls.
+
+A ``Session`` is opened for one run by a ``Guard`` (``Guard.start_run``, or
+``Guard.session`` for a run already started). The ``Runtime`` drives every call of its
+runs through one; a host with an agent of its own (a LangChain agent, a hand-built
+LangGraph graph, anything) does the same::
+
+    session = guard.start_run(task, initiator="alice", planner=planner)   # plan fixed from the task
+    decision = session.check("fetch", "http_get", {"url": url})           # mint, scope, Cedar
+    if decision.outcome is Outcome.ALLOW:
+        result = session.execute(decision)               # the gateway runs the tool...
+        # ...or the host runs it and records what came of it:
+        # result = session.record(decision, value=value)
+    elif decision.outcome is Outcome.NEEDS_APPROVAL:
+        ...                                              # decision.approval_id: ask a human
+    session.end_step("fetch")                            # revoke the step's grant
+    session.end_run(status="completed")                  # revoke everything of the run
+
+Each plan step gets its own SPIFFE identity and grant, minted by its first check (or by
+``begin_step``). Every check is decided at the moment of the call: the grant verifies
+and is bound to the step, the arguments lie inside its scope, Cedar decides; the
+decision, the use of the grant and the ledger records land in one write, before
+anything runs. ``execute`` or ``record`` then writes the result in a second one. A call
+not allowed cannot be executed or recorded, and an allowed one only once.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import tracing as tr
+from .approvals import ApprovalRequest
+from .approvals import approval_id as make_approval_id
+from .canonical import action_digest_v2, canonical_json, sha256_hex
+from .credentials import Grant
+from .errors import PlanError, SessionError
+from .gateway import APPROVAL_POLICY_ID, CallContext, CallResult, Decided, StepClosing, grant_minted_fields
+from .identity import SpiffeId, Svid
+from .plan import Plan, Step, parse_plan, validate_plan
+from .policy import Decision
+from .provenance import Observation
+from .redaction import recorded_constraints
+from .roles import Planner, PlanningContext
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+PLAN_POLICY_ID = "scopegraph:plan"  # a check for a step the plan does not have
+STEP_ENDED = "step ended"  # why a step's grant is revoked when the step ends
+
+
+class Outcome(str, enum.Enum):
+    """What was decided about one call."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    NEEDS_APPROVAL = "needs_approval"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallDecision:
+    """The decision on one proposed call, as ``Session.check`` made and recorded it.
+
+    ``outcome`` says what to do: run it (``ALLOW``), refuse it (``DENY``: ``reason``
+    says why, ``policy_ids`` which policies or checks refused), or ask a human
+    (``NEEDS_APPROVAL``: ``approval_id`` names the request made for exactly this call).
+    ``result`` is set when the call ended at its check: refused, held for approval, or
+    an allowed call already made once (replayed from its record, never run again).
+    """
+
+    call_id: str
+    run_id: str
+    step_id: str
+    tool: str
+    outcome: Outcome
+    policy_ids: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    approval_id: str | None = None
+    required_approvals: int = 0
+    grant_id: str | None = None
+    result: CallResult | None = field(default=None, repr=False)
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepEnd:
+    """How a step ended, as its ``step_ended`` audit record says."""
+
+    status: str  # completed, denied, failed, awaiting_approval
+    decision: str | None = None
+    policy_ids: tuple[str, ...] = ()
+    reason: str = ""
+    approval_id: str | None = None
+    result: Any = field(default=None, repr=False)  # the step's output, when it completed
+
+    def as_record(self) -> dict[str, Any]:
+        """The fields a run's step record keeps (the runtime's checkpoint)."""
+        record: dict[str, Any] = {"status": self.status, "decision": self.decision,
+                                  "policy_ids": list(self.policy_ids), "reason": self.reason}
+        if self.status == "completed":
+            record["result"] = self.result
+        elif self.status != "awaiting_approval":
+            record["result"] = None
+        if self.approval_id is not None:
+            record["approval_id"] = self.approval_id
+        return record
+
+
+def step_outcome(calls: list[CallResult], planned_tool: str) -> StepEnd:
+    """A step completes when its last call was an allowed, successful call of its tool."""
+    if not calls:
+        return StepEnd(status="failed", reason="executor made no call")
+    last = calls[-1]
+    if last.ok and last.tool == planned_tool:
+        status = "completed"
+    else:
+        status = "denied" if last.status == "denied" else "failed"
+    return StepEnd(status=status, decision=last.decision.outcome, policy_ids=tuple(last.decision.policy_ids),
+                   reason="" if last.ok else last.audit_reason, result=last.value if last.ok else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepScope:
+    """A step as it runs: its identity, proof of identity and grant. No token is shown."""
+
+    step: Step
+    identity: SpiffeId
+    svid: Svid = field(repr=False)
+    grant_id: str
+
+
+class _Step:
+    """A step's state in this session: its grant (token held here only), what its
+    executor has seen, its calls, and how it ended."""
+
+    def __init__(self, step: Step, identity: SpiffeId, svid: Svid, grant: Grant, ctx: CallContext,
+                 asked: int, held_under: _Step | None) -> None:
+        self.step, self.identity, self.svid, self.grant, self.ctx = step, identity, svid, grant, ctx
+        self.calls: list[CallResult] = []
+        self.pending: dict[str, Decided] = {}
+        self.checks = 0
+        self.asked = asked  # approval requests made for this step so far (their sequence)
+        self.held_under = held_under  # a delegated child's calls are held as its parent's
+        self.last_request: str | None = None  # the approval request of the step's last held call
+        self.closing: StepClosing | None = None
+        self.ended: StepEnd | None = None  # written with the step's last call
+        self.revoked = False
+
+    def scope(self) -> StepScope:
+        return StepScope(step=self.step, identity=self.identity, svid=self.svid, grant_id=self.grant.jti)
+
+
+class Session:
+    """The decision API for one run: ``check``, ``execute`` or ``record``, approvals, and
+    the end of steps and of the run. Grants, ledger, spans, approvals and reports are
+    those of a ``Runtime`` run: the runtime drives its runs through this class.
+
+    Not thread-safe: one host thread drives a session (parallel steps each get their own).
+    """
+
+    def __init__(self, guard: Guard, *, run_id: str, initiator: str, plan: Plan | None = None) -> None:
+        self.guard = guard
+        self.run_id = run_id
+        self.initiator = initiator
+        self.workflow = guard.workflow
+        self.planner_id = guard.domain.id("wf", self.workflow.name, "run", run_id, "planner")
+        self._plan = plan
+        self._steps: dict[str, _Step] = {}
+
+    # plan ---------------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The run's plan. Raises ``SessionError`` if none was fixed yet."""
+        if self._plan is None:
+            raise SessionError(f"run {self.run_id!r} has no plan yet: fix one before checking calls")
+        return self._plan
+
+    def make_plan(self, task: str, planner: Planner) -> Plan:
+        """Ask ``planner`` for the run's plan from the trusted ``task`` alone (it sees the
+        catalogue, no tool output, and holds no grant), validate it and fix it.
+
+        Raises:
+            PlanError: the plan is malformed or does not fit the workflow's tools (the
+                refusal is audited).
+        """
+        ctx = PlanningContext(
+            task=task, workflow=self.workflow.name, run_id=self.run_id, identity=self.planner_id,
+            catalogue=self.workflow.registry.catalogue(), validator=self.validate_plan,
+        )
+        with tr.span(f"{tr.INVOKE_AGENT} planner", {
+            tr.GEN_AI_OPERATION: "invoke_agent", tr.GEN_AI_AGENT_NAME: "planner",
+            tr.GEN_AI_AGENT_ID: str(self.planner_id), tr.SPIFFE_ID: str(self.planner_id),
+            tr.RUN_ID: self.run_id, tr.WORKFLOW: self.workflow.name, "scopegraph.plan.revision": 0,
+        }) as s:
+            try:
+                plan = ctx.validate(planner.plan(ctx))
+            except PlanError as exc:
+                tr.set_error(s, "malformed plan")
+                self.refuse_plan(exc)
+                raise
+            s.set_attribute("scopegraph.plan.steps", len(plan.steps))
+            return self.fix_plan(plan)
+
+    def validate_plan(self, data: Plan | Mapping[str, Any] | str) -> Plan:
+        """Parse and check a plan against the workflow's tools, as ``fix_plan`` does.
+
+        Raises:
+            PlanError: the plan is malformed or does not fit the workflow's tools.
+        """
+        return validate_plan(parse_plan(data), self.workflow.registry)
+
+    def fix_plan(self, plan: Plan | Mapping[str, Any] | str, *, revision: int = 0,
+                 failures: Iterable[Mapping[str, Any]] = (), widened: Iterable[str] = ()) -> Plan:
+        """Validate ``plan`` and make it the run's plan, audited (``revision`` > 0 for a
+        re-plan, with the ``failures`` that asked for it and the steps it ``widened``).
+
+        Raises:
+            PlanError: the plan is malformed or does not fit the workflow's tools.
+        """
+        plan = self.validate_plan(plan)
+        registry = self.workflow.registry
+        dumped = plan.model_dump(mode="json")
+        self.guard.ledger.append(
+            "plan", self.run_id, planner=str(self.planner_id), valid=True,
+            plan_digest=sha256_hex(canonical_json(dumped)), revision=revision,
+            failures=[dict(f) for f in failures], widened=sorted(widened),
+            steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on), "purpose": st.purpose,
+                    "constraints": recorded_constraints(st.constraints, registry[st.tool].secrets)}
+                   for st in plan.steps])
+        self._plan = plan
+        return plan
+
+    def refuse_plan(self, error: PlanError, *, revision: int = 0) -> None:
+        """Audit a plan that was refused (the run has no plan from it)."""
+        self.guard.ledger.append("plan", self.run_id, planner=str(self.planner_id), valid=False,
+                                 error=str(error), revision=revision)
+
+    # steps --------------------------------------------------------------------------------
+    def begin_step(self, step: Step | str, *, identity: SpiffeId | None = None,
+                   observations: Iterable[Observation] = (), data_labels: Iterable[str] = (),
+                   widened: bool = False, approvals_asked: int = 0) -> StepScope:
+        """Mint the step's identity and grant (its scope: the plan step's tool and
+        constraints) and start it. ``check`` does this for a plan step not begun yet.
+
+        ``observations`` are the tool outputs its executor is shown before its first
+        call (its dependencies' results), ``data_labels`` the labels of data it carries:
+        argument provenance and label policies are decided against them. A step begun
+        again (to resume it after an approval) gets a new grant; its old one must have
+        been ended.
+
+        Raises:
+            SessionError: the step is not in the plan, or is running already.
+        """
+        if isinstance(step, str):
+            step = self._plan_step(step)
+        current = self._steps.get(step.id)
+        if current is not None and not current.revoked:
+            raise SessionError(f"step {step.id!r} is running already: end it before beginning it again")
+        identity = identity or self.guard.domain.id("wf", self.workflow.name, "run", self.run_id, "step",
+                                                    step.id, "executor")
+        svid, grant = self._mint(step, identity)
+        labels = frozenset(data_labels)
+        ctx = CallContext(workflow=self.workflow.name, run_id=self.run_id, step_id=step.id, principal=identity,
+                          data_labels=labels, observations=tuple(observations), widened=widened)
+        state = _Step(step, identity, svid, grant, ctx, approvals_asked, None)
+        self._steps[step.id] = state
+        return state.scope()
+
+    def step(self, step_id: str) -> StepScope:
+        """The step as it runs (begun by ``begin_step`` or its first check).
+
+        Raises:
+            SessionError: the step has not begun.
+        """
+        return self._state(step_id).scope()
+
+    def calls(self, step_id: str) -> list[CallResult]:
+        """The results of the step's calls so far, in order."""
+        return list(self._state(step_id).calls)
+
+    def seen(self, step_id: str) -> CallContext:
+        """Who calls in the step and what its executor has seen so far (no token)."""
+        return self._state(step_id).ctx
+
+    def ended(self, step_id: str) -> StepEnd | None:
+        """How the step ended, if its last call ended it (``last=True``) or ``end_step`` did."""
+        return self._state(step_id).ended
+
+    # calls --------------------------------------------------------------------------------
+    def check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None,
+              last: bool = False, call_id: str | None = None) -> CallDecision:
+        """Decide one proposed call of ``step``: mint the step's grant if it has none yet,
+        verify it, check the arguments against its scope, decide with Cedar, and record
+        the decision (the grant's use, the audit records) before anything runs.
+
+        ``approval_id`` presents a human's approval for exactly this call (the call's
+        digest is recomputed; the approval is consumed once). For a step that ended
+        waiting for that approval, the step is begun again under a new grant. ``last``
+        says this is the step's last call: the step ends in the write that records its
+        final result (one write fewer). ``call_id`` names the call for idempotency: a
+        call already made under that id is not made again (by default, the n-th call of
+        the step with these arguments).
+
+        A step the plan does not have is denied (``scopegraph:plan``), never raised.
+        """
+        return self._check(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
+                           again=approval_id is not None)
+
+    def _check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
+               last: bool, call_id: str | None, again: bool) -> CallDecision:
+        try:
+            state = self._checking(step, again)
+        except SessionError as exc:
+            return self._refused(step, tool, call_id, str(exc))
+        index = state.checks
+        state.checks += 1
+        key = call_id or _call_key(state.ctx, index, tool, arguments)
+        closing = self._closing(state) if last else None
+        decided = self.guard.gateway.decide(
+            state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
+            closing=closing, on_held=lambda held: self._hold(state, held))
+        if decided.result is None:
+            state.pending[key] = decided
+            state.closing = closing
+        else:
+            self._took(state, decided.result)
+        held = state.held_under or state
+        return CallDecision(
+            call_id=key, run_id=self.run_id, step_id=state.step.id, tool=tool,
+            outcome=Outcome(decided.decision.outcome), policy_ids=tuple(decided.decision.policy_ids),
+            reasons=tuple(decided.decision.reasons),
+            approval_id=held.last_request if decided.decision.outcome == "needs_approval" else None,
+            required_approvals=decided.decision.required_approvals, grant_id=decided.grant_id,
+            result=decided.result)
+
+    def execute(self, decision: CallDecision) -> CallResult:
+        """Run an allowed call's tool through the gateway and record its result.
+
+        A decision whose call ended at its check (refused, held, replayed) returns that
+        result and runs nothing.
+
+        Raises:
+            SessionError: the decision is not this session's, or its call was executed
+                or recorded already.
+            TransientToolError: the tool failed in a way worth retrying (recorded as
+                such); check the call again to retry it, decided afresh.
+        """
+        if decision.result is not None:
+            return decision.result
+        state, decided = self._pending(decision)
+        try:
+            result = self.guard.gateway.run(decided, state.ctx, closing=state.closing)
+        except BaseException as exc:
+            state.calls.append(_failed_attempt(decided, exc))
+            raise
+        self._took(state, result)
+        return result
+
+    def record(self, decision: CallDecision, *, value: Any = None, error: BaseException | str | None = None,
+               labels: Iterable[str] = ()) -> CallResult:
+        """Record the outcome of an allowed call the host ran itself: its ``value``, or
+        the ``error`` it failed with (its message scrubbed of secret arguments). The
+        records, spans and ledger entry are those of a call the gateway ran.
+
+        ``labels`` add to the tool's own output labels (``untrusted``, ``confidential``…):
+        later calls of the step are decided knowing what its executor has read.
+
+        Raises:
+            SessionError: the call was not allowed (there is nothing to record), is not
+                this session's, or was executed or recorded already.
+        """
+        if decision.outcome is not Outcome.ALLOW:
+            raise SessionError(f"call {decision.call_id!r} was not allowed ({decision.outcome.value}): "
+                               "there is no result to record")
+        if decision.result is not None:
+            raise SessionError(f"call {decision.call_id!r} was made before and is not recorded again")
+        state, decided = self._pending(decision)
+        result = self.guard.gateway.record(decided, state.ctx, value=value, error=error, labels=labels,
+                                           closing=state.closing)
+        self._took(state, result)
+        return result
+
+    def call(self, step: str, tool: str, arguments: Mapping[str, Any], *, last: bool = False,
+             approval_id: str | None = None, call_id: str | None = None, again: bool = False) -> CallResult:
+        """``check`` and ``execute`` in one, retrying a transient failure of the tool (each
+        retry checked again: a new decision, never the old one reused). ``again`` begins
+        the step anew if it has ended (as ``resume`` does)."""
+        try:
+            state = self._checking(step, again or approval_id is not None)
+        except SessionError as exc:
+            return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
+        index = state.checks
+        state.checks += 1
+        key = call_id or _call_key(state.ctx, index, tool, arguments)
+        closing = self._closing(state) if last else None
+        result = self.guard.gateway.call(state.grant.danger_token(), tool, arguments, state.ctx, call_key=key,
+                                         approval_id=approval_id, closing=closing,
+                                         on_held=lambda held: self._hold(state, held))
+        self._took(state, result)
+        return result
+
+    # approvals ----------------------------------------------------------------------------
+    def approval(self, approval_id: str) -> ApprovalRequest:
+        """The approval request and its answers so far (``effective_status`` says where it stands).
+
+        Raises:
+            ApprovalError: no approval has that id.
+        """
+        return self.guard.approvals.get(approval_id)
+
+    def approve(self, approval_id: str, *, approver: str, reason: str = "",
+                signature: str | None = None) -> ApprovalRequest:
+        """Answer an approval request yes, as ``scopegraph approve`` does (the same checks:
+        an allowed approver, not the initiator, a valid signature where one is required).
+
+        Raises:
+            ApprovalError: the answer is refused.
+        """
+        return self.guard.approvals.approve(approval_id, approver=approver, reason=reason, signature=signature)
+
+    def deny(self, approval_id: str, *, approver: str, reason: str, propose: Mapping[str, Any] | None = None,
+             signature: str | None = None) -> ApprovalRequest:
+        """Answer an approval request no, as ``scopegraph deny`` does.
+
+        Raises:
+            ApprovalError: the answer is refused.
+        """
+        return self.guard.approvals.deny(approval_id, approver=approver, reason=reason, propose=propose,
+                                         signature=signature)
+
+    def resume(self, approval_id: str, *, last: bool = False) -> CallDecision:
+        """Check again the call an approval request was made for, now it is answered.
+
+        Approved: exactly the approved call is checked, presenting the approval (its
+        digest recomputed; consumed once, before it expires). Denied with a counter-
+        proposal: the proposed call is checked as a new action, from scratch. Approved
+        under policies that have changed since: checked afresh, without the approval.
+        Still pending: held, nothing written. Denied or expired: denied, nothing written
+        (``scopegraph:approval``). The step is begun again under a new grant if it ended.
+        """
+        request = self.guard.approvals.get(approval_id)
+        if request.run_id != self.run_id:
+            return self._refused(request.step_id, request.tool, None,
+                                 f"approval {approval_id!r} belongs to another run")
+        state = request.effective_status(self.guard.clock.now())
+        final = _unanswerable(self.run_id, request, state)
+        if final is not None:
+            return final
+        arguments, present, call_id = _resumption(self, request, state)
+        return self._check(request.step_id, request.tool, arguments, approval_id=present, last=last,
+                           call_id=call_id, again=True)
+
+    def resume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
+        """``resume`` and ``execute`` in one, retrying a transient failure as ``call`` does
+        (a retry presents no approval: it is a new call, decided afresh)."""
+        request = self.guard.approvals.get(approval_id)
+        state = request.effective_status(self.guard.clock.now())
+        final = _unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
+        if request.run_id != self.run_id or final is not None:
+            return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
+        arguments, present, call_id = _resumption(self, request, state)
+        return self.call(request.step_id, request.tool, arguments, approval_id=present, last=last,
+                         call_id=call_id, again=True)
+
+    # ends ---------------------------------------------------------------------------------
+    def end_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
+        """End the step: revoke its grant and its downstream secrets, and audit its end
+        (``outcome``, or by default the outcome of its calls), in one write.
+
+        A step whose last call ended it has nothing left to write unless ``outcome``
+        differs from what was recorded then (its executor did more after the call).
+        ``audit=False`` revokes without a ``step_ended`` record (a step cut short).
+        Ending a step twice does nothing the second time.
+        """
+        state = self._state(step)
+        if state.revoked and state.ended is not None and (outcome is None or outcome == state.ended):
+            with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step.id,
+                                           tr.GRANT_REVOKED_WITH_CALL: True}):
+                pass
+            self.guard.secrets.end_step(self.run_id, state.step.id)
+            return state.ended
+        if outcome is None and audit:
+            outcome = step_outcome(state.calls, state.step.tool)
+        guard = self.guard
+        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step.id}), \
+                guard.store.atomic():
+            minted = guard.issuer.write_unwritten(state.grant.jti)  # a step that made no call: written now
+            revoked = guard.issuer.revoke(state.grant.jti, reason=STEP_ENDED)
+            if minted:
+                guard.ledger.append("grant_minted", self.run_id,
+                                    **grant_minted_fields(state.grant, self._secrets(state.step.tool)))
+            if revoked:
+                self._revoked(state)
+            if outcome is not None and audit:
+                self._step_ended(state.step.id, outcome)
+        state.revoked = True
+        if outcome is not None:
+            state.ended = outcome
+        guard.secrets.end_step(self.run_id, state.step.id)  # the step's downstream credentials end with it
+        return outcome
+
+    def end_run(self, *, status: str, error: str | None = None) -> None:
+        """End the run: revoke every grant and downstream secret it still holds, set its
+        status, audit its end and sign the ledger's head, in one write. ``status`` is
+        ``completed``, ``denied``, ``failed``, ``cancelled``, or ``paused`` (waiting
+        for approvals: its pending requests are listed in the record)."""
+        guard = self.guard
+        awaiting = [a.id for a in guard.approvals.list(run_id=self.run_id, status="pending")] \
+            if status == "paused" else []
+        with guard.store.atomic():
+            guard.revoke_run(self.run_id, reason=f"run {status}")
+            guard.store.set_run_status(self.run_id, status, at=guard.clock.now())
+            guard.ledger.append("run_paused" if status == "paused" else "run_ended", self.run_id,
+                                status=status, error=error, awaiting=awaiting)
+            guard.ledger.sign_head(guard.domain)
+        for state in self._steps.values():
+            state.revoked = True
+
+    # internals ----------------------------------------------------------------------------
+    def _plan_step(self, step_id: str) -> Step:
+        try:
+            return self.plan.step(step_id)
+        except PlanError:
+            raise SessionError(f"step {step_id!r} is not in the plan of run {self.run_id!r}") from None
+
+    def _state(self, step_id: str) -> _Step:
+        state = self._steps.get(step_id)
+        if state is None:
+            raise SessionError(f"step {step_id!r} of run {self.run_id!r} has not begun")
+        return state
+
+    def _checking(self, step_id: str, again: bool) -> _Step:
+        """The step a check is for: begun now if it has not, or (resuming it) again."""
+        state = self._steps.get(step_id)
+        if state is None or (state.revoked and again):
+            asked = state.asked if state is not None else 0
+            if state is not None:
+                self.begin_step(state.step, identity=state.identity, observations=state.ctx.observations,
+                                data_labels=state.ctx.data_labels, widened=state.ctx.widened, approvals_asked=asked)
+            else:
+                self.begin_step(step_id)
+            state = self._steps[step_id]
+        return state
+
+    def _refused(self, step: str, tool: str, call_id: str | None, reason: str) -> CallDecision:
+        """A check refused before any grant is involved (no such step): denied, audited."""
+        decision = Decision.deny(reason, PLAN_POLICY_ID)
+        self.guard.ledger.append("decision", self.run_id, step_id=step, tool=tool, grant_id=None, spiffe_id=None,
+                                 attempt=1, decision="deny", policy_ids=[PLAN_POLICY_ID], reasons=[reason],
+                                 arguments_digest=None)
+        result = CallResult(tool=tool, arguments={}, status="denied", decision=decision)
+        return CallDecision(call_id=call_id or uuid.uuid4().hex, run_id=self.run_id, step_id=step, tool=tool,
+                            outcome=Outcome.DENY, policy_ids=(PLAN_POLICY_ID,), reasons=(reason,), result=result)
+
+    def _pending(self, decision: CallDecision) -> tuple[_Step, Decided]:
+        state = self._steps.get(decision.step_id)
+        if decision.run_id != self.run_id or state is None:
+            raise SessionError(f"call {decision.call_id!r} was not checked in this session")
+        decided = state.pending.pop(decision.call_id, None)
+        if decided is None:
+            raise SessionError(f"call {decision.call_id!r} was executed or recorded already, or never allowed")
+        return state, decided
+
+    def _took(self, state: _Step, result: CallResult) -> None:
+        state.calls.append(result)
+        # What this call returned is now something the executor has seen: later calls of
+        # the step carry its labels, and their arguments are traced against it.
+        state.ctx = state.ctx.after(result)
+
+    def _closing(self, state: _Step) -> StepClosing:
+        """How ``state``'s step ends with its last call (see ``StepClosing``): revoked, and
+        its outcome audited, in the write that records the call's final result."""
+
+        def end(result: CallResult, revoked: bool) -> None:
+            if result.status == "needs_approval":
+                outcome = StepEnd(status="awaiting_approval", decision="needs_approval",
+                                  policy_ids=tuple(result.decision.policy_ids), reason=result.audit_reason,
+                                  approval_id=(state.held_under or state).last_request)
+            else:
+                outcome = step_outcome([*state.calls, result], state.step.tool)
+            if revoked:
+                self._revoked(state)
+            self._step_ended(state.step.id, outcome)
+            state.ended = outcome
+            state.revoked = True
+
+        return StepClosing(reason=STEP_ENDED, end=end)
+
+    def _hold(self, state: _Step, result: CallResult) -> None:
+        """Make the approval request for a held call, in the write that records its
+        decision: for a delegated child, under its parent step (which pauses on it)."""
+        holder = state.held_under or state
+        request = self._request_approval(holder, result)
+        holder.last_request = request.id
+
+    def _request_approval(self, state: _Step, result: CallResult) -> ApprovalRequest:
+        guard, wf, step = self.guard, self.workflow, state.step
+        digest = action_digest_v2(run_id=self.run_id, step_id=step.id, tool=result.tool,
+                                  arguments=dict(result.arguments), policy_version=guard.policy.version)
+        now = guard.clock.now()
+        tool = wf.registry.get_tool(result.tool)
+        sequence = state.asked
+        state.asked += 1
+        request = guard.approvals.request(ApprovalRequest(
+            id=make_approval_id(self.run_id, step.id, digest, sequence), run_id=self.run_id,
+            step_id=step.id, workflow=wf.name, initiator=self.initiator, requester=str(state.identity),
+            tool=result.tool, arguments=dict(result.arguments), digest=digest,
+            secret_arguments=sorted(tool.secrets & set(result.arguments)),
+            policy_version=guard.policy.version, risk=tool.risk.value,
+            policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
+            data_labels=sorted(state.ctx.data_labels), purpose=step.purpose,
+            required_approvals=max(1, result.decision.required_approvals),
+            allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
+            created_at=now, expires_at=now + wf.approval_ttl,
+            digest_version=2, signed_answers=wf.require_signed_answers,
+        ))
+        if request.created_at == now:  # new, not found again after a crash
+            guard.ledger.append("approval_requested", self.run_id, approval_id=request.id,
+                                step_id=step.id, tool=result.tool, digest=digest,
+                                policy_ids=list(result.decision.policy_ids),
+                                required_approvals=request.required_approvals, expires_at=request.expires_at,
+                                **({"signed_answers": True} if request.signed_answers else {}))
+        return request
+
+    def _mint(self, step: Step, identity: SpiffeId) -> tuple[Svid, Grant]:
+        guard = self.guard
+        with tr.span(tr.GRANT_MINT, {tr.SPIFFE_ID: str(identity), tr.STEP_ID: step.id,
+                                     tr.GEN_AI_TOOL_NAME: step.tool}) as s:
+            # The step's proof of identity lives no longer than its grant.
+            svid = guard.domain.issue_svid(identity, ttl=self.workflow.grant_ttl)
+            # Signed now; written, with its audit record, in the transaction of its first use
+            # (or of its revocation, for a step that makes no call). Until then the store does
+            # not know it, so it is unusable, and a crash before that loses nothing.
+            grant = guard.issuer.mint(
+                subject=identity, tool=step.tool, run_id=self.run_id, step_id=step.id,
+                workflow=self.workflow.name, constraints=step.constraints,
+                act={"sub": str(self.planner_id), "act": {"sub": f"user:{self.initiator}"}},
+                deferred=True,
+            )
+            s.set_attribute(tr.GRANT_ID, grant.jti)
+            s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
+        guard.metrics.grants_minted.add(1, {"workflow": self.workflow.name, "tool": step.tool})
+        return svid, grant
+
+    def _secrets(self, tool: str) -> frozenset[str]:
+        return self.workflow.registry.get_tool(tool).secrets
+
+    def _revoked(self, state: _Step) -> None:
+        """Audit and count the revocation of a step's grant as its step ends."""
+        self.guard.ledger.append("grant_revoked", self.run_id, step_id=state.step.id, grant_id=state.grant.jti,
+                                 reason=STEP_ENDED)
+        self.guard.metrics.grants_revoked.add(1, {"workflow": self.workflow.name, "tool": state.step.tool})
+
+    def _step_ended(self, step_id: str, outcome: StepEnd) -> None:
+        self.guard.ledger.append("step_ended", self.run_id, step_id=step_id, status=outcome.status,
+                                 decision=outcome.decision, policy_ids=list(outcome.policy_ids),
+                                 reason=outcome.reason, approval_id=outcome.approval_id)
+
+
+def _failed_attempt(decided: Decided, exc: BaseException) -> CallResult:
+    """The result of an attempt whose tool raised past the gateway (a transient failure)."""
+    return CallResult(tool=decided.tool_name, arguments=dict(decided.normalized or {}), status="error",
+                      decision=decided.decision, error=f"tool {decided.tool_name!r} failed: {type(exc).__name__}",
+                      error_type=type(exc).__name__, attempts=decided.attempt, grant_id=decided.grant_id,
+                      labels=decided.tool.labels if decided.tool is not None else frozenset())
+
+
+def _unanswerable(run_id: str, request: ApprovalRequest, state: str) -> CallDecision | None:
+    """The decision on a held call whose request cannot be used: still pending, denied
+    outright, or expired. Nothing is checked or written for it."""
+    if state == "pending":
+        decision = Decision(outcome="needs_approval", reasons=tuple(request.reasons),
+                            policy_ids=tuple(request.policy_ids), required_approvals=request.required_approvals)
+        approval: str | None = request.id
+    elif state == "expired":
+        decision = Decision.deny(f"approval {request.id!r} expired before it was answered", APPROVAL_POLICY_ID)
+        approval = None
+    elif state == "denied" and request.proposed_arguments is None:
+        assert request.denial is not None
+        decision = Decision.deny(f"denied by {request.denial.approver}: {request.denial.reason}",
+                                 APPROVAL_POLICY_ID)
+        approval = None
+    else:
+        return None
+    status = "needs_approval" if decision.outcome == "needs_approval" else "denied"
+    result = CallResult(tool=request.tool, arguments=dict(request.arguments), status=status,  # type: ignore[arg-type]
+                        decision=decision)
+    return CallDecision(call_id=f"approval:{request.id}", run_id=run_id, step_id=request.step_id, tool=request.tool,
+                        outcome=Outcome(decision.outcome), policy_ids=decision.policy_ids, reasons=decision.reasons,
+                        approval_id=approval, required_approvals=decision.required_approvals, result=result)
+
+
+def _resumption(session: Session, request: ApprovalRequest, state: str) -> tuple[dict[str, Any], str | None, str]:
+    """The call to check for an answered request: its arguments, the approval to present
+    (if any) and the call's idempotency id."""
+    # Counter-proposal: the new arguments are a new action. A proposal names only what it
+    # changes; the rest of the call stays as requested.
+    arguments = request.arguments if state in ("approved", "consumed") \
+        else {**request.arguments, **(request.proposed_arguments or {})}
+    # Approved under policies that have changed since (an upgrade while the run was
+    # paused): the approval names the old version and cannot be used; the call is decided
+    # afresh, and asked about again if it still needs a human.
+    stale = state == "approved" and request.policy_version != session.guard.policy.version
+    if state in ("approved", "consumed") and not stale:
+        return _as_called(session, request.tool, arguments), request.id, f"approval:{request.id}"
+    return _as_called(session, request.tool, arguments), None, f"{'reasked' if stale else 'proposal'}:{request.id}"
+
+
+def _as_called(session: Session, tool: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The approved call's arguments as its executor passed them: the request holds them
+    normalised, defaults filled in; those still at their default are left out, so the
+    call is decided (and its digest computed) exactly as it was when it was held."""
+    fields = session.workflow.registry.get_tool(tool).args_model.model_fields
+
+    def is_default(name: str, value: Any) -> bool:
+        default = fields[name].get_default(call_default_factory=True)
+        return type(value) is type(default) and bool(value == default)
+
+    return {k: v for k, v in arguments.items()
+            if k not in fields or fields[k].is_required() or not is_default(k, v)}
+
+
+def _call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, Any]) -> str:
+    """Names the n-th call of a step, so a step re-run after a crash replays, not repeats, it."""
+    try:
+        args = canonical_json(arguments)
+    except Exception:  # not JSON (a set, an object), or too big or deep to write down
+        try:
+            args = repr(sorted(arguments.items()))
+        except Exception:  # the gateway decides what to do with such arguments
+            args = "unwritable"
+    return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
+
+
+__all__ = ["CallDecision", "Outcome", "Session", "StepEnd", "StepScope", "step_outcome"]
