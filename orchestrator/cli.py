@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     serve.add_argument("--dangerously-serve-http", dest="plain_http", action="store_true",
                        help="allow plain HTTP on a non-loopback address (only behind a proxy that terminates TLS)")
+    serve.add_argument("--webhook", action="append", default=[], metavar="URL",
+                       help="POST each approval event (request created, answered, expired) to URL, signed "
+                            "with $SCOPEGRAPH_WEBHOOK_SECRET; repeat for more")
 
     init = sub.add_parser("init", help="scaffold a workflow module, a starter policy and a test")
     init.add_argument("dir", nargs="?", default=".", help="where to write them (default: here)")
@@ -716,7 +719,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     return serve(args.store, host=args.host, port=args.port, audiences=args.audience, clients=args.client,
                  token_ttl=args.token_ttl, token_uses=args.token_uses, public_url=args.public_url,
-                 tls_cert=args.tls_cert, tls_key=args.tls_key, plain_http=args.plain_http)
+                 tls_cert=args.tls_cert, tls_key=args.tls_key, plain_http=args.plain_http,
+                 webhooks=args.webhook)
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@
     │   ├── SecretRefusedError the credential would grant more than the step's scope implies
     │   └── TokenRequestError  a token exchange or introspection request is refused (an OAuth error code)
     ├── RunBusyError           another process is driving the run right now
+    ├── WebhookError           webhook deliveries and their signatures
+    │   └── WebhookSignatureError a delivery's signature or timestamp does not verify
     └── ToolExecutionError     the tool itself failed
         └── TransientToolError the tool failed in a way worth retrying
 
@@ -126,6 +128,14 @@ class TokenRequestError(SecretError):
 
 class RunBusyError(ScopegraphError):
     """Another runtime holds the run's lease: two drivers must never run one run at once."""
+
+
+class WebhookError(ScopegraphError):
+    """A webhook delivery or its signature is at fault."""
+
+
+class WebhookSignatureError(WebhookError):
+    """A delivery's signature does not match, or its timestamp is missing, malformed or stale."""
 
 
 class ToolExecutionError(ScopegraphError):

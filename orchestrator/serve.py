@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .store import Store, open_store
 from .web import create_app, token_routes
 from .web.inbox import Site
+from .webhooks import attach_webhooks
 
 CLIENT_SECRET_ENV = "SCOPEGRAPH_CLIENT_SECRET_"
 
@@ -156,7 +157,8 @@ def open_inbox(store: Store, store_url: str, site: Site, *, clock: Clock | None 
 
 def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], clients: Iterable[str],
           token_ttl: float = 60.0, token_uses: int = 10, public_url: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, plain_http: bool = False) -> int:
+          tls_cert: str | None = None, tls_key: str | None = None, plain_http: bool = False,
+          webhooks: Iterable[str] = ()) -> int:
     """Serve until interrupted (Ctrl-C, SIGTERM); 0 on a clean stop.
 
     Raises:
@@ -178,6 +180,7 @@ def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], cli
         inbox = open_inbox(store, store_url, site)
         app = build_app(store, audiences=audiences, clients=clients, token_ttl=token_ttl, token_uses=token_uses,
                         inbox=inbox, hsts=site.origin.startswith("https://"))
+        attach_webhooks(app, store, list(webhooks))  # approval events as signed POSTs, in the app's lifespan
         if not audiences:
             print("scopegraph: warning: no --audience registered: every token exchange is refused",
                   file=sys.stderr, flush=True)

@@ -195,6 +195,13 @@ class Store(Protocol):
 
     def ledger_rows(self, *, run_id: str | None = None) -> list[LedgerRow]: ...
 
+    def ledger_rows_after(self, seq: int, *, kinds: Sequence[str]) -> list[LedgerRow]:
+        """The ledger records after ``seq`` whose kind is one of ``kinds``, oldest first.
+
+        Records become visible in ``seq`` order (a record committed later never has a smaller
+        ``seq``), so ``seq`` is a cursor that misses nothing."""
+        ...
+
     def ledger_last(self) -> tuple[int, str] | None: ...
 
     def save_ledger_head(self, head: LedgerHead) -> None: ...

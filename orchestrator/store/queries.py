@@ -413,6 +413,17 @@ class SqlStore(SecretRecords, WebRecords, ABC):
         return [LedgerRow(seq=r[0], run_id=r[1], kind=r[2], at=r[3], data=r[4], prev_hash=r[5], hash=r[6])
                 for r in rows]
 
+    def ledger_rows_after(self, seq: int, *, kinds: Sequence[str]) -> list[LedgerRow]:
+        # The ledger's ``seq`` is given out under the tip's lock, so it grows in commit order:
+        # a reader that has seen ``seq`` never later finds a smaller one appear.
+        if not kinds:
+            return []
+        marks = ", ".join("?" * len(kinds))
+        rows = self._rows(f"SELECT {_LEDGER_COLUMNS} FROM sg_ledger WHERE seq > ? AND kind IN ({marks}) ORDER BY seq",
+                          (seq, *kinds))
+        return [LedgerRow(seq=r[0], run_id=r[1], kind=r[2], at=r[3], data=r[4], prev_hash=r[5], hash=r[6])
+                for r in rows]
+
     def ledger_last(self) -> tuple[int, str] | None:
         joined = self._current.tx
         if joined is not None and joined.tip is not None:
