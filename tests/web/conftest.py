@@ -104,7 +104,8 @@ def served(at: Where, tmp_path: Path) -> Iterator[Served]:
                        clock=clock)
     app = build_app(store, audiences=[], clients=[], inbox=inbox)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+                                           access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

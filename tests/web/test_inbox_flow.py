@@ -69,3 +69,19 @@ def test_invite_enrol_sign_in_approve_resume_and_verify(served: Served,
     verified = json.loads(out)
     assert code == 0 and verified["ok"], verified
     assert verified["signed_answers"] == 1
+
+
+def test_new_requests_and_answers_appear_without_reload(served: Served, approver_page: Callable[[], Any]) -> None:
+    bob = approver_page()
+    enrol(bob, served.invite("bob"))
+    carol = approver_page()
+    enrol(carol, served.invite("carol"))
+    assert bob.locator("#requests tbody tr").count() == 1
+    _, approval_id = served.run("Reimburse receipt r-2001")  # the page is told (server-sent events)
+    bob.locator(f"tr[data-id='{approval_id}']").wait_for()
+    carol.locator(f"tr[data-id='{approval_id}']").wait_for()
+    bob.goto(f"{served.origin}/requests/{approval_id}")
+    bob.fill("#reason", "fine")
+    bob.click("#approve")
+    bob.locator("#state", has_text="approved").wait_for()
+    carol.locator(f"tr[data-id='{approval_id}']").wait_for(state="detached")  # answered elsewhere: gone
