@@ -184,8 +184,8 @@ def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], cli
         if not audiences:
             print("scopegraph: warning: no --audience registered: every token exchange is refused",
                   file=sys.stderr, flush=True)
-        print(f"scopegraph: serving the approval inbox at {site.origin}/ (and token exchange and introspection) "
-              f"on {'https' if tls else 'http'}://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        print(f"scopegraph: serving token exchange and introspection on {'https' if tls else 'http'}://{host}:{port}"
+              f", and the approval inbox at {site.origin}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                     ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     finally:
