@@ -30,6 +30,7 @@ from .store import Store
 
 if TYPE_CHECKING:
     from .enrolment import ApproverRegistry
+    from .passkeys import PasskeyAssertion, PasskeyRegistry
     from .tools import Tool
 
 ApprovalStatus = Literal["pending", "approved", "denied", "expired", "consumed"]
@@ -44,6 +45,8 @@ class ApprovalVote(BaseModel):
     at: float
     signature: str | None = None  # the approver's signature over the answer (``approvers.answer_message``)
     kid: str | None = None  # the enrolled key it verifies with
+    # A passkey answer: the WebAuthn assertion and its server nonce (``passkeys.check_answer``).
+    passkey: dict[str, Any] | None = None
 
 
 class ApprovalRequest(BaseModel):
@@ -123,6 +126,8 @@ class ApprovalRequest(BaseModel):
 
 
 def _signed(vote: ApprovalVote) -> dict[str, Any]:
+    if vote.passkey:
+        return {"signed": True, "kid": vote.kid, "method": "passkey"}
     return {"signed": True, "kid": vote.kid} if vote.signature else {}
 
 
@@ -200,7 +205,9 @@ class ApprovalService:
 
     def _audit(self, a: ApprovalRequest, vote: ApprovalVote, answer: str) -> None:
         if self.ledger is not None:
-            signed = {"signature": vote.signature, "kid": vote.kid} if vote.signature else {}
+            signed: dict[str, Any] = {"signature": vote.signature, "kid": vote.kid} if vote.signature else {}
+            if vote.passkey:
+                signed = {"passkey": vote.passkey, "kid": vote.kid}
             self.ledger.append("approval_decided", a.run_id, approval_id=a.id, step_id=a.step_id,
                                approver=vote.approver, answer=answer, status=a.status, reason=vote.reason,
                                digest=a.digest, proposed=a.proposed_arguments is not None, **signed)
@@ -217,23 +224,39 @@ class ApprovalService:
             self.approvers = ApproverRegistry(self.store, trust, clock=self.clock, ledger=self.ledger)
         return self.approvers
 
+    def _passkeys(self) -> PasskeyRegistry:
+        from .passkeys import PasskeyRegistry
+
+        registry = self._registry()
+        return PasskeyRegistry(self.store, registry.trust, clock=self.clock, ledger=self.ledger)
+
     def signatures_required(self, a: ApprovalRequest) -> bool:
         """Whether an answer to ``a`` must be signed: the workflow says so, or approvers are enrolled."""
         if a.signed_answers:
             return True
         if self.approvers is not None:
             return self.approvers.any_enrolled()
-        return bool(self.store.list_approvers())
+        from .enrolment import anyone_enrolled
+
+        return anyone_enrolled(self.store)
 
     def _vote(self, a: ApprovalRequest, approver: str, decision: Decision, reason: str,
-              signature: str | None, now: float) -> ApprovalVote:
-        """The vote to record, its signature checked against the approver's enrolled key.
+              signature: str | None, now: float, passkey: PasskeyAssertion | None = None) -> ApprovalVote:
+        """The vote to record, its signature (or passkey assertion) checked against the
+        approver's enrolled key (or passkey).
 
         Raises:
             ApprovalError: a signature is needed and missing, does not verify, is by another
-                approver's key, or was given where nobody is enrolled to check it.
+                approver's key, or was given where nobody is enrolled to check it; or a
+                passkey assertion is refused (``PasskeyRegistry.check_answer``).
         """
         name = principal_name(approver)
+        if passkey is not None:
+            if signature:
+                raise ApprovalError(f"the answer to {a.id!r} carries both a signature and a passkey assertion")
+            kid, evidence = self._passkeys().check_answer(approval_id=a.id, digest=a.digest, decision=decision,
+                                                          approver=approver, reason=reason, assertion=passkey)
+            return ApprovalVote(approver=name, reason=reason, at=now, kid=kid, passkey=evidence)
         if not self.signatures_required(a):
             if signature:
                 raise ApprovalError(f"the answer to {a.id!r} is signed, but no approver is enrolled to check "
@@ -276,12 +299,13 @@ class ApprovalService:
         return ApprovalRequest.model_validate_json(updated)
 
     def approve(self, approval_id: str, *, approver: str, reason: str = "",
-                signature: str | None = None) -> ApprovalRequest:
+                signature: str | None = None, passkey: PasskeyAssertion | None = None) -> ApprovalRequest:
         """Record ``approver``'s approval; the request is approved once enough distinct people agree.
 
         ``signature`` is the approver's signature over the answer (``approvers.sign_answer``);
         it is required, and checked against their enrolled key, when approvers are enrolled
-        or the workflow requires signed answers.
+        or the workflow requires signed answers. ``passkey`` is a WebAuthn assertion over
+        the answer instead (``passkeys.answer_challenge``), checked against their passkey.
 
         Raises:
             ApprovalError: unknown id, not pending, expired, approver not allowed, the
@@ -296,7 +320,7 @@ class ApprovalService:
             if principal_name(approver) in {principal_name(v) for v in a.approvers}:
                 raise ApprovalError(
                     f"{approver!r} has already approved {a.id!r}; a second approver must be someone else")
-            vote = self._vote(a, approver, "approve", reason, signature, now)
+            vote = self._vote(a, approver, "approve", reason, signature, now, passkey)
             votes_cast[:] = [vote]
             votes = [*a.approvals, vote]
             done = len({principal_name(v.approver) for v in votes}) >= a.required_approvals
@@ -311,7 +335,8 @@ class ApprovalService:
         return updated
 
     def deny(self, approval_id: str, *, approver: str, reason: str,
-             propose: Mapping[str, Any] | None = None, signature: str | None = None) -> ApprovalRequest:
+             propose: Mapping[str, Any] | None = None, signature: str | None = None,
+             passkey: PasskeyAssertion | None = None) -> ApprovalRequest:
         """Deny the call; ``propose`` offers different arguments as a new action (decided and
         approved anew, so the signature covers the denial, not the proposal).
 
@@ -325,7 +350,7 @@ class ApprovalService:
 
         def mutate(a: ApprovalRequest) -> ApprovalRequest:
             self._check_can_answer(a, approver, now)
-            vote = self._vote(a, approver, "deny", reason, signature, now)
+            vote = self._vote(a, approver, "deny", reason, signature, now, passkey)
             votes_cast[:] = [vote]
             return a.model_copy(update={
                 "status": "denied", "decided_at": now,

@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     aplist = apsub.add_parser("list", help="list enrolled approvers")
     aplist.add_argument("--all", action="store_true", help="removed ones too")
     aplist.add_argument("--json", action="store_true")
+    apinvite = apsub.add_parser("invite", help="print a one-time link for NAME to enrol a passkey in the inbox")
+    apinvite.add_argument("name")
+    apinvite.add_argument("--ttl", type=_seconds_option, default=900.0, metavar="SECONDS",
+                          help="how long the link works (default 900, at most a day); it works once")
+    apinvite.add_argument("--url", default="http://localhost:8700", metavar="URL",
+                          help="the inbox's address, as 'serve --public-url' (default http://localhost:8700)")
+    apinvite.add_argument("--json", action="store_true")
     apremove = apsub.add_parser("remove", help="end NAME's enrolment (past answers still verify)")
     apremove.add_argument("name")
     apremove.add_argument("--json", action="store_true")
@@ -241,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="check PATHS alone, as Workflow(policies=PATHS, baseline=False) loads them")
     validate.add_argument("--json", action="store_true")
 
-    serve = sub.add_parser("serve", help="serve token exchange and introspection over HTTP")
+    serve = sub.add_parser("serve", help="serve the approval inbox, token exchange and introspection over HTTP")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8700, help="port to listen on (default 8700)")
     serve.add_argument("--audience", action="append", default=[], metavar="AUDIENCE=TOOL[,TOOL...]",
@@ -254,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lifetime of exchanged tokens, never past their grant (default 60)")
     serve.add_argument("--token-uses", type=_count_option, default=10, metavar="N",
                        help="introspections an exchanged token answers active (default 10)")
+    serve.add_argument("--public-url", metavar="URL",
+                       help="the inbox's address as browsers reach it (default http://localhost:PORT, https with "
+                            "TLS); its host name is the passkeys' relying party")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve.add_argument("--dangerously-serve-http", dest="plain_http", action="store_true",
+                       help="allow plain HTTP on a non-loopback address (only behind a proxy that terminates TLS)")
     serve.add_argument("--webhook", action="append", default=[], metavar="URL",
                        help="POST each approval event (request created, answered, expired) to URL, signed "
                             "with $SCOPEGRAPH_WEBHOOK_SECRET; repeat for more")
@@ -704,7 +718,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve(args.store, host=args.host, port=args.port, audiences=args.audience, clients=args.client,
-                 token_ttl=args.token_ttl, token_uses=args.token_uses, webhooks=args.webhook)
+                 token_ttl=args.token_ttl, token_uses=args.token_uses, public_url=args.public_url,
+                 tls_cert=args.tls_cert, tls_key=args.tls_key, plain_http=args.plain_http,
+                 webhooks=args.webhook)
 
 
 def _init(args: argparse.Namespace) -> int:

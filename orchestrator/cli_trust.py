@@ -146,6 +146,8 @@ def approvers_command(args: Any, print_json: Callable[[Any], None]) -> int:
     from .trust import TrustRoots
 
     command = args.approvers_command
+    if command == "invite":
+        return _invite(args, print_json)
     store = open_store(args.store, create=command == "add")
     try:
         clock = SystemClock()
@@ -188,6 +190,34 @@ def approvers_command(args: Any, print_json: Callable[[Any], None]) -> int:
             state = "removed" if r["removed_at"] is not None else (
                 "enrolled" if r["vouched_for"] else "NOT VOUCHED FOR BY THE KEYSTORE (ignored)")
             print(f"{r['display']:<16} {r['kid']}  {state}")
+    return 0
+
+
+def _invite(args: Any, print_json: Callable[[Any], None]) -> int:
+    """``approvers invite NAME``: a one-time enrolment link, printed once (the store keeps its hash)."""
+    from .clock import SystemClock
+    from .ledger import Ledger
+    from .passkeys import PasskeyRegistry
+    from .store import open_store
+    from .trust import TrustRoots
+
+    store = open_store(args.store, create=False)
+    try:
+        clock = SystemClock()
+        trust = TrustRoots.open(store, clock=clock)
+        try:
+            registry = PasskeyRegistry(store, trust, clock=clock, ledger=Ledger(store, clock=clock, trust=trust))
+            invitation = registry.invite(args.name, ttl=args.ttl)
+        finally:
+            trust.close()
+    finally:
+        store.close()
+    link = invitation.link(args.url)
+    if args.json:
+        print_json({"name": invitation.name, "link": link, "expires_at": invitation.expires_at})
+    else:
+        print(f"invitation for {invitation.display} (works once, for {args.ttl / 60:.0f} minutes):\n  {link}\n"
+              "open it in the browser that will hold their passkey; `scopegraph serve` must be running there")
     return 0
 
 

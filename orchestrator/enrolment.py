@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from .approvers import Approver, ApproverEnrolment, normalize_name, parse_public_key
 from .clock import Clock, SystemClock
@@ -22,7 +23,14 @@ from .errors import ApprovalError, ConfigError
 from .keys.base import jwk_thumbprint
 from .ledger import LEDGER_RUN, Ledger, RecordKind
 from .store import ApproverRecord, Store
+from .store.web_records import WebStore
 from .trust import TrustRoots
+
+
+def anyone_enrolled(store: Store) -> bool:
+    """Whether answers must be signed: someone is enrolled with a key or a passkey (even one
+    with a bad endorsement: a planted enrolment never makes answers optional)."""
+    return bool(store.list_approvers()) or bool(cast(WebStore, store).list_passkeys())
 
 
 def enrolment_statement(record: ApproverRecord) -> dict[str, object]:
@@ -80,6 +88,7 @@ class ApproverRegistry:
         normal = normalize_name(name)
         with self.store.atomic():
             removed = self.store.remove_approver(normal, at=self.clock.now())
+            removed = cast(WebStore, self.store).remove_passkeys(normal, at=self.clock.now()) > 0 or removed
             if removed:
                 self._audit("approver_removed", approver=normal)
         return removed
@@ -93,7 +102,7 @@ class ApproverRegistry:
 
     def any_enrolled(self) -> bool:
         """Whether answers must be signed: some approver is enrolled (even with a bad endorsement)."""
-        return bool(self.store.list_approvers())
+        return anyone_enrolled(self.store)
 
     def find(self, name: str) -> Approver:
         """The enrolled approver ``name`` denotes.

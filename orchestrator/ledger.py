@@ -51,7 +51,7 @@ RecordKind = Literal[
     "run_started", "run_ended", "run_paused", "run_resumed", "plan", "grant_minted", "decision",
     "approval_requested", "approval_decided", "approval_consumed", "tool_call", "grant_revoked",
     "step_ended", "delegation_plan", "approver_enrolled", "approver_removed", "keys_rotated",
-    "secret_issued", "secret_revoked", "secret_refused", "token_exchanged",
+    "secret_issued", "secret_revoked", "secret_refused", "token_exchanged", "approver_invited",
 ]
 LEDGER_RUN = "-"  # the run id of records that belong to no run (enrolments, key rotations)
 

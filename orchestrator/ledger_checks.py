@@ -18,12 +18,13 @@ request that asked for signed answers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from .approvals import ApprovalRequest
 from .approvers import normalize_name, verify_answer
 from .errors import ApprovalError, ConfigError
 from .store import Store
+from .store.web_records import WebStore
 from .trust import TrustRoots
 
 Parsed = tuple[int, str, str, dict[str, Any]]  # seq, run_id, kind, data
@@ -56,6 +57,14 @@ def check_store_against_ledger(store: Store, records: Sequence[Parsed]) -> list[
         elif kind == "approver_removed":
             for key in [k for k in history if k[0] == d.get("approver")]:
                 history[key] = "removed"
+    for passkey in cast(WebStore, store).list_passkeys():
+        state = history.get((passkey.name, passkey.kid))
+        if state is None:
+            problems.append(f"passkey {passkey.kid} of {passkey.display!r} is enrolled in the store but the ledger "
+                            "has no record of the enrolment")
+        elif state == "removed":
+            problems.append(f"{passkey.display!r} was removed (see the ledger) but the store lists passkey "
+                            f"{passkey.kid} as enrolled again")
     for row in store.list_approvers():
         state = history.get((row.name, row.kid))
         if state is None:
@@ -70,9 +79,13 @@ def check_store_against_ledger(store: Store, records: Sequence[Parsed]) -> list[
 def check_answers(store: Store, trust: TrustRoots, records: Sequence[Parsed]) -> tuple[list[str], int]:
     """Problems with the approvers' answers in the ledger, and how many signed answers verified."""
     from .enrolment import ApproverRegistry
+    from .passkeys import PasskeyRegistry
 
     registry = ApproverRegistry(store, trust)
     rows = store.list_approvers(include_removed=True)
+    passkeys = PasskeyRegistry(store, trust)
+    counts: dict[str, int] = {}  # the last sign count each passkey's answers carried, in ledger order
+    nonces: set[str] = set()
     problems: list[str] = []
     verified = 0
     enrolled: set[str] = set()
@@ -88,6 +101,13 @@ def check_answers(store: Store, trust: TrustRoots, records: Sequence[Parsed]) ->
         if kind != "approval_decided":
             continue
         who, aid = d.get("approver"), d.get("approval_id")
+        if d.get("passkey") is not None:
+            problem = _check_passkey_answer(seq, d, passkeys, counts, nonces)
+            if problem:
+                problems.append(problem)
+            else:
+                verified += 1
+            continue
         signature = d.get("signature")
         if not signature:
             if enrolled or aid in signed_requests:
@@ -114,3 +134,26 @@ def check_answers(store: Store, trust: TrustRoots, records: Sequence[Parsed]) ->
             continue
         verified += 1
     return problems, verified
+
+
+def _check_passkey_answer(seq: int, d: dict[str, Any], passkeys: Any, counts: dict[str, int],
+                          nonces: set[str]) -> str | None:
+    """A problem with a passkey answer in record ``seq``, or ``None`` when it verifies offline:
+    an enrolled, vouched-for passkey (removed ones too: past answers stay valid), the
+    challenge recomputed from the answer and its nonce, rpId, origin, signature, and a sign
+    count ahead of that passkey's previous answer."""
+    from .passkeys import check_passkey_answer
+
+    evidence = d.get("passkey")
+    credential = evidence.get("credential_id") if isinstance(evidence, dict) else None
+    record = passkeys.records.get_passkey(str(credential)) if credential else None
+    aid = d.get("approval_id")
+    if record is None or not passkeys.endorsed(record):
+        return (f"record {seq}: the answer of {d.get('approver')!r} to {aid!r} is signed by a passkey that no "
+                "approver was enrolled with by this store's keystore")
+    try:
+        counts[record.credential_id] = check_passkey_answer(
+            record, d, previous_count=counts.get(record.credential_id, 0), seen_nonces=nonces)
+    except ApprovalError as exc:
+        return f"record {seq}: {exc}"
+    return None

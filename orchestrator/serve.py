@@ -1,22 +1,32 @@
-"""``scopegraph serve``: token exchange and introspection over HTTP, on uvicorn.
+"""``scopegraph serve``: the approval inbox, token exchange and introspection over HTTP, on uvicorn.
 
 Audiences and introspection clients come from the command line; a client's secret comes
 from the environment (``SCOPEGRAPH_CLIENT_SECRET_<ID>``, the id upper-cased, anything but
 letters and digits as ``_``), never from an argument a process listing would show.
+
+The inbox (``web.inbox_routes``) is served at the address browsers use, ``--public-url``
+(default ``http://localhost:PORT``, or ``https://`` with TLS): its host is the passkeys'
+relying party, so it must stay the same once approvers have enrolled. Listening on
+anything but a loopback address needs ``--tls-cert`` and ``--tls-key``, or the explicit
+``--dangerously-serve-http`` (say, behind a proxy that terminates TLS).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from .brokers.tokens import IntrospectionClient, TokenService
+from .clock import Clock, SystemClock
 from .errors import ConfigError
 from .store import Store, open_store
 from .web import create_app, token_routes
+from .web.inbox import Site
 from .webhooks import attach_webhooks
 
 CLIENT_SECRET_ENV = "SCOPEGRAPH_CLIENT_SECRET_"
@@ -68,23 +78,87 @@ def parse_clients(specs: Iterable[str], environ: Mapping[str, str] | None = None
     return list(clients.values())
 
 
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def site_for(*, host: str, port: int, public_url: str | None, tls: bool, plain_http: bool = False) -> Site:
+    """Where browsers reach the inbox, checked: the origin and the passkeys' relying party.
+
+    Raises:
+        ConfigError: a non-loopback ``host`` without TLS or the explicit flag; a public
+            URL that is not ``http(s)://HOST[:PORT]``, names an IP address (WebAuthn
+            refuses them), or is ``http://`` to anything but localhost without the flag.
+    """
+    if not is_loopback(host) and not tls and not plain_http:
+        raise ConfigError(f"--host {host!r} is not a loopback address: serve it with --tls-cert and --tls-key "
+                          "(or --dangerously-serve-http behind a proxy that terminates TLS)")
+    url = public_url or f"{'https' if tls else 'http'}://localhost:{port}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"--public-url {url!r}: write http(s)://HOST[:PORT], nothing after it")
+    try:
+        ipaddress.ip_address(parts.hostname)
+        raise ConfigError(f"--public-url {url!r} names an IP address: passkeys need a host name "
+                          "(use localhost on this machine)")
+    except ValueError:
+        pass
+    if parts.scheme == "http" and parts.hostname != "localhost" and not plain_http:
+        raise ConfigError(f"--public-url {url!r} is plain http: browsers allow passkeys over http only on "
+                          "localhost (use https, or --dangerously-serve-http)")
+    origin = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return Site(origin=origin, rp_id=parts.hostname)
+
+
 def build_app(store: Store, *, audiences: Iterable[str], clients: Iterable[str], token_ttl: float = 60.0,
-              token_uses: int = 10, environ: Mapping[str, str] | None = None) -> Any:
-    """The app ``serve`` runs (tests build it too).
+              token_uses: int = 10, environ: Mapping[str, str] | None = None, inbox: Any = None,
+              hsts: bool = False) -> Any:
+    """The app ``serve`` runs (tests build it too); with ``inbox`` (a ``web.inbox.Inbox``),
+    the approval inbox too, every response with the inbox's security headers.
 
     Raises:
         ConfigError: a malformed ``--audience`` or ``--client``, or a client without its secret.
     """
+    from starlette.middleware import Middleware
+
+    from .web.inbox_routes import inbox_routes
+    from .web.security import SecurityHeaders
+
     try:
         service = TokenService(store, audiences=parse_audiences(audiences), clients=parse_clients(clients, environ),
                                ttl=token_ttl, max_uses=token_uses)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return create_app(token_routes(service))
+    if inbox is None:
+        return create_app(token_routes(service))
+    return create_app(token_routes(service), inbox_routes(inbox),
+                      middleware=[Middleware(SecurityHeaders, hsts=hsts)])
+
+
+def open_inbox(store: Store, store_url: str, site: Site, *, clock: Clock | None = None) -> Any:
+    """The inbox over ``store`` (its trust roots opened: answers are endorsed and signed into
+    the ledger). Close ``inbox.trust`` when done.
+
+    Raises:
+        KeystoreError: the store's keystore cannot be opened.
+    """
+    from .trust import TrustRoots
+    from .web.inbox import Inbox
+
+    clock = clock or SystemClock()
+    return Inbox(store=store, store_url=store_url, trust=TrustRoots.open(store, clock=clock), clock=clock, site=site)
 
 
 def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], clients: Iterable[str],
-          token_ttl: float = 60.0, token_uses: int = 10, webhooks: Iterable[str] = ()) -> int:
+          token_ttl: float = 60.0, token_uses: int = 10, public_url: str | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None, plain_http: bool = False,
+          webhooks: Iterable[str] = ()) -> int:
     """Serve until interrupted (Ctrl-C, SIGTERM); 0 on a clean stop.
 
     Raises:
@@ -92,17 +166,30 @@ def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], cli
     """
     import uvicorn
 
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("give --tls-cert and --tls-key together")
+    for path in (tls_cert, tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"no TLS file at {path!r}")
+    tls = tls_cert is not None
+    site = site_for(host=host, port=port, public_url=public_url, tls=tls, plain_http=plain_http)
     audiences, clients = list(audiences), list(clients)
     store = open_store(store_url, create=False)  # a store the runtime made: this serves, it never creates
+    inbox = None
     try:
-        app = build_app(store, audiences=audiences, clients=clients, token_ttl=token_ttl, token_uses=token_uses)
+        inbox = open_inbox(store, store_url, site)
+        app = build_app(store, audiences=audiences, clients=clients, token_ttl=token_ttl, token_uses=token_uses,
+                        inbox=inbox, hsts=site.origin.startswith("https://"))
         attach_webhooks(app, store, list(webhooks))  # approval events as signed POSTs, in the app's lifespan
         if not audiences:
             print("scopegraph: warning: no --audience registered: every token exchange is refused",
                   file=sys.stderr, flush=True)
-        print(f"scopegraph: serving token exchange and introspection on http://{host}:{port} "
-              "(Ctrl-C stops)", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        print(f"scopegraph: serving token exchange and introspection on {'https' if tls else 'http'}://{host}:{port}"
+              f", and the approval inbox at {site.origin}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     finally:
+        if inbox is not None:
+            inbox.trust.close()
         store.close()
     return 0

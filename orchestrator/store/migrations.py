@@ -91,6 +91,25 @@ CREATE UNIQUE INDEX sg_approvers_enrolled ON sg_approvers (name) WHERE removed_a
 ALTER TABLE sg_ledger_head ADD COLUMN kid TEXT;
 ALTER TABLE sg_ledger_head ADD COLUMN witness_seq ${int};
 """),
+    # Issue 15: the web inbox. Approvers' passkeys (public keys, endorsed like enrolments),
+    # one-time invitations to enrol one (only a hash of the link's token), browser
+    # sessions (a hash of the cookie), and single-use WebAuthn challenges.
+    Migration(version=4, name="web inbox: passkeys, invitations, sessions", sql="""
+CREATE TABLE sg_passkeys (
+    id ${id_pk}, credential_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL, display TEXT NOT NULL,
+    public_key TEXT NOT NULL, kid TEXT NOT NULL, rp_id TEXT NOT NULL, origin TEXT NOT NULL,
+    sign_count ${int} NOT NULL, enrolled_at ${float} NOT NULL, removed_at ${float}, endorsement TEXT NOT NULL);
+CREATE INDEX sg_passkeys_name ON sg_passkeys (name);
+CREATE TABLE sg_invitations (
+    token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, display TEXT NOT NULL, created_at ${float} NOT NULL,
+    expires_at ${float} NOT NULL, used_at ${float});
+CREATE TABLE sg_web_sessions (
+    token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, csrf TEXT NOT NULL, created_at ${float} NOT NULL,
+    expires_at ${float} NOT NULL, ended_at ${float});
+CREATE TABLE sg_webauthn_challenges (
+    id TEXT PRIMARY KEY, purpose TEXT NOT NULL, subject TEXT NOT NULL, data TEXT NOT NULL,
+    expires_at ${float} NOT NULL, used_at ${float});
+"""),
 )
 
 VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS sg_schema_migrations (version INTEGER PRIMARY KEY, "

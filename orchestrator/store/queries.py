@@ -43,6 +43,7 @@ from .base import (
 )
 from .dialect import Dialect
 from .secrets import SecretRecords
+from .web_records import WebRecords
 
 _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
 _TRUST_KEY_COLUMNS = "purpose, kid, generation, public_jwk, origin, created_at, retired_at, endorsement"
@@ -171,7 +172,7 @@ class _Current(threading.local):
     tx: Tx | None = None
 
 
-class SqlStore(SecretRecords, ABC):
+class SqlStore(SecretRecords, WebRecords, ABC):
     """The ``Store`` protocol in SQL; subclasses connect, begin, end and map errors."""
 
     url: str

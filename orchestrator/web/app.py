@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -14,7 +15,8 @@ async def _healthz(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-def create_app(*groups: Sequence[BaseRoute], extra: Iterable[BaseRoute] = ()) -> Starlette:
+def create_app(*groups: Sequence[BaseRoute], extra: Iterable[BaseRoute] = (),
+               middleware: Sequence[Middleware] = ()) -> Starlette:
     """An ASGI app serving each group of routes (``token_routes(...)``, …) and ``/healthz``.
 
     Mount it inside another ASGI app with ``Mount("/auth", app=create_app(...))``: the
@@ -24,4 +26,4 @@ def create_app(*groups: Sequence[BaseRoute], extra: Iterable[BaseRoute] = ()) ->
     for group in groups:
         routes.extend(group)
     routes.extend(extra)
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=list(middleware))
