@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +79,20 @@ def record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, data: Any, pr
 
 def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: bytes, prev_hash: str) -> str:
     # The record's JCS form, with its payload's JCS bytes put in whole (members in JCS order).
-    record = (b'{"at":' + jcs_bytes(at) + b',"data":' + payload + b',"kind":' + jcs_bytes(kind) + b',"prev":'
-              + jcs_bytes(prev_hash) + b',"run_id":' + jcs_bytes(run_id) + b',"seq":' + jcs_bytes(seq)
-              + b',"type":"' + LEDGER_RECORD_V2.encode() + b'"}')
+    record = (b'{"at":' + _scalar_bytes(at) + b',"data":' + payload + b',"kind":' + _scalar_bytes(kind)
+              + b',"prev":' + _scalar_bytes(prev_hash) + b',"run_id":' + _scalar_bytes(run_id) + b',"seq":'
+              + _scalar_bytes(seq) + b',"type":"' + _LEDGER_RECORD_V2_BYTES + b'"}')
     return hashlib.sha256(record).hexdigest()
+
+
+def _scalar_bytes(value: Any) -> bytes:
+    """``jcs_bytes`` of a record's header field (a string, a whole number, a timestamp)."""
+    kind = type(value)
+    if kind is str and (value.isascii() or not _SURROGATE.search(value)):
+        return _dumps(value).encode("utf-8")
+    if (kind is int and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT) or (kind is float and _plain_float(value)):
+        return repr(value).encode("ascii")  # what Python's JSON writes for them
+    return jcs_bytes(value)  # anything else, as the record's payload is
 
 
 def jcs_bytes(value: Any) -> bytes:
@@ -94,30 +105,59 @@ def jcs_bytes(value: Any) -> bytes:
         ValueError: as ``canonical.jcs``.
     """
     if _plain(value, 0):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return _dumps(value).encode("utf-8")
     return jcs(value)
 
 
+def payload_text(data: Any) -> str:
+    """A record's payload as stored and hashed: ``jcs_bytes(jcs_safe(data))`` as text. The
+    usual payload needs neither rewriting (``jcs_safe`` would leave it as it is) nor the full
+    JCS, and is written in one pass of Python's JSON encoder after one check.
+
+    Raises:
+        TypeError: as ``jcs_safe``.
+    """
+    if _plain(data, 0):
+        return _dumps(data)
+    return jcs_bytes(jcs_safe(data)).decode("utf-8")
+
+
+# Python's sorted compact JSON: the same bytes as JCS for what ``_plain`` admits.
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LEDGER_RECORD_V2_BYTES = LEDGER_RECORD_V2.encode()
+
+
+def _plain_float(value: float) -> bool:
+    # Where Python's repr is the ECMAScript form JCS asks for: not integral ("1.0" is "1"
+    # there), and neither so small nor so large that either writes an exponent.
+    return math.isfinite(value) and not value.is_integer() and 1e-4 <= abs(value) < 1e16
+
+
 def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` is JSON that ``jcs_safe`` leaves as it is (a tuple becomes the same
+    array) and whose sorted compact JSON is its JCS form."""
     if isinstance(value, str):
-        return not any("\ud800" <= ch <= "\udfff" for ch in value) if not value.isascii() else True
+        return value.isascii() or not _SURROGATE.search(value)
     if value is None or isinstance(value, bool):
         return True
     if isinstance(value, int):
-        return abs(value) <= _MAX_EXACT_INT
+        return -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
     if isinstance(value, float):
-        # Where Python's repr is the ECMAScript form JCS asks for: not integral ("1.0" is "1"
-        # there), and neither so small nor so large that either writes an exponent.
-        return math.isfinite(value) and not value.is_integer() and 1e-4 <= abs(value) < 1e16
+        return _plain_float(value)
     if depth > 64:
         return False
     if isinstance(value, dict):
-        return all(isinstance(k, str) and (k.isascii() or max(k) < "\ud800") and _plain(v, depth + 1)
-                   for k, v in value.items())
-    if isinstance(value, list):
-        return all(_plain(v, depth + 1) for v in value)
-    return False  # other floats (ECMAScript number form), tuples, anything else: the full JCS
+        for k, v in value.items():
+            if not isinstance(k, str) or not (k.isascii() or max(k) < "\ud800") or not _plain(v, depth + 1):
+                return False
+        return True
+    if isinstance(value, list | tuple):
+        for v in value:
+            if not _plain(v, depth + 1):
+                return False
+        return True
+    return False  # anything else: rewritten by ``jcs_safe``, then the full JCS
 
 
 def jcs_safe(value: Any) -> Any:
@@ -188,12 +228,13 @@ class Ledger:
     def append(self, kind: RecordKind, run_id: str, **data: Any) -> int:
         """Append one record; returns its sequence number. Data must hold no secret."""
         at = self.clock.now()
-        payload = jcs_bytes(jcs_safe(data))
+        text = payload_text(data)
+        payload = text.encode("utf-8")
 
         def seal(seq: int, prev_hash: str) -> str:
             return _record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, payload=payload, prev_hash=prev_hash)
 
-        return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=payload.decode("utf-8"), seal=seal)
+        return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=text, seal=seal)
 
     def trust_roots(self, *, create: bool = True) -> TrustRoots:
         """The trust roots heads are signed and verified with: the ones given, or the store's

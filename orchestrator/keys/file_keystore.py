@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,10 @@ KEYSTORE_ENV = "SCOPEGRAPH_KEYSTORE"
 PASSPHRASE_ENV = "SCOPEGRAPH_KEYSTORE_PASSPHRASE"
 _FILE = re.compile(r"^(grant|svid|ledger)\.(\d{6})\.(key|pub)\Z")
 _PRIVATE_MODE_BITS = 0o077
+# A directory listing is reused while the directory's change times stay the same; one taken
+# less than this long after the last change is not (file times are coarse: a file added in
+# the same clock tick as the listing would leave them unchanged), so it is taken again.
+_SETTLED_NS = 2_000_000_000
 
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
@@ -74,6 +79,7 @@ class FileKeystore:
         self._passphrase = passphrase
         self._lock = threading.Lock()
         self._signers: dict[tuple[Purpose, int], FileSigner] = {}
+        self._listing: tuple[tuple[int, ...], list[str]] | None = None  # (directory's stat key, names)
         if not self.directory.exists():
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -112,18 +118,24 @@ class FileKeystore:
         """
         checked = check_purpose(purpose)
         with self._lock:
-            self._check_directory()
-            generation = self._current_generation(checked)
-            if generation is None:
-                generation = self._create(checked, self._next_generation(checked), exclusive=False)
-            cached = self._signers.get((checked, generation))
-            if cached is not None:  # loaded before: the file must still be safe to hold the key
+            for _ in range(2):
+                self._check_directory()
+                generation = self._current_generation(checked)
+                if generation is None:
+                    generation = self._create(checked, self._next_generation(checked), exclusive=False)
+                cached = self._signers.get((checked, generation))
+                if cached is None:
+                    break
                 path = self.directory / _name(checked, generation, "key")
-                self._check_file_stat(path, os.lstat(path))
-            else:
-                cached = self._load_signer(checked, generation)
-                self._signers = {(checked, generation): cached, **{
-                    k: v for k, v in self._signers.items() if k[0] != checked}}
+                try:  # loaded before: the file must still be safe to hold the key
+                    self._check_file_stat(path, os.lstat(path))
+                except FileNotFoundError:  # rotated away since it was listed: list again
+                    self._listing = None
+                    continue
+                return cached
+            cached = self._load_signer(checked, generation)
+            self._signers = {(checked, generation): cached, **{
+                k: v for k, v in self._signers.items() if k[0] != checked}}
             return cached
 
     def verification_keys(self, purpose: str) -> tuple[VerificationKey, ...]:
@@ -156,7 +168,18 @@ class FileKeystore:
 
     # files -------------------------------------------------------------------------------
     def _names(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.directory) if _FILE.match(n))
+        """The key files' names. A listing is reused while the directory's stat says
+        nothing was added or removed since it was taken (``_SETTLED_NS``): a signer is
+        looked up for every grant, and a rotation by another process must still be seen."""
+        st = os.stat(self.directory)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
+        if self._listing is not None and self._listing[0] == key:
+            return self._listing[1]
+        listed_at = time.time_ns()
+        names = sorted(n for n in os.listdir(self.directory) if _FILE.match(n))
+        settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
+        self._listing = (key, names) if settled else None
+        return names
 
     def _generations(self, purpose: Purpose, kind: str) -> set[int]:
         out = set()
