@@ -118,24 +118,20 @@ class FileKeystore:
         """
         checked = check_purpose(purpose)
         with self._lock:
-            for _ in range(2):
-                self._check_directory()
-                generation = self._current_generation(checked)
-                if generation is None:
-                    generation = self._create(checked, self._next_generation(checked), exclusive=False)
-                cached = self._signers.get((checked, generation))
-                if cached is None:
-                    break
+            self._check_directory()
+            generation = self._current_or_first(checked)
+            if (checked, generation) in self._signers \
+                    and not os.path.lexists(self.directory / _name(checked, generation, "key")):
+                self._listing = None  # rotated away since the directory was listed: list it again
+                generation = self._current_or_first(checked)
+            cached = self._signers.get((checked, generation))
+            if cached is not None:  # loaded before: the file must still be safe to hold the key
                 path = self.directory / _name(checked, generation, "key")
-                try:  # loaded before: the file must still be safe to hold the key
-                    self._check_file_stat(path, os.lstat(path))
-                except FileNotFoundError:  # rotated away since it was listed: list again
-                    self._listing = None
-                    continue
-                return cached
-            cached = self._load_signer(checked, generation)
-            self._signers = {(checked, generation): cached, **{
-                k: v for k, v in self._signers.items() if k[0] != checked}}
+                self._check_file_stat(path, os.lstat(path))
+            else:
+                cached = self._load_signer(checked, generation)
+                self._signers = {(checked, generation): cached, **{
+                    k: v for k, v in self._signers.items() if k[0] != checked}}
             return cached
 
     def verification_keys(self, purpose: str) -> tuple[VerificationKey, ...]:
@@ -191,6 +187,13 @@ class FileKeystore:
 
     def _current_generation(self, purpose: Purpose) -> int | None:
         return max(self._generations(purpose, "key"), default=None)
+
+    def _current_or_first(self, purpose: Purpose) -> int:
+        """The current generation of ``purpose``, its first key made if it has none."""
+        generation = self._current_generation(purpose)
+        if generation is None:
+            generation = self._create(purpose, self._next_generation(purpose), exclusive=False)
+        return generation
 
     def _next_generation(self, purpose: Purpose) -> int:
         return max(self._generations(purpose, "key") | self._generations(purpose, "pub"), default=0) + 1
