@@ -76,10 +76,11 @@ class FileKeystore:
         if passphrase is not None and not passphrase:
             raise KeystoreError(f"the keystore passphrase for {directory} is empty: unset {PASSPHRASE_ENV} or set it")
         self.directory = Path(directory)
+        self._path = str(self.directory)  # for the checks made on every signature (pathlib is slow)
         self._passphrase = passphrase
         self._lock = threading.Lock()
         self._signers: dict[tuple[Purpose, int], FileSigner] = {}
-        self._listing: tuple[tuple[int, ...], list[str]] | None = None  # (directory's stat key, names)
+        self._listing: tuple[tuple[int, ...], list[tuple[str, str, int, str]]] | None = None
         if not self.directory.exists():
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -120,15 +121,21 @@ class FileKeystore:
         with self._lock:
             self._check_directory()
             generation = self._current_or_first(checked)
-            if (checked, generation) in self._signers \
-                    and not os.path.lexists(self.directory / _name(checked, generation, "key")):
-                self._listing = None  # rotated away since the directory was listed: list it again
-                generation = self._current_or_first(checked)
             cached = self._signers.get((checked, generation))
             if cached is not None:  # loaded before: the file must still be safe to hold the key
-                path = self.directory / _name(checked, generation, "key")
-                self._check_file_stat(path, os.lstat(path))
-            else:
+                path = os.path.join(self._path, _name(checked, generation, "key"))
+                st: os.stat_result | None
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:  # rotated away since the directory was listed: list it again
+                    self._listing = None
+                    generation = self._current_or_first(checked)
+                    cached = self._signers.get((checked, generation))
+                    path = os.path.join(self._path, _name(checked, generation, "key"))
+                    st = os.lstat(path) if cached is not None else None
+                if st is not None:
+                    self._check_file_stat(path, st)
+            if cached is None:
                 cached = self._load_signer(checked, generation)
                 self._signers = {(checked, generation): cached, **{
                     k: v for k, v in self._signers.items() if k[0] != checked}}
@@ -164,26 +171,29 @@ class FileKeystore:
 
     # files -------------------------------------------------------------------------------
     def _names(self) -> list[str]:
-        """The key files' names. A listing is reused while the directory's stat says
-        nothing was added or removed since it was taken (``_SETTLED_NS``): a signer is
-        looked up for every grant, and a rotation by another process must still be seen."""
-        st = os.stat(self.directory)
+        return [name for name, _, _, _ in self._entries()]
+
+    def _entries(self) -> list[tuple[str, str, int, str]]:
+        """The key files: ``(name, purpose, generation, kind)``. A listing is reused while the
+        directory's stat says nothing was added or removed since it was taken (see
+        ``_SETTLED_NS``): a signer is looked up for every grant, and a rotation by another
+        process must still be seen."""
+        st = os.stat(self._path)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
         if self._listing is not None and self._listing[0] == key:
             return self._listing[1]
         listed_at = time.time_ns()
-        names = sorted(n for n in os.listdir(self.directory) if _FILE.match(n))
+        entries = []
+        for name in sorted(os.listdir(self._path)):
+            m = _FILE.match(name)
+            if m:
+                entries.append((name, m.group(1), int(m.group(2)), m.group(3)))
         settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
-        self._listing = (key, names) if settled else None
-        return names
+        self._listing = (key, entries) if settled else None
+        return entries
 
     def _generations(self, purpose: Purpose, kind: str) -> set[int]:
-        out = set()
-        for name in self._names():
-            m = _FILE.match(name)
-            if m and m.group(1) == purpose and m.group(3) == kind:
-                out.add(int(m.group(2)))
-        return out
+        return {g for _, p, g, k in self._entries() if p == purpose and k == kind}
 
     def _current_generation(self, purpose: Purpose) -> int | None:
         return max(self._generations(purpose, "key"), default=None)
@@ -200,14 +210,14 @@ class FileKeystore:
 
     def _check_directory(self) -> None:
         try:
-            st = os.stat(self.directory)
+            st = os.stat(self._path)
         except FileNotFoundError:
             raise KeystoreError(f"keystore directory {self.directory} does not exist") from None
         if not stat.S_ISDIR(st.st_mode):
             raise KeystoreError(f"keystore {self.directory} is not a directory")
         _check_owner_and_mode(self.directory, st, "directory", "700")
 
-    def _check_file_stat(self, path: Path, st: os.stat_result) -> None:
+    def _check_file_stat(self, path: Path | str, st: os.stat_result) -> None:
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
             raise KeystoreError(f"keystore file {path} is not a regular file (a symlink is refused)")
         _check_owner_and_mode(path, st, "file", "600")
@@ -308,7 +318,7 @@ def _name(purpose: Purpose, generation: int, kind: str) -> str:
     return f"{purpose}.{generation:06d}.{kind}"
 
 
-def _check_owner_and_mode(path: Path, st: os.stat_result, what: str, wanted: str) -> None:
+def _check_owner_and_mode(path: Path | str, st: os.stat_result, what: str, wanted: str) -> None:
     if st.st_uid != os.geteuid():
         raise KeystoreError(f"keystore {what} {path} belongs to uid {st.st_uid}, not to this user "
                             f"(uid {os.geteuid()}): refusing keys someone else made")
