@@ -119,8 +119,8 @@ class FileKeystore:
         """
         checked = check_purpose(purpose)
         with self._lock:
-            self._check_directory()
-            generation = self._current_or_first(checked)
+            listed = self._check_directory()
+            generation = self._current_or_first(checked, listed)
             cached = self._signers.get((checked, generation))
             if cached is not None:  # loaded before: the file must still be safe to hold the key
                 path = os.path.join(self._path, _name(checked, generation, "key"))
@@ -173,12 +173,12 @@ class FileKeystore:
     def _names(self) -> list[str]:
         return [name for name, _, _, _ in self._entries()]
 
-    def _entries(self) -> list[tuple[str, str, int, str]]:
+    def _entries(self, st: os.stat_result | None = None) -> list[tuple[str, str, int, str]]:
         """The key files: ``(name, purpose, generation, kind)``. A listing is reused while the
         directory's stat says nothing was added or removed since it was taken (see
         ``_SETTLED_NS``): a signer is looked up for every grant, and a rotation by another
-        process must still be seen."""
-        st = os.stat(self._path)
+        process must still be seen. ``st``: the directory's stat, if just taken."""
+        st = st or os.stat(self._path)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
         if self._listing is not None and self._listing[0] == key:
             return self._listing[1]
@@ -192,15 +192,15 @@ class FileKeystore:
         self._listing = (key, entries) if settled else None
         return entries
 
-    def _generations(self, purpose: Purpose, kind: str) -> set[int]:
-        return {g for _, p, g, k in self._entries() if p == purpose and k == kind}
+    def _generations(self, purpose: Purpose, kind: str, st: os.stat_result | None = None) -> set[int]:
+        return {g for _, p, g, k in self._entries(st) if p == purpose and k == kind}
 
-    def _current_generation(self, purpose: Purpose) -> int | None:
-        return max(self._generations(purpose, "key"), default=None)
+    def _current_generation(self, purpose: Purpose, st: os.stat_result | None = None) -> int | None:
+        return max(self._generations(purpose, "key", st), default=None)
 
-    def _current_or_first(self, purpose: Purpose) -> int:
+    def _current_or_first(self, purpose: Purpose, st: os.stat_result | None = None) -> int:
         """The current generation of ``purpose``, its first key made if it has none."""
-        generation = self._current_generation(purpose)
+        generation = self._current_generation(purpose, st)
         if generation is None:
             generation = self._create(purpose, self._next_generation(purpose), exclusive=False)
         return generation
@@ -208,7 +208,7 @@ class FileKeystore:
     def _next_generation(self, purpose: Purpose) -> int:
         return max(self._generations(purpose, "key") | self._generations(purpose, "pub"), default=0) + 1
 
-    def _check_directory(self) -> None:
+    def _check_directory(self) -> os.stat_result:
         try:
             st = os.stat(self._path)
         except FileNotFoundError:
@@ -216,6 +216,7 @@ class FileKeystore:
         if not stat.S_ISDIR(st.st_mode):
             raise KeystoreError(f"keystore {self.directory} is not a directory")
         _check_owner_and_mode(self.directory, st, "directory", "700")
+        return st
 
     def _check_file_stat(self, path: Path | str, st: os.stat_result) -> None:
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
