@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jwt
 
 from . import tracing as tr
-from .canonical import jcs
+from .canonical import jcs, python_json_is_jcs, sorted_json
 from .clock import Clock
 from .keys import sign_jwt
 from .store import LedgerHead, LedgerRow, Store
@@ -86,78 +85,38 @@ def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: byt
 
 
 def _scalar_bytes(value: Any) -> bytes:
-    """``jcs_bytes`` of a record's header field (a string, a whole number, a timestamp)."""
+    """``jcs(value)`` of a record's header field (a string, a whole number, a timestamp)."""
     kind = type(value)
-    if kind is str and (value.isascii() or not _SURROGATE.search(value)):
-        return _dumps(value).encode("utf-8")
-    if (kind is int and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT) or (kind is float and _plain_float(value)):
+    if kind is str and python_json_is_jcs(value):
+        return sorted_json(value).encode("utf-8")
+    if (kind is int or kind is float) and python_json_is_jcs(value):
         return repr(value).encode("ascii")  # what Python's JSON writes for them
-    return jcs_bytes(value)  # anything else, as the record's payload is
+    return jcs(value)
 
 
 def jcs_bytes(value: Any) -> bytes:
-    """``canonical.jcs(value)``, faster for the usual payload: when it holds no key with a character
-    from U+D800 on and only floats whose repr is their ECMAScript form, Python's sorted compact
-    JSON is the same bytes (strings are escaped alike, and key order by code point is key order
-    by UTF-16 unit there).
+    """``canonical.jcs(value)``: RFC 8785 bytes of a record's payload.
 
     Raises:
         ValueError: as ``canonical.jcs``.
     """
-    if _plain(value, 0):
-        return _dumps(value).encode("utf-8")
     return jcs(value)
 
 
 def payload_text(data: Any) -> str:
-    """A record's payload as stored and hashed: ``jcs_bytes(jcs_safe(data))`` as text. The
-    usual payload needs neither rewriting (``jcs_safe`` would leave it as it is) nor the full
-    JCS, and is written in one pass of Python's JSON encoder after one check.
+    """A record's payload as stored and hashed: ``jcs(jcs_safe(data))`` as text. The usual
+    payload needs no rewriting (``jcs_safe`` would leave it as it is): it is written by
+    Python's JSON encoder after one check.
 
     Raises:
         TypeError: as ``jcs_safe``.
     """
-    if _plain(data, 0):
-        return _dumps(data)
-    return jcs_bytes(jcs_safe(data)).decode("utf-8")
+    if python_json_is_jcs(data):
+        return sorted_json(data)
+    return jcs(jcs_safe(data)).decode("utf-8")
 
 
-# Python's sorted compact JSON: the same bytes as JCS for what ``_plain`` admits.
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _LEDGER_RECORD_V2_BYTES = LEDGER_RECORD_V2.encode()
-
-
-def _plain_float(value: float) -> bool:
-    # Where Python's repr is the ECMAScript form JCS asks for: not integral ("1.0" is "1"
-    # there), and neither so small nor so large that either writes an exponent.
-    return math.isfinite(value) and not value.is_integer() and 1e-4 <= abs(value) < 1e16
-
-
-def _plain(value: Any, depth: int) -> bool:
-    """Whether ``value`` is JSON that ``jcs_safe`` leaves as it is (a tuple becomes the same
-    array) and whose sorted compact JSON is its JCS form."""
-    if isinstance(value, str):
-        return value.isascii() or not _SURROGATE.search(value)
-    if value is None or isinstance(value, bool):
-        return True
-    if isinstance(value, int):
-        return -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
-    if isinstance(value, float):
-        return _plain_float(value)
-    if depth > 64:
-        return False
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str) or not (k.isascii() or max(k) < "\ud800") or not _plain(v, depth + 1):
-                return False
-        return True
-    if isinstance(value, list | tuple):
-        for v in value:
-            if not _plain(v, depth + 1):
-                return False
-        return True
-    return False  # anything else: rewritten by ``jcs_safe``, then the full JCS
 
 
 def jcs_safe(value: Any) -> Any:
