@@ -35,10 +35,13 @@ KEYSTORE_ENV = "SCOPEGRAPH_KEYSTORE"
 PASSPHRASE_ENV = "SCOPEGRAPH_KEYSTORE_PASSPHRASE"
 _FILE = re.compile(r"^(grant|svid|ledger)\.(\d{6})\.(key|pub)\Z")
 _PRIVATE_MODE_BITS = 0o077
-# A directory listing is reused while the directory's change times stay the same; one taken
-# less than this long after the last change is not (file times are coarse: a file added in
-# the same clock tick as the listing would leave them unchanged), so it is taken again.
-_SETTLED_NS = 2_000_000_000
+# Looking up a signer (once per grant) reuses the directory's last listing while the
+# directory's stat is unchanged; a listing taken less than this long after the directory
+# last changed is not kept (file times are coarse, a clock tick at most: a file added in the
+# same tick as the listing would leave them unchanged). A listing that is stale all the
+# same can only name the key that was current when it was taken, which signs until its
+# file is gone (a rotation deletes it at once), as in any race with a rotation.
+_SETTLED_NS = 100_000_000
 
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
@@ -174,13 +177,13 @@ class FileKeystore:
         return [name for name, _, _, _ in self._entries()]
 
     def _entries(self, st: os.stat_result | None = None) -> list[tuple[str, str, int, str]]:
-        """The key files: ``(name, purpose, generation, kind)``. A listing is reused while the
-        directory's stat says nothing was added or removed since it was taken (see
-        ``_SETTLED_NS``): a signer is looked up for every grant, and a rotation by another
-        process must still be seen. ``st``: the directory's stat, if just taken."""
+        """The key files: ``(name, purpose, generation, kind)``. With ``st`` (the directory's
+        stat, just taken: a signer's lookup), the last listing is reused while that stat is
+        unchanged (see ``_SETTLED_NS``); otherwise the directory is listed afresh."""
+        reuse = st is not None
         st = st or os.stat(self._path)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
-        if self._listing is not None and self._listing[0] == key:
+        if reuse and self._listing is not None and self._listing[0] == key:
             return self._listing[1]
         listed_at = time.time_ns()
         entries = []
