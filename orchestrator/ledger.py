@@ -78,10 +78,10 @@ def record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, data: Any, pr
 
 def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: bytes, prev_hash: str) -> str:
     # The record's JCS form, with its payload's JCS bytes put in whole (members in JCS order).
-    record = (b'{"at":' + _scalar_bytes(at) + b',"data":' + payload + b',"kind":' + _scalar_bytes(kind)
-              + b',"prev":' + _scalar_bytes(prev_hash) + b',"run_id":' + _scalar_bytes(run_id) + b',"seq":'
-              + _scalar_bytes(seq) + b',"type":"' + _LEDGER_RECORD_V2_BYTES + b'"}')
-    return hashlib.sha256(record).hexdigest()
+    return hashlib.sha256(b"".join((
+        b'{"at":', _scalar_bytes(at), b',"data":', payload, b',"kind":', _scalar_bytes(kind),
+        b',"prev":', _scalar_bytes(prev_hash), b',"run_id":', _scalar_bytes(run_id),
+        b',"seq":', _scalar_bytes(seq), _LEDGER_RECORD_V2_TAIL))).hexdigest()
 
 
 def _scalar_bytes(value: Any) -> bytes:
@@ -116,7 +116,7 @@ def payload_text(data: Any) -> str:
     return jcs(jcs_safe(data)).decode("utf-8")
 
 
-_LEDGER_RECORD_V2_BYTES = LEDGER_RECORD_V2.encode()
+_LEDGER_RECORD_V2_TAIL = b',"type":"' + LEDGER_RECORD_V2.encode() + b'"}'
 
 
 def jcs_safe(value: Any) -> Any:
