@@ -48,7 +48,7 @@ from tenacity import (
 
 from . import tracing as tr
 from .approvals import ApprovalRequest, ApprovalService, action_digest_for
-from .canonical import sha256_hex
+from .canonical import canonical_json, sha256_hex
 from .clock import Clock
 from .constraints import admits
 from .credentials import Grant, GrantIssuer
@@ -264,6 +264,19 @@ class StepClosing:
     reason: str
     end: Callable[[CallResult, bool], None]
     result: CallResult | None = None
+
+
+def call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, Any]) -> str:
+    """Names the ``index``-th call of a step, so a step re-run after a crash replays, not
+    repeats, it (the gateway's idempotency key)."""
+    try:
+        args = canonical_json(arguments)
+    except Exception:  # not JSON (a set, an object), or too big or deep to write down
+        try:
+            args = repr(sorted(arguments.items()))
+        except Exception:  # the gateway decides what to do with such arguments
+            args = "unwritable"
+    return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
 
 
 def grant_minted_fields(grant: Grant, secrets: Iterable[str] = ()) -> dict[str, Any]:

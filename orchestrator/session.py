@@ -39,7 +39,15 @@ from .approvals import approval_id as make_approval_id
 from .canonical import action_digest_v2, canonical_json, sha256_hex
 from .credentials import Grant
 from .errors import PlanError, SessionError
-from .gateway import APPROVAL_POLICY_ID, CallContext, CallResult, Decided, StepClosing, grant_minted_fields
+from .gateway import (
+    APPROVAL_POLICY_ID,
+    CallContext,
+    CallResult,
+    Decided,
+    StepClosing,
+    call_key,
+    grant_minted_fields,
+)
 from .identity import SpiffeId, Svid
 from .plan import Plan, Step, parse_plan, validate_plan
 from .policy import Decision
@@ -103,7 +111,7 @@ class StepEnd:
     policy_ids: tuple[str, ...] = ()
     reason: str = ""
     approval_id: str | None = None
-    result: Any = field(default=None, repr=False)  # the step's output, when it completed
+    result: Any = field(default=None, repr=False, compare=False)  # the step's output, when it completed
 
     def as_record(self) -> dict[str, Any]:
         """The fields a run's step record keeps (the runtime's checkpoint)."""
@@ -135,6 +143,7 @@ def step_outcome(calls: list[CallResult], planned_tool: str) -> StepEnd:
 class StepScope:
     """A step as it runs: its identity, proof of identity and grant. No token is shown."""
 
+    step_id: str
     step: Step
     identity: SpiffeId
     svid: Svid = field(repr=False)
@@ -148,18 +157,22 @@ class _Step:
     def __init__(self, step: Step, identity: SpiffeId, svid: Svid, grant: Grant, ctx: CallContext,
                  asked: int, held_under: _Step | None) -> None:
         self.step, self.identity, self.svid, self.grant, self.ctx = step, identity, svid, grant, ctx
+        self.step_id = ctx.step_id  # a delegated child's is its path, ``parent.child``
+        self.labels = ctx.data_labels  # what it carried when it began: its approval requests show them
         self.calls: list[CallResult] = []
         self.pending: dict[str, Decided] = {}
         self.checks = 0
         self.asked = asked  # approval requests made for this step so far (their sequence)
         self.held_under = held_under  # a delegated child's calls are held as its parent's
         self.last_request: str | None = None  # the approval request of the step's last held call
+        self.resumed_from: str | None = None  # the answered request the step was resumed on
         self.closing: StepClosing | None = None
         self.ended: StepEnd | None = None  # written with the step's last call
         self.revoked = False
 
     def scope(self) -> StepScope:
-        return StepScope(step=self.step, identity=self.identity, svid=self.svid, grant_id=self.grant.jti)
+        return StepScope(step_id=self.step_id, step=self.step, identity=self.identity, svid=self.svid,
+                         grant_id=self.grant.jti)
 
 
 class Session:
@@ -298,6 +311,74 @@ class Session:
         """How the step ended, if its last call ended it (``last=True``) or ``end_step`` did."""
         return self._state(step_id).ended
 
+    def danger_grant_token(self, step_id: str) -> str:
+        """The step's signed grant, for a host that runs a call itself and must present
+        the grant downstream (as the gateway does for a ``takes_grant`` tool). Never show
+        it to a model, a log or a span."""
+        return self._state(step_id).grant.danger_token()
+
+    def pending_approval(self, step_id: str) -> str | None:
+        """The approval request made for the step's last held call (a delegated child's
+        calls are held under their parent step)."""
+        return self._state(step_id).last_request
+
+    def observe(self, step_id: str, results: Iterable[CallResult]) -> None:
+        """Count results of calls made on the step's behalf (by its delegated children)
+        as seen by its executor: later calls are decided knowing them."""
+        state = self._state(step_id)
+        for result in results:
+            state.ctx = state.ctx.after(result)
+
+    def delegate_step(self, parent: str, child: Step, *, step_id: str, identity: SpiffeId,
+                      planner_id: SpiffeId, observations: Iterable[Observation] = ()) -> StepScope:
+        """Begin a delegated child of step ``parent`` as step ``step_id``: its grant is
+        minted against the parent's (a subset of its scope, never longer-lived), its
+        executor has seen all the parent's has, and a call of it held for approval is
+        held under the parent (the parent pauses on it).
+
+        Raises:
+            GrantError: the child asks for more than its parent holds (the refusal is the
+                caller's to audit, with ``record_step_end``).
+        """
+        guard, p = self.guard, self._state(parent)
+        registry = self.workflow.registry
+        attributes = {tr.SPIFFE_ID: str(identity), tr.STEP_ID: step_id, tr.GEN_AI_TOOL_NAME: child.tool,
+                      "scopegraph.grant.parent": p.grant.jti}
+        with tr.span(tr.GRANT_MINT, attributes) as s, guard.store.atomic():
+            # An argument the child leaves out keeps the parent's constraint: otherwise the
+            # tool's default would run unchecked, though the parent's grant may refuse it.
+            constraints = {**{k: v for k, v in p.grant.constraints.items() if k not in child.constraints},
+                           **child.constraints}
+            # The parent's grant may not be written yet: it is now, as the child's mint
+            # spends one of its uses.
+            parent_minted = guard.issuer.write_unwritten(p.grant.jti)
+            grant = guard.issuer.mint(
+                subject=identity, tool=child.tool, run_id=self.run_id, step_id=step_id, workflow=self.workflow.name,
+                constraints=constraints, parent=p.grant,
+                act={"sub": str(planner_id), "act": {"sub": str(p.identity), "act": dict(p.grant.act)}},
+            )
+            if parent_minted:
+                guard.ledger.append("grant_minted", self.run_id,
+                                    **grant_minted_fields(p.grant, registry[p.grant.tool].secrets))
+            guard.ledger.append("grant_minted", self.run_id, step_id=step_id, grant_id=grant.jti,
+                                spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
+                                expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=p.grant.jti,
+                                constraints=recorded_constraints(grant.constraints, registry[child.tool].secrets),
+                                act=dict(grant.act))
+            s.set_attribute(tr.GRANT_ID, grant.jti)
+        guard.metrics.grants_minted.add(1, {"workflow": self.workflow.name, "tool": child.tool})
+        svid = guard.domain.issue_svid(identity, ttl=self.workflow.grant_ttl)
+        ctx = p.ctx.child(step_id=step_id, principal=identity, observations=tuple(observations),
+                          planned=p.step.constraints)
+        state = _Step(child, identity, svid, grant, ctx, 0, p.held_under or p)
+        self._steps[step_id] = state
+        return state.scope()
+
+    def record_step_end(self, step_id: str, outcome: StepEnd) -> None:
+        """Audit the end of a step that holds no grant (it never began, or was refused
+        before it could): there is nothing to revoke."""
+        self._step_ended(step_id, outcome)
+
     # calls --------------------------------------------------------------------------------
     def check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None,
               last: bool = False, call_id: str | None = None) -> CallDecision:
@@ -319,14 +400,15 @@ class Session:
                            again=approval_id is not None)
 
     def _check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
-               last: bool, call_id: str | None, again: bool) -> CallDecision:
+               last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallDecision:
         try:
             state = self._checking(step, again)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc))
+        state.resumed_from = resumed_from or state.resumed_from
         index = state.checks
         state.checks += 1
-        key = call_id or _call_key(state.ctx, index, tool, arguments)
+        key = call_id or call_key(state.ctx, index, tool, arguments)
         closing = self._closing(state) if last else None
         decided = self.guard.gateway.decide(
             state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
@@ -338,7 +420,7 @@ class Session:
             self._took(state, decided.result)
         held = state.held_under or state
         return CallDecision(
-            call_id=key, run_id=self.run_id, step_id=state.step.id, tool=tool,
+            call_id=key, run_id=self.run_id, step_id=state.step_id, tool=tool,
             outcome=Outcome(decided.decision.outcome), policy_ids=tuple(decided.decision.policy_ids),
             reasons=tuple(decided.decision.reasons),
             approval_id=held.last_request if decided.decision.outcome == "needs_approval" else None,
@@ -393,17 +475,22 @@ class Session:
         return result
 
     def call(self, step: str, tool: str, arguments: Mapping[str, Any], *, last: bool = False,
-             approval_id: str | None = None, call_id: str | None = None, again: bool = False) -> CallResult:
+             approval_id: str | None = None, call_id: str | None = None) -> CallResult:
         """``check`` and ``execute`` in one, retrying a transient failure of the tool (each
-        retry checked again: a new decision, never the old one reused). ``again`` begins
-        the step anew if it has ended (as ``resume`` does)."""
+        retry checked again: a new decision, never the old one reused)."""
+        return self._call(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
+                          again=approval_id is not None)
+
+    def _call(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None, last: bool,
+              call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
         try:
-            state = self._checking(step, again or approval_id is not None)
+            state = self._checking(step, again)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
+        state.resumed_from = resumed_from or state.resumed_from
         index = state.checks
         state.checks += 1
-        key = call_id or _call_key(state.ctx, index, tool, arguments)
+        key = call_id or call_key(state.ctx, index, tool, arguments)
         closing = self._closing(state) if last else None
         result = self.guard.gateway.call(state.grant.danger_token(), tool, arguments, state.ctx, call_key=key,
                                          approval_id=approval_id, closing=closing,
@@ -460,7 +547,7 @@ class Session:
             return final
         arguments, present, call_id = _resumption(self, request, state)
         return self._check(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                           call_id=call_id, again=True)
+                           call_id=call_id, again=True, resumed_from=request.id)
 
     def resume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
         """``resume`` and ``execute`` in one, retrying a transient failure as ``call`` does
@@ -471,8 +558,8 @@ class Session:
         if request.run_id != self.run_id or final is not None:
             return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
         arguments, present, call_id = _resumption(self, request, state)
-        return self.call(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                         call_id=call_id, again=True)
+        return self._call(request.step_id, request.tool, arguments, approval_id=present, last=last,
+                          call_id=call_id, again=True, resumed_from=request.id)
 
     # ends ---------------------------------------------------------------------------------
     def end_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
@@ -486,15 +573,15 @@ class Session:
         """
         state = self._state(step)
         if state.revoked and state.ended is not None and (outcome is None or outcome == state.ended):
-            with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step.id,
+            with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step_id,
                                            tr.GRANT_REVOKED_WITH_CALL: True}):
                 pass
-            self.guard.secrets.end_step(self.run_id, state.step.id)
+            self.guard.secrets.end_step(self.run_id, state.step_id)
             return state.ended
         if outcome is None and audit:
-            outcome = step_outcome(state.calls, state.step.tool)
+            outcome = self._outcome(state, state.calls)
         guard = self.guard
-        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step.id}), \
+        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step_id}), \
                 guard.store.atomic():
             minted = guard.issuer.write_unwritten(state.grant.jti)  # a step that made no call: written now
             revoked = guard.issuer.revoke(state.grant.jti, reason=STEP_ENDED)
@@ -504,11 +591,11 @@ class Session:
             if revoked:
                 self._revoked(state)
             if outcome is not None and audit:
-                self._step_ended(state.step.id, outcome)
+                self._step_ended(state.step_id, outcome)
         state.revoked = True
         if outcome is not None:
             state.ended = outcome
-        guard.secrets.end_step(self.run_id, state.step.id)  # the step's downstream credentials end with it
+        guard.secrets.end_step(self.run_id, state.step_id)  # the step's downstream credentials end with it
         return outcome
 
     def end_run(self, *, status: str, error: str | None = None) -> None:
@@ -589,14 +676,22 @@ class Session:
                                   policy_ids=tuple(result.decision.policy_ids), reason=result.audit_reason,
                                   approval_id=(state.held_under or state).last_request)
             else:
-                outcome = step_outcome([*state.calls, result], state.step.tool)
+                outcome = self._outcome(state, [*state.calls, result])
             if revoked:
                 self._revoked(state)
-            self._step_ended(state.step.id, outcome)
+            self._step_ended(state.step_id, outcome)
             state.ended = outcome
             state.revoked = True
 
         return StepClosing(reason=STEP_ENDED, end=end)
+
+    def _outcome(self, state: _Step, calls: list[CallResult]) -> StepEnd:
+        """The end of a step from its calls; a step resumed on an approval names it."""
+        outcome = step_outcome(calls, state.step.tool)
+        if state.resumed_from is None:
+            return outcome
+        return StepEnd(status=outcome.status, decision=outcome.decision, policy_ids=outcome.policy_ids,
+                       reason=outcome.reason, approval_id=state.resumed_from, result=outcome.result)
 
     def _hold(self, state: _Step, result: CallResult) -> None:
         """Make the approval request for a held call, in the write that records its
@@ -607,20 +702,20 @@ class Session:
 
     def _request_approval(self, state: _Step, result: CallResult) -> ApprovalRequest:
         guard, wf, step = self.guard, self.workflow, state.step
-        digest = action_digest_v2(run_id=self.run_id, step_id=step.id, tool=result.tool,
+        digest = action_digest_v2(run_id=self.run_id, step_id=state.step_id, tool=result.tool,
                                   arguments=dict(result.arguments), policy_version=guard.policy.version)
         now = guard.clock.now()
         tool = wf.registry.get_tool(result.tool)
         sequence = state.asked
         state.asked += 1
         request = guard.approvals.request(ApprovalRequest(
-            id=make_approval_id(self.run_id, step.id, digest, sequence), run_id=self.run_id,
-            step_id=step.id, workflow=wf.name, initiator=self.initiator, requester=str(state.identity),
+            id=make_approval_id(self.run_id, state.step_id, digest, sequence), run_id=self.run_id,
+            step_id=state.step_id, workflow=wf.name, initiator=self.initiator, requester=str(state.identity),
             tool=result.tool, arguments=dict(result.arguments), digest=digest,
             secret_arguments=sorted(tool.secrets & set(result.arguments)),
             policy_version=guard.policy.version, risk=tool.risk.value,
             policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
-            data_labels=sorted(state.ctx.data_labels), purpose=step.purpose,
+            data_labels=sorted(state.labels), purpose=step.purpose,
             required_approvals=max(1, result.decision.required_approvals),
             allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
             created_at=now, expires_at=now + wf.approval_ttl,
@@ -628,7 +723,7 @@ class Session:
         ))
         if request.created_at == now:  # new, not found again after a crash
             guard.ledger.append("approval_requested", self.run_id, approval_id=request.id,
-                                step_id=step.id, tool=result.tool, digest=digest,
+                                step_id=state.step_id, tool=result.tool, digest=digest,
                                 policy_ids=list(result.decision.policy_ids),
                                 required_approvals=request.required_approvals, expires_at=request.expires_at,
                                 **({"signed_answers": True} if request.signed_answers else {}))
@@ -659,7 +754,7 @@ class Session:
 
     def _revoked(self, state: _Step) -> None:
         """Audit and count the revocation of a step's grant as its step ends."""
-        self.guard.ledger.append("grant_revoked", self.run_id, step_id=state.step.id, grant_id=state.grant.jti,
+        self.guard.ledger.append("grant_revoked", self.run_id, step_id=state.step_id, grant_id=state.grant.jti,
                                  reason=STEP_ENDED)
         self.guard.metrics.grants_revoked.add(1, {"workflow": self.workflow.name, "tool": state.step.tool})
 
@@ -730,18 +825,6 @@ def _as_called(session: Session, tool: str, arguments: Mapping[str, Any]) -> dic
 
     return {k: v for k, v in arguments.items()
             if k not in fields or fields[k].is_required() or not is_default(k, v)}
-
-
-def _call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, Any]) -> str:
-    """Names the n-th call of a step, so a step re-run after a crash replays, not repeats, it."""
-    try:
-        args = canonical_json(arguments)
-    except Exception:  # not JSON (a set, an object), or too big or deep to write down
-        try:
-            args = repr(sorted(arguments.items()))
-        except Exception:  # the gateway decides what to do with such arguments
-            args = "unwritable"
-    return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
 
 
 __all__ = ["CallDecision", "Outcome", "Session", "StepEnd", "StepScope", "step_outcome"]
