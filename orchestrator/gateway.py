@@ -34,7 +34,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -456,28 +456,72 @@ class Gateway:
             return result
 
     async def arun(self, decided: Decided, ctx: CallContext, *, closing: StepClosing | None = None) -> CallResult:
-        """``run`` for a caller on an event loop: an async tool is awaited on that loop."""
-        if decided.result is not None or decided.tool is None or not decided.tool.is_async:
-            return self.run(decided, ctx, closing=closing)
+        """``run`` for a caller on an event loop: an async tool is awaited on that loop (no
+        thread, no loop of its own); a sync tool runs as ``run`` runs it.
+
+        Raises:
+            TransientToolError: as for ``run``.
+        """
         tool, grant, normalized = decided.tool, decided.grant, decided.normalized
-        assert grant is not None and normalized is not None
-        started = time.perf_counter()
+        if decided.result is not None or tool is None or not tool.is_async:
+            return self.run(decided, ctx, closing=closing)
+        assert grant is not None and normalized is not None  # an allowed call was checked
+        closing = closing if closing is not None and closing.result is None else None
         with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool.name, tr.GRANT_ID: grant.jti,
                                     tr.ATTEMPT: decided.attempt, tr.RISK: tool.risk.value}) as call_span:
-            outcome: Any = None
-            failure: BaseException | None = None
+            started = time.perf_counter()
+            value: Any = None
+            failure: Exception | None = None
             try:
-                outcome = await tool.invoke(normalized, grant.danger_token() if tool.takes_grant else None,
-                                            self._credentials(tool, grant))
+                value = await tool.invoke(normalized, grant.danger_token() if tool.takes_grant else None,
+                                          self._credentials(tool, grant))
             except Exception as exc:
                 failure = exc
-            result = self._recorded_result(decided, ctx, outcome, failure, started,
-                                           closing if closing is not None and closing.result is None else None,
-                                           extra_labels=frozenset())
+            if isinstance(failure, TransientToolError):
+                # As ``_execute``: the attempt is recorded, and a retry is decided afresh.
+                error = self._failure(tool.name, type(failure).__name__, failure, decided.arguments, normalized)
+                self._called(ctx, tool, grant, decided.decision, decided.attempt, normalized, "error", None, started,
+                             decided.key, None, error_type=type(failure).__name__, digest=decided.digest, error=error)
+                call_span.set_attribute(tr.CALL_STATUS, "error")
+                tr.record_failure(call_span, type(failure).__name__, error)
+                raise failure
+            result = self._recorded_result(decided, ctx, value, failure, started, closing, extra_labels=frozenset())
             call_span.set_attribute(tr.CALL_STATUS, result.status)
             if not result.ok:
                 tr.record_failure(call_span, result.error_type or "error", result.error or "")
             return result
+
+    async def acall(
+        self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
+        call_key: str | None = None, approval_id: str | None = None, closing: StepClosing | None = None,
+        on_held: Callable[[CallResult], None] | None = None,
+    ) -> CallResult:
+        """``call`` for a caller on an event loop: an async tool is awaited on that loop,
+        and a retry waits without blocking it. Every retry is decided again."""
+        attempt = 1
+        last: BaseException | None = None
+        while attempt <= max(1, self.retry.attempts):
+            decided = self.decide(token, tool, arguments, ctx, attempt=attempt, call_key=call_key,
+                                  approval_id=approval_id, closing=closing, on_held=on_held)
+            try:
+                return await self.arun(decided, ctx, closing=closing)
+            except TransientToolError as exc:
+                last = exc
+            if attempt >= self.retry.attempts:
+                break
+            wait = min(self.retry.wait_max, self.retry.wait_initial * (2 ** (attempt - 1)))
+            if self.retry.sleep is not None:
+                self.retry.sleep(wait)
+            else:
+                await asyncio.sleep(wait)
+            attempt += 1
+        return CallResult(
+            tool=tool, arguments=dict(arguments), status="error",
+            decision=Decision(outcome="allow"), attempts=attempt,
+            error=self._failure(tool, f"{type(last).__name__} after {attempt} attempts", last, arguments),
+            error_type=f"{type(last).__name__} after {attempt} attempts",
+            labels=self.tools[tool].labels if tool in self.tools else frozenset(),
+        )
 
     def record(self, decided: Decided, ctx: CallContext, *, value: Any = None, error: BaseException | str | None = None,
                labels: Iterable[str] = (), closing: StepClosing | None = None) -> CallResult:
@@ -1011,13 +1055,33 @@ def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str
     return None
 
 
+CALLER_LOOP: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "scopegraph_caller_loop", default=None)
+"""The event loop of an async host driving a run from a worker thread (``Runtime.arun``):
+async tools called from that thread are awaited on it, not on a loop of their own."""
+
+
+async def _in_context(coroutine: Coroutine[Any, Any, Any], context: contextvars.Context) -> Any:
+    """Await ``coroutine`` as a task in ``context`` (this thread's: the current span)."""
+    return await asyncio.get_running_loop().create_task(coroutine, context=context)
+
+
 def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None,
          credentials: Mapping[str, Any] | None = None) -> Any:
     if not tool.is_async:
         return tool.invoke(arguments, grant_token, credentials)
     try:
-        asyncio.get_running_loop()
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
+        running = None
+    caller = CALLER_LOOP.get()
+    if caller is not None and caller is not running and caller.is_running():
+        # A run driven for an async host: the tool runs on the host's own loop, which is
+        # free (it awaits the drive) while this thread waits for the tool's result.
+        coroutine = tool.invoke(arguments, grant_token, credentials)
+        in_context = _in_context(coroutine, contextvars.copy_context())  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(in_context, caller).result()
+    if running is None:
         return asyncio.run(tool.invoke(arguments, grant_token, credentials))  # type: ignore[arg-type]
     # Called from inside an event loop (an async host, an async LangChain tool): this
     # thread's loop is busy, so the coroutine gets a loop of its own in a worker thread,

@@ -54,6 +54,17 @@ from .policy import Decision
 from .provenance import Observation
 from .redaction import recorded_constraints
 from .roles import Planner, PlanningContext
+from .run_events import (
+    ApprovalAnswered,
+    ApprovalRequested,
+    CallDecided,
+    Listener,
+    PlanFixed,
+    RunEnded,
+    RunEvent,
+    StepEnded,
+    StepStarted,
+)
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -166,6 +177,7 @@ class _Step:
         self.held_under = held_under  # a delegated child's calls are held as its parent's
         self.last_request: str | None = None  # the approval request of the step's last held call
         self.resumed_from: str | None = None  # the answered request the step was resumed on
+        self.announced = False  # its end was told to the listener
         self.closing: StepClosing | None = None
         self.ended: StepEnd | None = None  # written with the step's last call
         self.revoked = False
@@ -183,8 +195,12 @@ class Session:
     Not thread-safe: one host thread drives a session (parallel steps each get their own).
     """
 
-    def __init__(self, guard: Guard, *, run_id: str, initiator: str, plan: Plan | None = None) -> None:
+    def __init__(self, guard: Guard, *, run_id: str, initiator: str, plan: Plan | None = None,
+                 listener: Listener | None = None) -> None:
+        """Open with ``Guard.start_run`` or ``Guard.session``. ``listener`` is told of each
+        event of the run (see ``scopegraph.run_events``) once it is written."""
         self.guard = guard
+        self._listener = listener
         self.run_id = run_id
         self.initiator = initiator
         self.workflow = guard.workflow
@@ -253,6 +269,7 @@ class Session:
                     "constraints": recorded_constraints(st.constraints, registry[st.tool].secrets)}
                    for st in plan.steps])
         self._plan = plan
+        self._emit(PlanFixed(run_id=self.run_id, steps=tuple(st.id for st in plan.steps), revision=revision))
         return plan
 
     def refuse_plan(self, error: PlanError, *, revision: int = 0) -> None:
@@ -263,7 +280,7 @@ class Session:
     # steps --------------------------------------------------------------------------------
     def begin_step(self, step: Step | str, *, identity: SpiffeId | None = None,
                    observations: Iterable[Observation] = (), data_labels: Iterable[str] = (),
-                   widened: bool = False, approvals_asked: int = 0) -> StepScope:
+                   widened: bool = False, approvals_asked: int = 0, resuming: str | None = None) -> StepScope:
         """Mint the step's identity and grant (its scope: the plan step's tool and
         constraints) and start it. ``check`` does this for a plan step not begun yet.
 
@@ -271,7 +288,8 @@ class Session:
         call (its dependencies' results), ``data_labels`` the labels of data it carries:
         argument provenance and label policies are decided against them. A step begun
         again (to resume it after an approval) gets a new grant; its old one must have
-        been ended.
+        been ended. ``resuming`` names the answered approval request it is begun again
+        for (``resume`` and ``resume_call`` then check that request's call).
 
         Raises:
             SessionError: the step is not in the plan, or is running already.
@@ -289,6 +307,12 @@ class Session:
                           data_labels=labels, observations=tuple(observations), widened=widened)
         state = _Step(step, identity, svid, grant, ctx, approvals_asked, None)
         self._steps[step.id] = state
+        if resuming is not None:
+            state.resumed_from = resuming
+            request = self.guard.approvals.get(resuming)
+            self._emit(ApprovalAnswered(run_id=self.run_id, step_id=request.step_id, approval_id=request.id,
+                                        status=request.effective_status(self.guard.clock.now())))
+        self._emit(StepStarted(run_id=self.run_id, step_id=step.id, tool=step.tool, spiffe_id=str(identity)))
         return state.scope()
 
     def step(self, step_id: str) -> StepScope:
@@ -372,12 +396,14 @@ class Session:
                           planned=p.step.constraints)
         state = _Step(child, identity, svid, grant, ctx, 0, p.held_under or p)
         self._steps[step_id] = state
+        self._emit(StepStarted(run_id=self.run_id, step_id=step_id, tool=child.tool, spiffe_id=str(identity)))
         return state.scope()
 
     def record_step_end(self, step_id: str, outcome: StepEnd) -> None:
         """Audit the end of a step that holds no grant (it never began, or was refused
         before it could): there is nothing to revoke."""
         self._step_ended(step_id, outcome)
+        self._emit(StepEnded(run_id=self.run_id, step_id=step_id, status=outcome.status, reason=outcome.reason))
 
     # calls --------------------------------------------------------------------------------
     def check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None,
@@ -402,17 +428,13 @@ class Session:
     def _check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
                last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallDecision:
         try:
-            state = self._checking(step, again)
+            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc))
-        state.resumed_from = resumed_from or state.resumed_from
-        index = state.checks
-        state.checks += 1
-        key = call_id or call_key(state.ctx, index, tool, arguments)
-        closing = self._closing(state) if last else None
         decided = self.guard.gateway.decide(
             state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
             closing=closing, on_held=lambda held: self._hold(state, held))
+        self._decided(state, tool, decided.decision)
         if decided.result is None:
             state.pending[key] = decided
             state.closing = closing
@@ -426,6 +448,17 @@ class Session:
             approval_id=held.last_request if decided.decision.outcome == "needs_approval" else None,
             required_approvals=decided.decision.required_approvals, grant_id=decided.grant_id,
             result=decided.result)
+
+    def _prepare(self, step: str, tool: str, arguments: Mapping[str, Any], last: bool, call_id: str | None,
+                 again: bool, resumed_from: str | None) -> tuple[_Step, str, StepClosing | None]:
+        """The step a call is for (begun if need be), the call's idempotency key, and how
+        the step ends with it if it is the last."""
+        state = self._checking(step, again)
+        state.resumed_from = resumed_from or state.resumed_from
+        index = state.checks
+        state.checks += 1
+        key = call_id or call_key(state.ctx, index, tool, arguments)
+        return state, key, self._closing(state) if last else None
 
     def execute(self, decision: CallDecision) -> CallResult:
         """Run an allowed call's tool through the gateway and record its result.
@@ -484,17 +517,82 @@ class Session:
     def _call(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None, last: bool,
               call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
         try:
-            state = self._checking(step, again)
+            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
-        state.resumed_from = resumed_from or state.resumed_from
-        index = state.checks
-        state.checks += 1
-        key = call_id or call_key(state.ctx, index, tool, arguments)
-        closing = self._closing(state) if last else None
         result = self.guard.gateway.call(state.grant.danger_token(), tool, arguments, state.ctx, call_key=key,
                                          approval_id=approval_id, closing=closing,
                                          on_held=lambda held: self._hold(state, held))
+        self._decided(state, tool, result.decision)
+        self._took(state, result)
+        return result
+
+    # async --------------------------------------------------------------------------------
+    # The store is synchronous and quick; what an async host must not wait on in a thread
+    # is the tool: an async tool is awaited on the host's own loop.
+    async def acheck(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None,
+                     last: bool = False, call_id: str | None = None) -> CallDecision:
+        """``check``, for a host on an event loop."""
+        return self.check(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id)
+
+    async def aexecute(self, decision: CallDecision) -> CallResult:
+        """``execute``, awaiting an async tool on the caller's loop (no thread, no loop of its own)."""
+        if decision.result is not None:
+            return decision.result
+        state, decided = self._pending(decision)
+        try:
+            result = await self.guard.gateway.arun(decided, state.ctx, closing=state.closing)
+        except BaseException as exc:
+            state.calls.append(_failed_attempt(decided, exc))
+            raise
+        self._took(state, result)
+        return result
+
+    async def arecord(self, decision: CallDecision, *, value: Any = None, error: BaseException | str | None = None,
+                      labels: Iterable[str] = ()) -> CallResult:
+        """``record``, for a host on an event loop."""
+        return self.record(decision, value=value, error=error, labels=labels)
+
+    async def acall(self, step: str, tool: str, arguments: Mapping[str, Any], *, last: bool = False,
+                    approval_id: str | None = None, call_id: str | None = None) -> CallResult:
+        """``call``, awaiting an async tool on the caller's loop; a retry waits without blocking it."""
+        return await self._acall(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
+                                 again=approval_id is not None)
+
+    async def aresume(self, approval_id: str, *, last: bool = False) -> CallDecision:
+        """``resume``, for a host on an event loop."""
+        return self.resume(approval_id, last=last)
+
+    async def aresume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
+        """``resume_call``, awaiting an async tool on the caller's loop."""
+        request = self.guard.approvals.get(approval_id)
+        state = request.effective_status(self.guard.clock.now())
+        final = _unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
+        if request.run_id != self.run_id or final is not None:
+            return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
+        self._answered(request, state)
+        arguments, present, call_id = _resumption(self, request, state)
+        return await self._acall(request.step_id, request.tool, arguments, approval_id=present, last=last,
+                                 call_id=call_id, again=True, resumed_from=request.id)
+
+    async def aend_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
+        """``end_step``, for a host on an event loop."""
+        return self.end_step(step, outcome, audit=audit)
+
+    async def aend_run(self, *, status: str, error: str | None = None) -> None:
+        """``end_run``, for a host on an event loop."""
+        self.end_run(status=status, error=error)
+
+    async def _acall(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
+                     last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
+        try:
+            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
+        except SessionError as exc:
+            return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
+        result = await self.guard.gateway.acall(state.grant.danger_token(), tool, arguments, state.ctx,
+                                                call_key=key, approval_id=approval_id, closing=closing,
+                                                on_held=lambda held: self._hold(state, held))
+        self._decided(state, tool, result.decision)
         self._took(state, result)
         return result
 
@@ -543,6 +641,8 @@ class Session:
                                  f"approval {approval_id!r} belongs to another run")
         state = request.effective_status(self.guard.clock.now())
         final = _unanswerable(self.run_id, request, state)
+        if state != "pending":
+            self._answered(request, state)
         if final is not None:
             return final
         arguments, present, call_id = _resumption(self, request, state)
@@ -557,6 +657,7 @@ class Session:
         final = _unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
         if request.run_id != self.run_id or final is not None:
             return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
+        self._answered(request, state)
         arguments, present, call_id = _resumption(self, request, state)
         return self._call(request.step_id, request.tool, arguments, approval_id=present, last=last,
                           call_id=call_id, again=True, resumed_from=request.id)
@@ -577,6 +678,7 @@ class Session:
                                            tr.GRANT_REVOKED_WITH_CALL: True}):
                 pass
             self.guard.secrets.end_step(self.run_id, state.step_id)
+            self._announce_end(state)
             return state.ended
         if outcome is None and audit:
             outcome = self._outcome(state, state.calls)
@@ -595,7 +697,9 @@ class Session:
         state.revoked = True
         if outcome is not None:
             state.ended = outcome
+            state.announced = False  # recorded again: told again
         guard.secrets.end_step(self.run_id, state.step_id)  # the step's downstream credentials end with it
+        self._announce_end(state)
         return outcome
 
     def end_run(self, *, status: str, error: str | None = None) -> None:
@@ -614,6 +718,7 @@ class Session:
             guard.ledger.sign_head(guard.domain)
         for state in self._steps.values():
             state.revoked = True
+        self._emit(RunEnded(run_id=self.run_id, status=status, error=error))
 
     # internals ----------------------------------------------------------------------------
     def _plan_step(self, step_id: str) -> Step:
@@ -661,10 +766,39 @@ class Session:
         return state, decided
 
     def _took(self, state: _Step, result: CallResult) -> None:
+        if result.status == "needs_approval":
+            holder = state.held_under or state
+            if holder.last_request is not None:
+                self._emit(ApprovalRequested(run_id=self.run_id, step_id=holder.step_id, tool=result.tool,
+                                             approval_id=holder.last_request))
         state.calls.append(result)
+        if state.ended is not None and state.revoked:  # the call ended its step
+            self._announce_end(state)
         # What this call returned is now something the executor has seen: later calls of
         # the step carry its labels, and their arguments are traced against it.
         state.ctx = state.ctx.after(result)
+
+    def _emit(self, event: RunEvent) -> None:
+        if self._listener is not None:
+            self._listener(event)
+
+    def _decided(self, state: _Step, tool: str, decision: Decision) -> None:
+        self._emit(CallDecided(run_id=self.run_id, step_id=state.step_id, tool=tool,
+                               outcome=Outcome(decision.outcome), policy_ids=tuple(decision.policy_ids),
+                               reason="; ".join(decision.reasons)))
+
+    def _announce_end(self, state: _Step) -> None:
+        if state.ended is not None and not state.announced:
+            state.announced = True
+            self._emit(StepEnded(run_id=self.run_id, step_id=state.step_id, status=state.ended.status,
+                                 reason=state.ended.reason))
+
+    def _answered(self, request: ApprovalRequest, status: str) -> None:
+        state = self._steps.get(request.step_id)
+        if state is not None and not state.revoked and state.resumed_from == request.id:
+            return  # told as the step was begun again for it
+        self._emit(ApprovalAnswered(run_id=self.run_id, step_id=request.step_id, approval_id=request.id,
+                                    status=status))
 
     def _closing(self, state: _Step) -> StepClosing:
         """How ``state``'s step ends with its last call (see ``StepClosing``): revoked, and

@@ -249,12 +249,13 @@ def _session(rt: Runtime, payload: StepInput, plan: Plan) -> Session:
 
 
 def _begin(session: Session, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
-           record: dict[str, Any], extra_labels: frozenset[str] = frozenset()) -> StepScope:
+           record: dict[str, Any], extra_labels: frozenset[str] = frozenset(),
+           resuming: str | None = None) -> StepScope:
     """Begin ``step`` in ``session`` with what its executor has been shown and carries."""
     return session.begin_step(step, identity=identity, observations=_observations(plan, payload),
                               data_labels=frozenset(payload["data_labels"]) | extra_labels,
                               widened=bool(payload.get("widened")),
-                              approvals_asked=len(record.get("approval_ids") or []))
+                              approvals_asked=len(record.get("approval_ids") or []), resuming=resuming)
 
 
 def final_status(state: dict[str, Any]) -> str:
@@ -457,22 +458,18 @@ def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:
 def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
             approval: ApprovalRequest, state: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The step's update after a human's answer, and whether its outcome is already audited."""
-    pending_id = approval.id
-    if state == "expired":
-        record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
-                      reason=f"approval {pending_id!r} expired before it was answered")
-        return {"steps": {step.id: record}}, False
-    if state == "denied" and approval.proposed_arguments is None:
-        assert approval.denial is not None
-        record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
-                      reason=f"denied by {approval.denial.approver}: {approval.denial.reason}",
-                      denied_by=approval.denial.approver)
+    session = _session(rt, payload, plan)
+    if state == "expired" or (state == "denied" and approval.proposed_arguments is None):
+        refused = session.resume(approval.id)  # nothing is checked or written: the answer is the end
+        record.update(status="denied", decision="deny", policy_ids=list(refused.policy_ids), reason=refused.reason)
+        if state == "denied" and approval.denial is not None:
+            record["denied_by"] = approval.denial.approver
         return {"steps": {step.id: record}}, False
     # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
     # new action, decided by policy from scratch (see ``Session.resume``). Either way under
     # a fresh grant, as the step's one and last call: it ends in the write that records it.
-    session = _session(rt, payload, plan)
-    scope = _begin(session, payload, plan, step, identity, record, frozenset(record.get("labels") or ()))
+    scope = _begin(session, payload, plan, step, identity, record, frozenset(record.get("labels") or ()),
+                   resuming=approval.id)
     record["grant_id"] = scope.grant_id
     record["grant_ids"] = [*record.get("grant_ids", []), scope.grant_id]
     ended: dict[str, Any] | None = None

@@ -8,11 +8,12 @@ run ends, whether it completes, pauses, fails, raises or is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,10 +28,12 @@ from .. import tracing as tr
 from ..approvers import Principal
 from ..clock import Clock
 from ..errors import ConfigError, RunBusyError, StoreError
+from ..gateway import CALLER_LOOP
 from ..guard import Guard, owner_alive
 from ..keys import Keystore
 from ..plan import Plan
 from ..policy import PolicyEngine
+from ..run_events import Listener, RunEvent
 from ..session import Session
 from ..store import SqliteStore, Store
 from ..store.postgres import PostgresStore, checkpointer_for_postgres
@@ -69,6 +72,7 @@ class Runtime:
         self.approvers, self.approvals, self.secrets, self.gateway = g.approvers, g.approvals, g.secrets, g.gateway
         try:
             self._trace_contexts: dict[str, Context] = {}
+            self._listeners: dict[str, Listener] = {}
             self._plans: dict[str, tuple[Any, Plan]] = {}
             self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
             self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
@@ -89,11 +93,17 @@ class Runtime:
         self.guard.close()
 
     def session(self, run_id: str, *, initiator: str | None = None, plan: Plan | None = None) -> Session:
-        """The decision session of run ``run_id`` (see ``Guard.session``)."""
-        return self.guard.session(run_id, initiator=initiator, plan=plan)
+        """The decision session of run ``run_id`` (see ``Guard.session``), telling the
+        listener of the drive in progress, if any."""
+        return self.guard.session(run_id, initiator=initiator, plan=plan, listener=self._listeners.get(run_id))
 
-    def run(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None) -> RunReport:
+    def run(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None,
+            on_event: Listener | None = None) -> RunReport:
         """Plan and execute ``task``; return the run record.
+
+        ``on_event`` is told of each event of the run as it happens (see
+        ``scopegraph.run_events``), from the thread that drives it: parallel steps run in
+        threads of their own, so a listener must be thread-safe.
 
         ``initiator`` is who starts the run, an authenticated principal: the operating-system
         user by default, or one the embedding application passes (a name it vouches for, or
@@ -103,9 +113,11 @@ class Runtime:
             ConfigError: empty task, bad run id, or an invalid initiator name.
         """
         with self.store.atomic():  # the run, its lease and its first audit record land together
-            session = self.guard.start_run(task, initiator=initiator, run_id=run_id)
+            session = self.guard.start_run(task, initiator=initiator, run_id=run_id, listener=on_event)
             self._take_lease(session.run_id, self.clock.now())
         run_id = session.run_id
+        if on_event is not None:
+            self._listeners[run_id] = on_event
         # Only what the run needs from the start: every channel written is a row per checkpoint
         # (``steps`` and ``data_labels`` start empty; ``on_denial`` defaults to "fail").
         initial = {
@@ -114,11 +126,14 @@ class Runtime:
         }
         if self.workflow.on_denial != "fail":
             initial["on_denial"] = self.workflow.on_denial
-        with self._lease(run_id, taken=True) as leased:
-            return self._drive_leased(run_id, initial, None, leased, session)
+        try:
+            with self._lease(run_id, taken=True) as leased:
+                return self._drive_leased(run_id, initial, None, leased, session)
+        finally:
+            self._listeners.pop(run_id, None)
 
-    def resume(self, run_id: str) -> RunReport:
-        """Continue a paused or crashed run from its last checkpoint.
+    def resume(self, run_id: str, *, on_event: Listener | None = None) -> RunReport:
+        """Continue a paused or crashed run from its last checkpoint (``on_event`` as for ``run``).
 
         Answered approvals are resumed each by its own interrupt id; unanswered ones stay
         pending. A run that crashed mid-step re-runs that step: calls that completed are
@@ -132,6 +147,14 @@ class Runtime:
             raise ConfigError(f"unknown run {run_id!r}")
         if record.workflow != self.workflow.name:
             raise ConfigError(f"run {run_id!r} belongs to workflow {record.workflow!r}, not {self.workflow.name!r}")
+        if on_event is not None:
+            self._listeners[run_id] = on_event
+        try:
+            return self._resume(run_id, record.initiator)
+        finally:
+            self._listeners.pop(run_id, None)
+
+    def _resume(self, run_id: str, initiator: str) -> RunReport:
         # The lease first: the checkpoint is read, and grants revoked, only by the one driver.
         # (Read before it, another driver could finish the run meanwhile, or have its live
         # grants revoked under it.)
@@ -157,7 +180,31 @@ class Runtime:
                                    reason="approval answered" if snapshot.interrupts else "crash recovery")
             parent = tr.extract_context(snapshot.values.get("trace"))
             return self._drive_leased(run_id, graph_input, parent, leased,
-                                      self.guard.session(run_id, initiator=record.initiator))
+                                      self.session(run_id, initiator=initiator))
+
+    # async -----------------------------------------------------------------------------------
+    # The checkpointer and the store are synchronous, so a run is driven in one worker
+    # thread; every async tool it calls is awaited on the caller's own loop (see
+    # ``gateway.CALLER_LOOP``), never on a loop or a thread of its own.
+    async def arun(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None,
+                   on_event: Listener | None = None) -> RunReport:
+        """``run`` for a host on an event loop (``on_event`` is called from the driving thread)."""
+        return await _drive_in_worker(lambda: self.run(task, initiator=initiator, run_id=run_id, on_event=on_event))
+
+    async def aresume(self, run_id: str, *, on_event: Listener | None = None) -> RunReport:
+        """``resume`` for a host on an event loop."""
+        return await _drive_in_worker(lambda: self.resume(run_id, on_event=on_event))
+
+    def astream(self, task: str, *, initiator: str | Principal | None = None,
+                run_id: str | None = None) -> AsyncIterator[RunEvent]:
+        """Run ``task``, yielding its events as they happen (a plan fixed, steps started and
+        ended, decisions, approvals requested and answered), ``RunEnded`` last. The
+        report is then ``report(event.run_id)``."""
+        return _events_of(lambda listener: self.arun(task, initiator=initiator, run_id=run_id, on_event=listener))
+
+    def astream_resume(self, run_id: str) -> AsyncIterator[RunEvent]:
+        """``astream`` for ``resume``."""
+        return _events_of(lambda listener: self.aresume(run_id, on_event=listener))
 
     def plan_for(self, run_id: str, data: dict[str, Any]) -> Plan:
         """The validated plan of a run, parsed once per plan object rather than once per step.
@@ -306,6 +353,35 @@ def _step_report(s: dict[str, Any], tool: str, grants: list[Any], widened: bool 
         widened=widened,
         children=[_step_report(c, c.get("tool") or tool, grants) for c in s.get("children") or []],
     )
+
+
+async def _drive_in_worker(drive: Callable[[], RunReport]) -> RunReport:
+    """Drive a run in one worker thread, its async tools awaited on this loop."""
+    token = CALLER_LOOP.set(asyncio.get_running_loop())
+    try:
+        return await asyncio.to_thread(drive)  # the thread runs in a copy of this context
+    finally:
+        CALLER_LOOP.reset(token)
+
+
+async def _events_of(start: Callable[[Listener], Awaitable[RunReport]]) -> AsyncIterator[RunEvent]:
+    """The events of the drive ``start`` begins, as they arrive from its thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[RunEvent | None] = asyncio.Queue()
+
+    def listener(event: RunEvent) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    drive = asyncio.ensure_future(start(listener))
+    # Queued after every event the thread sent: the thread's end reaches this loop last.
+    drive.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while (event := await queue.get()) is not None:
+            yield event
+        drive.result()  # a drive that raised raises here
+    finally:
+        if not drive.done():  # the consumer stopped early: the run still ends cleanly
+            await asyncio.shield(drive)
 
 
 def _checkpointer_for(store: Store) -> tuple[Any, BaseCheckpointSaver[Any]]:
