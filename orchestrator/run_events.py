@@ -93,11 +93,11 @@ def describe(event: RunEvent) -> str:
         return f"step {event.step_id!r} started ({event.tool})"
     if isinstance(event, CallDecided):
         policies = f" [{', '.join(event.policy_ids)}]" if event.policy_ids else ""
-        return f"  {event.tool}: {event.outcome.value}{policies}"
+        return f"  {event.step_id}: {event.tool} {event.outcome.value}{policies}"
     if isinstance(event, ApprovalRequested):
-        return f"  approval requested: {event.approval_id} ({event.tool})"
+        return f"  {event.step_id}: approval requested: {event.approval_id}"
     if isinstance(event, ApprovalAnswered):
-        return f"  approval {event.approval_id}: {event.status}"
+        return f"  {event.step_id}: approval {event.approval_id} {event.status}"
     if isinstance(event, StepEnded):
         return f"step {event.step_id!r} {event.status}" + (f": {event.reason}" if event.reason else "")
     return f"run {event.status}" + (f": {event.error}" if event.error else "")

@@ -33,7 +33,7 @@ def test_run_shows_progress_on_stderr_and_keeps_stdout_json(
     assert err.splitlines() == [
         "scopegraph: plan fixed: 1 step(s) (look)",
         "scopegraph: step 'look' started (lookup)",
-        "scopegraph:   lookup: allow [allow-planned-calls]",
+        "scopegraph:   look: lookup allow [allow-planned-calls]",
         "scopegraph: step 'look' completed",
         "scopegraph: run completed",
     ]
@@ -63,9 +63,9 @@ def test_resume_shows_the_progress_of_an_approved_call(capsys: pytest.CaptureFix
     code, out, err = run_cli(capsys, "--store", store_url, "resume", record["run_id"], "--json", "--progress")
     assert json.loads(out)["run_id"] == record["run_id"], err
     assert err.splitlines() == [
-        f"scopegraph:   approval {pending}: approved",
+        f"scopegraph:   file: approval {pending} approved",
         "scopegraph: step 'file' started (file_expense)",
-        "scopegraph:   file_expense: allow [allow-planned-calls]",
+        "scopegraph:   file: file_expense allow [allow-planned-calls]",
         "scopegraph: step 'file' completed",
         "scopegraph: run completed",
     ]

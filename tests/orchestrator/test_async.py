@@ -114,7 +114,7 @@ def test_a_sync_run_tells_its_listener_the_same_events(make_runtime: Callable[..
     assert kinds(events) == ["plan_fixed", "step_started", "decision", "step_ended", "run_ended"]
     assert [describe(e) for e in events] == [
         "plan fixed: 1 step(s) (rate)", "step 'rate' started (fetch_rate)",
-        "  fetch_rate: allow [allow-planned-calls]", "step 'rate' completed", "run completed"]
+        "  rate: fetch_rate allow [allow-planned-calls]", "step 'rate' completed", "run completed"]
 
 
 def test_session_acall_and_aexecute_await_on_the_callers_loop(make_runtime: Callable[..., Runtime]) -> None:
@@ -142,3 +142,18 @@ def test_session_acall_and_aexecute_await_on_the_callers_loop(make_runtime: Call
     asyncio.run(main())
     assert all(g.revoked_at is not None for g in rt.store.grants_for_run("a4"))
     assert rt.ledger.verify(run_id="a4").ok
+
+
+def test_parallel_steps_await_their_async_tools_on_the_callers_loop(make_runtime: Callable[..., Runtime]) -> None:
+    both = {"steps": [
+        {"id": "eur", "tool": "fetch_rate", "constraints": {"currency": {"kind": "exact", "value": "EUR"}}},
+        {"id": "usd", "tool": "fetch_rate", "constraints": {"currency": {"kind": "exact", "value": "USD"}}},
+    ]}
+    rt = make_runtime(workflow(both))
+
+    async def main() -> tuple[Any, asyncio.AbstractEventLoop]:
+        return await rt.arun("rates", initiator="alice", run_id="a5"), asyncio.get_running_loop()
+
+    report, loop = asyncio.run(main())
+    assert report.status == "completed", report.summary()
+    assert [seen_loop is loop for seen_loop, _ in SEEN] == [True, True]
