@@ -27,10 +27,8 @@ not allowed cannot be executed or recorded, and an allowed one only once.
 
 from __future__ import annotations
 
-import enum
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import tracing as tr
@@ -38,9 +36,9 @@ from .approvals import ApprovalRequest
 from .approvals import approval_id as make_approval_id
 from .canonical import action_digest_v2, canonical_json, sha256_hex
 from .credentials import Grant
+from .decisions import PLAN_POLICY_ID, STEP_ENDED, CallDecision, Outcome, StepEnd, StepScope, step_outcome
 from .errors import PlanError, SessionError
 from .gateway import (
-    APPROVAL_POLICY_ID,
     CallContext,
     CallResult,
     Decided,
@@ -53,6 +51,7 @@ from .plan import Plan, Step, parse_plan, validate_plan
 from .policy import Decision
 from .provenance import Observation
 from .redaction import recorded_constraints
+from .resumption import failed_attempt, resumption, unanswerable
 from .roles import Planner, PlanningContext
 from .run_events import (
     ApprovalAnswered,
@@ -68,97 +67,6 @@ from .run_events import (
 
 if TYPE_CHECKING:
     from .guard import Guard
-
-PLAN_POLICY_ID = "scopegraph:plan"  # a check for a step the plan does not have
-STEP_ENDED = "step ended"  # why a step's grant is revoked when the step ends
-
-
-class Outcome(str, enum.Enum):
-    """What was decided about one call."""
-
-    ALLOW = "allow"
-    DENY = "deny"
-    NEEDS_APPROVAL = "needs_approval"
-
-
-@dataclass(frozen=True, kw_only=True)
-class CallDecision:
-    """The decision on one proposed call, as ``Session.check`` made and recorded it.
-
-    ``outcome`` says what to do: run it (``ALLOW``), refuse it (``DENY``: ``reason``
-    says why, ``policy_ids`` which policies or checks refused), or ask a human
-    (``NEEDS_APPROVAL``: ``approval_id`` names the request made for exactly this call).
-    ``result`` is set when the call ended at its check: refused, held for approval, or
-    an allowed call already made once (replayed from its record, never run again).
-    """
-
-    call_id: str
-    run_id: str
-    step_id: str
-    tool: str
-    outcome: Outcome
-    policy_ids: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    approval_id: str | None = None
-    required_approvals: int = 0
-    grant_id: str | None = None
-    result: CallResult | None = field(default=None, repr=False)
-
-    @property
-    def allowed(self) -> bool:
-        return self.outcome is Outcome.ALLOW
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(self.reasons)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepEnd:
-    """How a step ended, as its ``step_ended`` audit record says."""
-
-    status: str  # completed, denied, failed, awaiting_approval
-    decision: str | None = None
-    policy_ids: tuple[str, ...] = ()
-    reason: str = ""
-    approval_id: str | None = None
-    result: Any = field(default=None, repr=False, compare=False)  # the step's output, when it completed
-
-    def as_record(self) -> dict[str, Any]:
-        """The fields a run's step record keeps (the runtime's checkpoint)."""
-        record: dict[str, Any] = {"status": self.status, "decision": self.decision,
-                                  "policy_ids": list(self.policy_ids), "reason": self.reason}
-        if self.status == "completed":
-            record["result"] = self.result
-        elif self.status != "awaiting_approval":
-            record["result"] = None
-        if self.approval_id is not None:
-            record["approval_id"] = self.approval_id
-        return record
-
-
-def step_outcome(calls: list[CallResult], planned_tool: str) -> StepEnd:
-    """A step completes when its last call was an allowed, successful call of its tool."""
-    if not calls:
-        return StepEnd(status="failed", reason="executor made no call")
-    last = calls[-1]
-    if last.ok and last.tool == planned_tool:
-        status = "completed"
-    else:
-        status = "denied" if last.status == "denied" else "failed"
-    return StepEnd(status=status, decision=last.decision.outcome, policy_ids=tuple(last.decision.policy_ids),
-                   reason="" if last.ok else last.audit_reason, result=last.value if last.ok else None)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepScope:
-    """A step as it runs: its identity, proof of identity and grant. No token is shown."""
-
-    step_id: str
-    step: Step
-    identity: SpiffeId
-    svid: Svid = field(repr=False)
-    grant_id: str
 
 
 class _Step:
@@ -478,7 +386,7 @@ class Session:
         try:
             result = self.guard.gateway.run(decided, state.ctx, closing=state.closing)
         except BaseException as exc:
-            state.calls.append(_failed_attempt(decided, exc))
+            state.calls.append(failed_attempt(decided, exc))
             raise
         self._took(state, result)
         return result
@@ -543,7 +451,7 @@ class Session:
         try:
             result = await self.guard.gateway.arun(decided, state.ctx, closing=state.closing)
         except BaseException as exc:
-            state.calls.append(_failed_attempt(decided, exc))
+            state.calls.append(failed_attempt(decided, exc))
             raise
         self._took(state, result)
         return result
@@ -567,11 +475,11 @@ class Session:
         """``resume_call``, awaiting an async tool on the caller's loop."""
         request = self.guard.approvals.get(approval_id)
         state = request.effective_status(self.guard.clock.now())
-        final = _unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
+        final = unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
         if request.run_id != self.run_id or final is not None:
             return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
         self._answered(request, state)
-        arguments, present, call_id = _resumption(self, request, state)
+        arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return await self._acall(request.step_id, request.tool, arguments, approval_id=present, last=last,
                                  call_id=call_id, again=True, resumed_from=request.id)
 
@@ -640,12 +548,12 @@ class Session:
             return self._refused(request.step_id, request.tool, None,
                                  f"approval {approval_id!r} belongs to another run")
         state = request.effective_status(self.guard.clock.now())
-        final = _unanswerable(self.run_id, request, state)
+        final = unanswerable(self.run_id, request, state)
         if state != "pending":
             self._answered(request, state)
         if final is not None:
             return final
-        arguments, present, call_id = _resumption(self, request, state)
+        arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return self._check(request.step_id, request.tool, arguments, approval_id=present, last=last,
                            call_id=call_id, again=True, resumed_from=request.id)
 
@@ -654,11 +562,11 @@ class Session:
         (a retry presents no approval: it is a new call, decided afresh)."""
         request = self.guard.approvals.get(approval_id)
         state = request.effective_status(self.guard.clock.now())
-        final = _unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
+        final = unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
         if request.run_id != self.run_id or final is not None:
             return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
         self._answered(request, state)
-        arguments, present, call_id = _resumption(self, request, state)
+        arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return self._call(request.step_id, request.tool, arguments, approval_id=present, last=last,
                           call_id=call_id, again=True, resumed_from=request.id)
 
@@ -898,67 +806,4 @@ class Session:
                                  reason=outcome.reason, approval_id=outcome.approval_id)
 
 
-def _failed_attempt(decided: Decided, exc: BaseException) -> CallResult:
-    """The result of an attempt whose tool raised past the gateway (a transient failure)."""
-    return CallResult(tool=decided.tool_name, arguments=dict(decided.normalized or {}), status="error",
-                      decision=decided.decision, error=f"tool {decided.tool_name!r} failed: {type(exc).__name__}",
-                      error_type=type(exc).__name__, attempts=decided.attempt, grant_id=decided.grant_id,
-                      labels=decided.tool.labels if decided.tool is not None else frozenset())
-
-
-def _unanswerable(run_id: str, request: ApprovalRequest, state: str) -> CallDecision | None:
-    """The decision on a held call whose request cannot be used: still pending, denied
-    outright, or expired. Nothing is checked or written for it."""
-    if state == "pending":
-        decision = Decision(outcome="needs_approval", reasons=tuple(request.reasons),
-                            policy_ids=tuple(request.policy_ids), required_approvals=request.required_approvals)
-        approval: str | None = request.id
-    elif state == "expired":
-        decision = Decision.deny(f"approval {request.id!r} expired before it was answered", APPROVAL_POLICY_ID)
-        approval = None
-    elif state == "denied" and request.proposed_arguments is None:
-        assert request.denial is not None
-        decision = Decision.deny(f"denied by {request.denial.approver}: {request.denial.reason}",
-                                 APPROVAL_POLICY_ID)
-        approval = None
-    else:
-        return None
-    status = "needs_approval" if decision.outcome == "needs_approval" else "denied"
-    result = CallResult(tool=request.tool, arguments=dict(request.arguments), status=status,  # type: ignore[arg-type]
-                        decision=decision)
-    return CallDecision(call_id=f"approval:{request.id}", run_id=run_id, step_id=request.step_id, tool=request.tool,
-                        outcome=Outcome(decision.outcome), policy_ids=decision.policy_ids, reasons=decision.reasons,
-                        approval_id=approval, required_approvals=decision.required_approvals, result=result)
-
-
-def _resumption(session: Session, request: ApprovalRequest, state: str) -> tuple[dict[str, Any], str | None, str]:
-    """The call to check for an answered request: its arguments, the approval to present
-    (if any) and the call's idempotency id."""
-    # Counter-proposal: the new arguments are a new action. A proposal names only what it
-    # changes; the rest of the call stays as requested.
-    arguments = request.arguments if state in ("approved", "consumed") \
-        else {**request.arguments, **(request.proposed_arguments or {})}
-    # Approved under policies that have changed since (an upgrade while the run was
-    # paused): the approval names the old version and cannot be used; the call is decided
-    # afresh, and asked about again if it still needs a human.
-    stale = state == "approved" and request.policy_version != session.guard.policy.version
-    if state in ("approved", "consumed") and not stale:
-        return _as_called(session, request.tool, arguments), request.id, f"approval:{request.id}"
-    return _as_called(session, request.tool, arguments), None, f"{'reasked' if stale else 'proposal'}:{request.id}"
-
-
-def _as_called(session: Session, tool: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The approved call's arguments as its executor passed them: the request holds them
-    normalised, defaults filled in; those still at their default are left out, so the
-    call is decided (and its digest computed) exactly as it was when it was held."""
-    fields = session.workflow.registry.get_tool(tool).args_model.model_fields
-
-    def is_default(name: str, value: Any) -> bool:
-        default = fields[name].get_default(call_default_factory=True)
-        return type(value) is type(default) and bool(value == default)
-
-    return {k: v for k, v in arguments.items()
-            if k not in fields or fields[k].is_required() or not is_default(k, v)}
-
-
-__all__ = ["CallDecision", "Outcome", "Session", "StepEnd", "StepScope", "step_outcome"]
+__all__ = ["PLAN_POLICY_ID", "STEP_ENDED", "CallDecision", "Outcome", "Session", "StepEnd", "StepScope", "step_outcome"]
