@@ -166,7 +166,7 @@ class Guard:
             existing = self.store.get_run(run_id)
             # A run submitted to the workers waits as "queued": starting it is its first drive.
             if existing is not None and (existing.status != "queued" or existing.workflow != self.workflow.name):
-                raise ConfigError(f"run {run_id!r} exists already; open its session with Guard.session")
+                raise ConfigError(f"run {run_id!r} exists already; use resume (or Guard.session to reopen it)")
             now = self.clock.now()
             self.store.upsert_run(RunRecord(
                 run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=principal.display,
