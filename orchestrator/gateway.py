@@ -185,14 +185,13 @@ class Gateway:
 
     def call(self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
              call_key: str | None = None, approval_id: str | None = None,
-             closing: StepClosing | None = None) -> CallResult:
+             closing: StepClosing | None = None, on_held: Callable[[CallResult], None] | None = None,
+             ) -> CallResult:
         """``_call``, traced as one ``execute_tool`` span: its decisions, runs and outcome."""
         with tr.tool_call_span(tool, run_id=ctx.run_id, step_id=ctx.step_id, principal=ctx.principal) as s:
             result = self._call(token, tool, arguments, ctx, call_key=call_key, approval_id=approval_id,
-                                closing=closing)
-            tr.tool_call_ended(s, status=result.status, decision=result.decision.outcome,
-                               policy_ids=result.decision.policy_ids, reasons=result.decision.reasons,
-                               error_type=result.error_type)
+                                closing=closing, on_held=on_held)
+            _call_ended(s, result)
             return result
 
     def _call(
@@ -378,6 +377,17 @@ class Gateway:
     ) -> CallResult:
         """``call`` for a caller on an event loop: an async tool is awaited on that loop,
         and a retry waits without blocking it. Every retry is decided again."""
+        with tr.tool_call_span(tool, run_id=ctx.run_id, step_id=ctx.step_id, principal=ctx.principal) as s:
+            result = await self._acall(token, tool, arguments, ctx, call_key=call_key, approval_id=approval_id,
+                                       closing=closing, on_held=on_held)
+            _call_ended(s, result)
+            return result
+
+    async def _acall(
+        self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
+        call_key: str | None, approval_id: str | None, closing: StepClosing | None,
+        on_held: Callable[[CallResult], None] | None,
+    ) -> CallResult:
         attempt = 1
         last: BaseException | None = None
         while attempt <= max(1, self.retry.attempts):
@@ -849,3 +859,9 @@ class Gateway:
             outcome=outcome, decision=decision.outcome, policy_ids=decision.policy_ids,
             at=self.clock.now(), observed=observed(arguments, known.secrets if known else frozenset()),
         ))
+
+
+def _call_ended(span: Any, result: CallResult) -> None:
+    tr.tool_call_ended(span, status=result.status, decision=result.decision.outcome,
+                       policy_ids=result.decision.policy_ids, reasons=result.decision.reasons,
+                       error_type=result.error_type)
