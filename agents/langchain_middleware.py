@@ -69,7 +69,7 @@ class ScopegraphMiddleware(AgentMiddleware[ScopedAgentState, Any, Any]):
         self, request: ToolCallRequest,
         handler: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]],
     ) -> ToolMessage | Command[Any]:
-        return self.calls.call(request.tool_call, request.state)
+        return await self.calls.acall(request.tool_call, request.state)  # an async tool awaited on this loop
 
     def after_agent(self, state: ScopedAgentState, runtime: Runtime[Any]) -> dict[str, Any] | None:
         ended = self.calls.end_run(state)

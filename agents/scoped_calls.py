@@ -34,9 +34,11 @@ call is asked about again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,7 @@ from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.types import interrupt
 
 from scopegraph import CallDecision, CallResult, Guard, Outcome, Session, StepEnd
+from scopegraph import tracing as tr
 from scopegraph.approvals import ApprovalRequest
 from scopegraph.canonical import action_digest_v2, canonical_json, sha256_hex
 from scopegraph.errors import ApprovalError, ScopegraphError, SessionError, ToolError, TransientToolError
@@ -64,12 +67,29 @@ Initiator = str | Callable[[RunnableConfig], str]
 
 @dataclass
 class _Run:
-    """An open run in this process: its session, and a lock (the session is driven by
-    one thread at a time; a model's parallel tool calls take turns)."""
+    """An open run in this process: its session, and its locks (the session is driven by
+    one caller at a time; a model's parallel tool calls take turns: threads on ``lock``,
+    tasks of an event loop on that loop's ``alock``)."""
 
     session: Session
     done: set[str] = field(default_factory=set)  # steps completed (their tool ran, successfully)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    _alocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = field(
+        default_factory=weakref.WeakKeyDictionary)
+
+    def alock(self) -> asyncio.Lock:
+        """The lock of the running loop's tasks (an ``asyncio.Lock`` serves one loop only)."""
+        with self.lock:
+            return self._alocks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A decided call, left to run (if allowed) and answer."""
+
+    step: Step | None
+    decision: CallDecision
+    tool_call: ToolCall
 
 
 class ScopedCalls:
@@ -134,23 +154,46 @@ class ScopedCalls:
             SessionError: the state has no open run (no plan was fixed for it), or its
                 plan is not the one the run's ledger recorded.
         """
+        run = self._open(state)
+        with run.lock, tr.model_tool_call(tool_call.get("id")):
+            ready = self._decide(run, tool_call, state)
+            return ready if isinstance(ready, ToolMessage) else self._finish(run, ready)
+
+    async def acall(self, tool_call: ToolCall, state: Mapping[str, Any]) -> ToolMessage:
+        """``call`` for a graph run on an event loop: an async tool is awaited on that loop
+        (no thread, no loop of its own), and the model's parallel calls take turns
+        without blocking it.
+
+        Raises:
+            SessionError: as for ``call``.
+        """
+        run = self._open(state)
+        async with run.alock():
+            with run.lock, tr.model_tool_call(tool_call.get("id")):
+                ready = self._decide(run, tool_call, state)
+                return ready if isinstance(ready, ToolMessage) else await self._afinish(run, ready)
+
+    def _open(self, state: Mapping[str, Any]) -> _Run:
         scope = state.get(STATE_KEY)
         if not scope or scope.get("ended"):
             raise SessionError("no scopegraph run is open for this graph state: plan the run first "
                                "(the middleware's before_agent, or ScopedToolNode.plan as the graph's first node)")
-        run = self._run(scope)
+        return self._run(scope)
+
+    def _decide(self, run: _Run, tool_call: ToolCall, state: Mapping[str, Any]) -> ToolMessage | _Ready:
+        """Decide the call (asking a human, through interrupts, if it needs one) up to
+        what is left to do: run an allowed call, or answer with a message."""
         seen = _observations(state)
         name, args = tool_call["name"], dict(tool_call.get("args") or {})
-        with run.lock:
-            step = self._step_for(run, name)
-            held = self._held(run, step, name, args) if step is not None else None
-            if held is None:
-                decision = self._check(run, step, name, args, tool_call, seen)
-                if decision.outcome is not Outcome.NEEDS_APPROVAL:
-                    return self._finish(run, step, decision, tool_call)
-                assert decision.approval_id is not None and step is not None
-                held = run.session.approval(decision.approval_id)
-                run.session.end_step(step.id, _awaiting(decision))
+        step = self._step_for(run, name)
+        held = self._held(run, step, name, args, tool_call) if step is not None else None
+        if held is None:
+            decision = self._check(run, step, name, args, tool_call, seen)
+            if decision.outcome is not Outcome.NEEDS_APPROVAL:
+                return _Ready(step=step, decision=decision, tool_call=tool_call)
+            assert decision.approval_id is not None and step is not None
+            held = run.session.approval(decision.approval_id)
+            run.session.end_step(step.id, _awaiting(decision))
         assert step is not None
         return self._ask(run, step, held, tool_call, state, seen)
 
@@ -159,10 +202,10 @@ class ScopedCalls:
         if step is None:  # no step of the plan uses this tool: denied, audited, no grant involved
             return run.session.check(name, name, args)
         self._begin(run, step, seen)
-        return run.session.check(step.id, name, args, call_id=_call_id(run.session.run_id, tool_call))
+        return run.session.check(step.id, name, args, call_id=tool_call.get("id"))
 
     def _ask(self, run: _Run, step: Step, held: ApprovalRequest, tool_call: ToolCall,
-             state: Mapping[str, Any], seen: tuple[Observation, ...]) -> ToolMessage:
+             state: Mapping[str, Any], seen: tuple[Observation, ...]) -> ToolMessage | _Ready:
         """Interrupt for a human's answer on ``held`` until one applies to it."""
         problem: str | None = None
         while True:
@@ -175,7 +218,7 @@ class ScopedCalls:
                 edited = decision["edited_action"]
                 new_call = ToolCall(name=edited["name"], args=dict(edited.get("args") or {}), id=tool_call["id"],
                                     type="tool_call")
-                return self.call(new_call, state)  # a new call, decided from scratch
+                return self._decide(run, new_call, state)  # a new call, decided from scratch
             if kind == "reject":
                 problem = self._answer_no(run, held, decision)
                 if problem is None:
@@ -184,21 +227,20 @@ class ScopedCalls:
             problem = self._answer_yes(run, held, decision)
             if problem is not None:
                 continue
-            with run.lock:
-                now = self.guard.clock.now()
-                current = run.session.approval(held.id)
-                if current.effective_status(now) == "pending":
-                    problem = (f"approval {held.id!r} still needs "
-                               f"{current.required_approvals - len(current.approvals)} more approval(s)")
-                    continue
-                self._begin(run, step, seen)
-                resumed = run.session.resume(held.id)
-                if resumed.outcome is not Outcome.NEEDS_APPROVAL:
-                    return self._finish(run, step, resumed, tool_call)
-                # Approved under policies changed since: asked about again, as a new request.
-                assert resumed.approval_id is not None
-                run.session.end_step(step.id, _awaiting(resumed))
-                held, problem = run.session.approval(resumed.approval_id), None
+            now = self.guard.clock.now()
+            current = run.session.approval(held.id)
+            if current.effective_status(now) == "pending":
+                problem = (f"approval {held.id!r} still needs "
+                           f"{current.required_approvals - len(current.approvals)} more approval(s)")
+                continue
+            self._begin(run, step, seen)
+            resumed = run.session.resume(held.id)
+            if resumed.outcome is not Outcome.NEEDS_APPROVAL:
+                return _Ready(step=step, decision=resumed, tool_call=tool_call)
+            # Approved under policies changed since: asked about again, as a new request.
+            assert resumed.approval_id is not None
+            run.session.end_step(step.id, _awaiting(resumed))
+            held, problem = run.session.approval(resumed.approval_id), None
 
     def _answer_yes(self, run: _Run, held: ApprovalRequest, decision: Mapping[str, Any]) -> str | None:
         approver = decision.get("approver")
@@ -226,21 +268,36 @@ class ScopedCalls:
             return str(exc)
         return None
 
-    def _finish(self, run: _Run, step: Step | None, decision: CallDecision, tool_call: ToolCall) -> ToolMessage:
+    def _finish(self, run: _Run, ready: _Ready) -> ToolMessage:
         """Run an allowed call through the gateway, end the step (its grant revoked), and
         answer the model."""
-        session = run.session
         try:
-            result = session.execute(decision)  # a decision that ended at its check runs nothing
+            result = run.session.execute(ready.decision)  # a decision that ended at its check runs nothing
         except TransientToolError as exc:  # recorded as failed; the model may try again, decided anew
-            result = CallResult(tool=decision.tool, arguments={}, status="error", decision=_allowed(decision),
-                                error=f"tool {decision.tool!r} failed ({type(exc).__name__}); it may be retried")
+            result = _transient(ready.decision, exc)
         finally:
-            if step is not None:
-                session.end_step(step.id)  # the grant ends with its one call, whatever came of it
-        if step is not None and result.ok:
-            run.done.add(step.id)
-        return tool_message(result, tool_call, step.id if step is not None else None)
+            self._end(run, ready)
+        return self._answer(run, ready, result)
+
+    async def _afinish(self, run: _Run, ready: _Ready) -> ToolMessage:
+        """``_finish``, awaiting an async tool on the caller's loop."""
+        try:
+            result = await run.session.aexecute(ready.decision)
+        except TransientToolError as exc:
+            result = _transient(ready.decision, exc)
+        finally:
+            self._end(run, ready)
+        return self._answer(run, ready, result)
+
+    def _end(self, run: _Run, ready: _Ready) -> None:
+        if ready.step is not None:
+            run.session.end_step(ready.step.id)  # the grant ends with its one call, whatever came of it
+
+    def _answer(self, run: _Run, ready: _Ready, result: CallResult) -> ToolMessage:
+        step_id = ready.step.id if ready.step is not None else None
+        if step_id is not None and result.ok:
+            run.done.add(step_id)
+        return tool_message(result, ready.tool_call, step_id)
 
     # internals ----------------------------------------------------------------------------
     def _run(self, scope: Mapping[str, Any]) -> _Run:
@@ -281,9 +338,12 @@ class ScopedCalls:
         labels = frozenset().union(*(o.labels for o in seen))
         run.session.begin_step(step, observations=seen, data_labels=labels, approvals_asked=asked)
 
-    def _held(self, run: _Run, step: Step, tool: str, args: Mapping[str, Any]) -> ApprovalRequest | None:
-        """The open approval request for exactly this call, if one was made: the node
-        re-runs from its start when resumed, and must not decide the call twice."""
+    def _held(self, run: _Run, step: Step, tool: str, args: Mapping[str, Any],
+              tool_call: ToolCall) -> ApprovalRequest | None:
+        """The open approval request for exactly this call (this tool call of the model,
+        with these arguments), if one was made: the node re-runs from its start when
+        resumed, and must not decide the call twice, nor take another call's request
+        for its own."""
         try:
             normalized = self.guard.workflow.registry.get_tool(tool).validate_arguments(args)
         except ScopegraphError:
@@ -291,9 +351,12 @@ class ScopedCalls:
         digest = action_digest_v2(run_id=run.session.run_id, step_id=step.id, tool=tool, arguments=normalized,
                                   policy_version=self.guard.policy.version)
         now = self.guard.clock.now()
-        open_ = [r for r in self.guard.approvals.list(run_id=run.session.run_id)
+        call_id = tool_call.get("id")
+        made = run.session.approvals_for(call_id) if call_id else [
+            r for r in self.guard.approvals.list(run_id=run.session.run_id) if r.call_id is None]
+        open_ = [r for r in made
                  if r.step_id == step.id and r.digest == digest and r.effective_status(now) in ("pending", "approved")]
-        return max(open_, key=lambda r: r.created_at) if open_ else None
+        return open_[-1] if open_ else None  # the last made: one asked again replaces the one before
 
 
 # the human-in-the-loop exchange ----------------------------------------------------------
@@ -407,9 +470,9 @@ def _awaiting(decision: CallDecision) -> StepEnd:
                    reason=decision.reason, approval_id=decision.approval_id)
 
 
-def _call_id(run_id: str, tool_call: ToolCall) -> str | None:
-    """The call's idempotency key: the model's tool call id, within the run."""
-    return sha256_hex(f"{run_id}\0langchain\0{tool_call['id']}") if tool_call.get("id") else None
+def _transient(decision: CallDecision, exc: TransientToolError) -> CallResult:
+    return CallResult(tool=decision.tool, arguments={}, status="error", decision=_allowed(decision),
+                      error=f"tool {decision.tool!r} failed ({type(exc).__name__}); it may be retried")
 
 
 def _model_facing(name: str, description: str, args_model: Any) -> BaseTool:

@@ -69,7 +69,7 @@ class ScopedToolNode(ToolNode):
     async def _awrap(self, request: ToolCallRequest,
                      handler: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]],
                      ) -> ToolMessage | Command[Any]:
-        return self.calls.call(request.tool_call, request.state)
+        return await self.calls.acall(request.tool_call, request.state)
 
 
 __all__ = ["ScopedMessagesState", "ScopedToolNode"]

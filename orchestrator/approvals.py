@@ -83,6 +83,10 @@ class ApprovalRequest(BaseModel):
     # Arguments the tool declares secret: kept here so the approved call can be replayed,
     # masked wherever the request is shown (``shown_arguments``, ``answers``).
     secret_arguments: list[str] = []
+    # The host's id for the call it was made for (a model's tool-call id), when it gave one:
+    # a host re-running after an interrupt finds the request for that call, not for any
+    # call with the same digest.
+    call_id: str | None = None
 
     def shown_arguments(self, arguments: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``arguments`` (default: the request's) as people see them: secret values masked."""

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from . import tracing as tr
 from .approvals import ApprovalRequest
 from .approvals import approval_id as make_approval_id
+from .call_span import HostCallSpan
 from .canonical import action_digest_v2, canonical_json, sha256_hex
 from .credentials import Grant
 from .decisions import PLAN_POLICY_ID, STEP_ENDED, CallDecision, Outcome, StepEnd, StepScope, step_outcome
@@ -80,6 +81,7 @@ class _Step:
         self.labels = ctx.data_labels  # what it carried when it began: its approval requests show them
         self.calls: list[CallResult] = []
         self.pending: dict[str, Decided] = {}
+        self.spans: dict[str, HostCallSpan] = {}  # of allowed calls not executed or recorded yet
         self.checks = 0
         self.asked = asked  # approval requests made for this step so far (their sequence)
         self.held_under = held_under  # a delegated child's calls are held as its parent's
@@ -324,9 +326,13 @@ class Session:
         digest is recomputed; the approval is consumed once). For a step that ended
         waiting for that approval, the step is begun again under a new grant. ``last``
         says this is the step's last call: the step ends in the write that records its
-        final result (one write fewer). ``call_id`` names the call for idempotency: a
-        call already made under that id is not made again (by default, the n-th call of
-        the step with these arguments).
+        final result (one write fewer). ``call_id`` is the host's id for the call (a
+        model's tool-call id): within the run's step a call already made under it is not
+        made again (by default, the n-th call of the step with these arguments is), and an
+        approval request made for it records it (``approvals_for`` finds it again).
+
+        The call gets one ``execute_tool`` span, from this check to its ``execute`` or
+        ``record`` (or to the check itself, for a call refused or held).
 
         A step the plan does not have is denied (``scopegraph:plan``), never raised.
         """
@@ -336,21 +342,29 @@ class Session:
     def _check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
                last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallDecision:
         try:
-            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
+            state, name, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc))
-        decided = self.guard.gateway.decide(
-            state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
-            closing=closing, on_held=lambda held: self._hold(state, held))
+        span = HostCallSpan(tool, run_id=self.run_id, step_id=state.step_id, principal=state.ctx.principal)
+        try:
+            with span.current():
+                decided = self.guard.gateway.decide(
+                    state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
+                    closing=closing, on_held=lambda held: self._hold(state, held, call_id))
+        except BaseException as exc:
+            span.end(None, exc)
+            raise
         self._decided(state, tool, decided.decision)
         if decided.result is None:
-            state.pending[key] = decided
+            state.pending[name] = decided
+            state.spans[name] = span
             state.closing = closing
         else:
+            span.end(decided.result)
             self._took(state, decided.result)
         held = state.held_under or state
         return CallDecision(
-            call_id=key, run_id=self.run_id, step_id=state.step_id, tool=tool,
+            call_id=name, run_id=self.run_id, step_id=state.step_id, tool=tool,
             outcome=Outcome(decided.decision.outcome), policy_ids=tuple(decided.decision.policy_ids),
             reasons=tuple(decided.decision.reasons),
             approval_id=held.last_request if decided.decision.outcome == "needs_approval" else None,
@@ -358,15 +372,20 @@ class Session:
             result=decided.result)
 
     def _prepare(self, step: str, tool: str, arguments: Mapping[str, Any], last: bool, call_id: str | None,
-                 again: bool, resumed_from: str | None) -> tuple[_Step, str, StepClosing | None]:
-        """The step a call is for (begun if need be), the call's idempotency key, and how
-        the step ends with it if it is the last."""
+                 again: bool, resumed_from: str | None) -> tuple[_Step, str, str, StepClosing | None]:
+        """The step a call is for (begun if need be), the call's name in this session, its
+        idempotency key, and how the step ends with it if it is the last."""
         state = self._checking(step, again)
         state.resumed_from = resumed_from or state.resumed_from
         index = state.checks
         state.checks += 1
-        key = call_id or call_key(state.ctx, index, tool, arguments)
-        return state, key, self._closing(state) if last else None
+        if call_id is None:
+            key = call_key(state.ctx, index, tool, arguments)
+            return state, key, key, self._closing(state) if last else None
+        # The store's idempotency keys are global; a host's id (a model's ``call_1``) is
+        # not: scoped to the run's step, the same id in another run is another call.
+        key = sha256_hex(f"{self.run_id}\0{state.step_id}\0call\0{call_id}")
+        return state, call_id, key, self._closing(state) if last else None
 
     def execute(self, decision: CallDecision) -> CallResult:
         """Run an allowed call's tool through the gateway and record its result.
@@ -382,12 +401,16 @@ class Session:
         """
         if decision.result is not None:
             return decision.result
-        state, decided = self._pending(decision)
+        state, decided, span = self._pending(decision)
         try:
-            result = self.guard.gateway.run(decided, state.ctx, closing=state.closing)
+            with span.current():
+                result = self.guard.gateway.run(decided, state.ctx, closing=state.closing)
         except BaseException as exc:
-            state.calls.append(failed_attempt(decided, exc))
+            failed = failed_attempt(decided, exc)
+            span.end(failed, exc)
+            state.calls.append(failed)
             raise
+        span.end(result)
         self._took(state, result)
         return result
 
@@ -409,9 +432,15 @@ class Session:
                                "there is no result to record")
         if decision.result is not None:
             raise SessionError(f"call {decision.call_id!r} was made before and is not recorded again")
-        state, decided = self._pending(decision)
-        result = self.guard.gateway.record(decided, state.ctx, value=value, error=error, labels=labels,
-                                           closing=state.closing)
+        state, decided, span = self._pending(decision)
+        try:
+            with span.current():
+                result = self.guard.gateway.record(decided, state.ctx, value=value, error=error, labels=labels,
+                                                   closing=state.closing)
+        except BaseException as exc:
+            span.end(None, exc)
+            raise
+        span.end(result)
         self._took(state, result)
         return result
 
@@ -425,12 +454,12 @@ class Session:
     def _call(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None, last: bool,
               call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
         try:
-            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
+            state, _, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
         result = self.guard.gateway.call(state.grant.danger_token(), tool, arguments, state.ctx, call_key=key,
                                          approval_id=approval_id, closing=closing,
-                                         on_held=lambda held: self._hold(state, held))
+                                         on_held=lambda held: self._hold(state, held, call_id))
         self._decided(state, tool, result.decision)
         self._took(state, result)
         return result
@@ -447,12 +476,16 @@ class Session:
         """``execute``, awaiting an async tool on the caller's loop (no thread, no loop of its own)."""
         if decision.result is not None:
             return decision.result
-        state, decided = self._pending(decision)
+        state, decided, span = self._pending(decision)
         try:
-            result = await self.guard.gateway.arun(decided, state.ctx, closing=state.closing)
+            with span.current():
+                result = await self.guard.gateway.arun(decided, state.ctx, closing=state.closing)
         except BaseException as exc:
-            state.calls.append(failed_attempt(decided, exc))
+            failed = failed_attempt(decided, exc)
+            span.end(failed, exc)
+            state.calls.append(failed)
             raise
+        span.end(result)
         self._took(state, result)
         return result
 
@@ -494,12 +527,12 @@ class Session:
     async def _acall(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
                      last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
         try:
-            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
+            state, _, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
         result = await self.guard.gateway.acall(state.grant.danger_token(), tool, arguments, state.ctx,
                                                 call_key=key, approval_id=approval_id, closing=closing,
-                                                on_held=lambda held: self._hold(state, held))
+                                                on_held=lambda held: self._hold(state, held, call_id))
         self._decided(state, tool, result.decision)
         self._took(state, result)
         return result
@@ -512,6 +545,12 @@ class Session:
             ApprovalError: no approval has that id.
         """
         return self.guard.approvals.get(approval_id)
+
+    def approvals_for(self, call_id: str) -> list[ApprovalRequest]:
+        """The approval requests made in this run for the host's call ``call_id`` (the id
+        given to ``check``), oldest first: a host re-running after an interrupt finds the
+        request for that very call, however many calls share its digest."""
+        return [r for r in self.guard.approvals.list(run_id=self.run_id) if r.call_id == call_id]
 
     def approve(self, approval_id: str, *, approver: str, reason: str = "",
                 signature: str | None = None) -> ApprovalRequest:
@@ -581,6 +620,8 @@ class Session:
         Ending a step twice does nothing the second time.
         """
         state = self._state(step)
+        for span in state.spans.values():
+            span.end(None)  # an allowed call never run: its grant ends now, and its span with it
         if state.revoked and state.ended is not None and (outcome is None or outcome == state.ended):
             with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step_id,
                                            tr.GRANT_REVOKED_WITH_CALL: True}):
@@ -626,6 +667,8 @@ class Session:
             guard.ledger.sign_head(guard.domain)
         for state in self._steps.values():
             state.revoked = True
+            for span in state.spans.values():
+                span.end(None)
         self._emit(RunEnded(run_id=self.run_id, status=status, error=error))
 
     # internals ----------------------------------------------------------------------------
@@ -664,14 +707,14 @@ class Session:
         return CallDecision(call_id=call_id or uuid.uuid4().hex, run_id=self.run_id, step_id=step, tool=tool,
                             outcome=Outcome.DENY, policy_ids=(PLAN_POLICY_ID,), reasons=(reason,), result=result)
 
-    def _pending(self, decision: CallDecision) -> tuple[_Step, Decided]:
+    def _pending(self, decision: CallDecision) -> tuple[_Step, Decided, HostCallSpan]:
         state = self._steps.get(decision.step_id)
         if decision.run_id != self.run_id or state is None:
             raise SessionError(f"call {decision.call_id!r} was not checked in this session")
         decided = state.pending.pop(decision.call_id, None)
         if decided is None:
             raise SessionError(f"call {decision.call_id!r} was executed or recorded already, or never allowed")
-        return state, decided
+        return state, decided, state.spans.pop(decision.call_id)
 
     def _took(self, state: _Step, result: CallResult) -> None:
         if result.status == "needs_approval":
@@ -735,14 +778,15 @@ class Session:
         return StepEnd(status=outcome.status, decision=outcome.decision, policy_ids=outcome.policy_ids,
                        reason=outcome.reason, approval_id=state.resumed_from, result=outcome.result)
 
-    def _hold(self, state: _Step, result: CallResult) -> None:
-        """Make the approval request for a held call, in the write that records its
-        decision: for a delegated child, under its parent step (which pauses on it)."""
+    def _hold(self, state: _Step, result: CallResult, call_id: str | None) -> None:
+        """Make the approval request for a held call (naming the host's ``call_id``), in
+        the write that records its decision: for a delegated child, under its parent step
+        (which pauses on it)."""
         holder = state.held_under or state
-        request = self._request_approval(holder, result)
+        request = self._request_approval(holder, result, call_id)
         holder.last_request = request.id
 
-    def _request_approval(self, state: _Step, result: CallResult) -> ApprovalRequest:
+    def _request_approval(self, state: _Step, result: CallResult, call_id: str | None) -> ApprovalRequest:
         guard, wf, step = self.guard, self.workflow, state.step
         digest = action_digest_v2(run_id=self.run_id, step_id=state.step_id, tool=result.tool,
                                   arguments=dict(result.arguments), policy_version=guard.policy.version)
@@ -761,7 +805,7 @@ class Session:
             required_approvals=max(1, result.decision.required_approvals),
             allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
             created_at=now, expires_at=now + wf.approval_ttl,
-            digest_version=2, signed_answers=wf.require_signed_answers,
+            digest_version=2, signed_answers=wf.require_signed_answers, call_id=call_id,
         ))
         if request.created_at == now:  # new, not found again after a crash
             guard.ledger.append("approval_requested", self.run_id, approval_id=request.id,
