@@ -7,6 +7,7 @@ interrupts in LangChain's human-in-the-loop format.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -322,3 +323,65 @@ def test_a_new_input_while_paused_cancels_the_paused_run(guard: Guard) -> None:
     assert guard.store.get_run(paused_run).status == "cancelled"  # type: ignore[union-attr]
     assert kinds(guard, paused_run)[-1] == "run_ended" and guard.ledger.verify(run_id=paused_run).ok
     assert EFFECTS == []
+
+
+def test_two_identical_held_calls_of_one_turn_are_asked_and_run_each_once(
+        guard: Guard, saver: BaseCheckpointSaver[Any]) -> None:
+    args = {"title": "q3", "amount": 40}
+    twice = AIMessage(content="", tool_calls=[{"name": "write_note", "args": args, "id": cid, "type": "tool_call"}
+                                              for cid in ("w1", "w2")])
+    agent = agent_for(guard, ScriptedChatModel(replies=[twice, "done"]), saver)
+    config = {"configurable": {"thread_id": "t-twice"}}
+    paused = agent.invoke({"messages": [{"role": "user", "content": TASK}]}, config)
+    asked = paused["__interrupt__"]
+    # One request per tool call, though both have one digest: each approval is for its call.
+    ids = {i.value["scopegraph"]["approval_id"] for i in asked}
+    assert len(asked) == 2 and len(ids) == 2
+    assert {guard.approvals.get(a).call_id for a in ids} == {"w1", "w2"}
+    done = agent.invoke(Command(resume={i.id: {"decisions": [{"type": "approve", "approver": "bob"}]}
+                                        for i in asked}), config)
+    assert "__interrupt__" not in done
+    assert sorted((m.tool_call_id, m.status) for m in tool_messages(done)) == [("w1", "success"), ("w2", "success")]
+    assert EFFECTS == [("write_note", args), ("write_note", args)]
+    assert {guard.approvals.get(a).status for a in ids} == {"consumed"}
+    run_id = run_id_of(agent, config)
+    assert all_revoked(guard, run_id) and guard.ledger.verify(run_id=run_id).ok
+
+
+RAN_ON: list[tuple[asyncio.AbstractEventLoop, int]] = []
+
+
+@tool(risk="read")
+async def quote(symbol: str) -> dict[str, Any]:
+    """Look up a price (an async tool)."""
+    RAN_ON.append((asyncio.get_running_loop(), threading.get_ident()))
+    await asyncio.sleep(0)
+    return {"symbol": symbol, "price": 42}
+
+
+QUOTE_PLAN: dict[str, Any] = {"steps": [{"id": "quote", "tool": "quote", "purpose": "look up the price",
+                                         "constraints": {"symbol": {"kind": "exact", "value": "ACME"}}}]}
+
+
+def quote_guard(backend: Backend) -> Guard:
+    RAN_ON.clear()
+    return Guard(Workflow(name="quotes", tools=[quote], planner=ScriptedPlanner(QUOTE_PLAN),
+                          executor=DirectExecutor()),
+                 store=backend.url, clock=FixedClock(start=1_800_000_000.0))
+
+
+def test_an_async_tool_is_awaited_on_the_callers_loop(backend: Backend) -> None:
+    with quote_guard(backend) as guard:
+        model = ScriptedChatModel(replies=[tool_call("quote", {"symbol": "ACME"}), "done"])
+        agent = create_agent(model, middleware=[ScopegraphMiddleware(guard, initiator="alice")],
+                             checkpointer=InMemorySaver())
+
+        async def drive() -> tuple[dict[str, Any], tuple[asyncio.AbstractEventLoop, int]]:
+            here = (asyncio.get_running_loop(), threading.get_ident())
+            return await agent.ainvoke({"messages": [{"role": "user", "content": "price of ACME"}]},
+                                       {"configurable": {"thread_id": "t-quote"}}), here
+
+        result, here = asyncio.run(drive())
+        assert RAN_ON == [here]  # no thread, no loop of its own
+        [answer] = tool_messages(result)
+        assert answer.status == "success" and '"price": 42' in str(answer.content)

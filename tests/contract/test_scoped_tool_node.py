@@ -6,6 +6,8 @@ own checkpointer.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,17 @@ from scopegraph.clock import FixedClock
 from scopegraph.errors import SessionError
 
 from .conftest import Backend
-from .test_langchain_middleware import ATTACKER, EFFECTS, PLAN, TASK, all_revoked, saver_for, workflow
+from .test_langchain_middleware import (
+    ATTACKER,
+    EFFECTS,
+    PLAN,
+    RAN_ON,
+    TASK,
+    all_revoked,
+    quote_guard,
+    saver_for,
+    workflow,
+)
 
 
 @pytest.fixture
@@ -156,3 +168,33 @@ def test_a_transient_failure_ends_the_calls_grant_and_a_retry_is_decided_anew(
         grants = guard.store.grants_for_run(run_id)
         assert len(grants) == 2 and all(g.revoked_at is not None for g in grants)  # one grant per call
         assert guard.ledger.verify(run_id=run_id).ok
+
+
+def test_an_async_graph_awaits_an_async_tool_on_the_callers_loop(backend: Backend) -> None:
+    with quote_guard(backend) as guard:
+        tools = ScopedToolNode(guard, initiator="alice")
+        bound = ScriptedChatModel(replies=[tool_call("quote", {"symbol": "ACME"}), "done"]).bind_tools(tools.tools)
+
+        async def agent(state: ScopedMessagesState) -> dict[str, Any]:
+            return {"messages": [await bound.ainvoke(state["messages"])]}
+
+        graph = StateGraph(ScopedMessagesState)
+        graph.add_node("plan", tools.plan)
+        graph.add_node("agent", agent)
+        graph.add_node("tools", tools)
+        graph.add_node("finish", tools.finish)
+        graph.add_edge(START, "plan")
+        graph.add_edge("plan", "agent")
+        graph.add_conditional_edges("agent", tools_condition, {"tools": "tools", END: "finish"})
+        graph.add_edge("tools", "agent")
+        graph.add_edge("finish", END)
+        app = graph.compile()
+
+        async def drive() -> tuple[dict[str, Any], tuple[asyncio.AbstractEventLoop, int]]:
+            here = (asyncio.get_running_loop(), threading.get_ident())
+            return await app.ainvoke({"messages": [{"role": "user", "content": "price of ACME"}]}), here
+
+        result, here = asyncio.run(drive())
+        assert RAN_ON == [here]
+        [answer] = tool_messages(result)
+        assert answer.status == "success" and result["scopegraph"]["ended"]

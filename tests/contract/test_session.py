@@ -18,7 +18,10 @@ from scopegraph.agents import DirectExecutor, ScriptedPlanner
 from scopegraph.clock import FixedClock
 from scopegraph.identity import SpiffeId
 
+from ..otel_capture import Capture, by_name, children, one, otel
 from .conftest import Backend
+
+__all__ = ["otel"]  # the fixture, imported so pytest finds it here
 
 EFFECTS: list[tuple[str, dict[str, Any]]] = []
 
@@ -230,3 +233,70 @@ def test_end_run_revokes_every_grant_of_the_run(guard: Guard, session: Session) 
     session.end_run(status="failed", error="host gave up")
     assert all(g.revoked_at is not None for g in guard.store.grants_for_run("r1"))
     assert kinds(guard)[-1] == "run_ended"
+
+
+# the host's call ids ------------------------------------------------------------------------
+def test_a_hosts_call_id_names_a_call_within_its_run_only(guard: Guard, session: Session) -> None:
+    first = session.check("doc", "read_doc", {"path": "/docs/a.txt"}, call_id="call_1")
+    assert first.call_id == "call_1"
+    session.execute(first)
+    session.end_step("doc")
+    # A model's ids repeat across conversations: the same id in another run is another
+    # call, run and recorded there, never the first run's result replayed.
+    other = guard.start_run("write a note about the document", initiator="alice", plan=PLAN, run_id="r2")
+    again = other.check("doc", "read_doc", {"path": "/docs/b.txt"}, call_id="call_1")
+    assert again.result is None  # not made before in this run: left to run
+    assert other.execute(again).value["path"] == "/docs/b.txt"
+    assert EFFECTS == [("read_doc", {"path": "/docs/a.txt"}), ("read_doc", {"path": "/docs/b.txt"})]
+
+
+def test_two_identical_held_calls_get_a_request_each_and_both_run_once_approved(
+        guard: Guard, session: Session) -> None:
+    call = {"title": "q3", "amount": 40}
+    held = [session.check("note", "write_note", call, call_id=cid) for cid in ("call_a", "call_b")]
+    assert [h.outcome for h in held] == [Outcome.NEEDS_APPROVAL] * 2
+    first, second = (session.approval(h.approval_id) for h in held)  # type: ignore[arg-type]
+    assert first.id != second.id and first.digest == second.digest
+    assert (first.call_id, second.call_id) == ("call_a", "call_b")
+    assert [r.id for r in session.approvals_for("call_b")] == [second.id]
+    session.end_step("note", StepEnd(status="awaiting_approval", approval_id=second.id))
+    for request in (first, second):
+        session.approve(request.id, approver="bob")
+        resumed = session.resume(request.id)
+        assert resumed.outcome is Outcome.ALLOW and resumed.call_id == request.call_id
+        assert session.execute(resumed).ok
+        session.end_step("note")
+    assert EFFECTS == [("write_note", call), ("write_note", call)]
+    assert [guard.approvals.get(r.id).status for r in (first, second)] == ["consumed", "consumed"]
+
+
+# spans -------------------------------------------------------------------------------------
+def test_a_host_driven_call_is_one_execute_tool_span_from_its_check_to_its_record(
+        session: Session, otel: Capture) -> None:
+    allowed = session.check("doc", "read_doc", {"path": "/docs/a.txt"}, call_id="call_1")
+    held = session.check("note", "write_note", {"title": "q3", "amount": 40})
+    denied = session.check("doc", "read_doc", {"path": "/etc/passwd"})
+    assert (held.outcome, denied.outcome) == (Outcome.NEEDS_APPROVAL, Outcome.DENY)
+    assert by_name(otel.spans(), "execute_tool read_doc") != []  # the denial's ended at its check...
+    assert all(s.attributes["scopegraph.call.status"] == "denied"  # type: ignore[index]
+               for s in by_name(otel.spans(), "execute_tool read_doc"))  # ...the allowed call's is open
+    session.record(allowed, value={"text": "from the host"})
+    spans = otel.spans()
+    ok, refused = sorted(by_name(spans, "execute_tool read_doc"),
+                         key=lambda s: s.attributes["scopegraph.call.status"] != "ok")  # type: ignore[index]
+    assert ok.attributes["scopegraph.call.status"] == "ok"  # type: ignore[index]
+    assert ok.attributes["gen_ai.tool.name"] == "read_doc"  # type: ignore[index]
+    assert sorted(c.name for c in children(spans, ok)) == ["scopegraph.decide", "scopegraph.tool.call"]
+    assert refused.attributes["scopegraph.call.status"] == "denied"  # type: ignore[index]
+    assert [e.name for e in refused.events] == ["scopegraph.denied"]
+    assert [c.name for c in children(spans, refused)] == ["scopegraph.decide"]
+    write = one(spans, "execute_tool write_note")
+    assert write.attributes["scopegraph.call.status"] == "needs_approval"  # type: ignore[index]
+    assert [c.name for c in children(spans, write)] == ["scopegraph.decide"]
+
+
+def test_an_allowed_call_never_run_ends_its_span_with_its_step(session: Session, otel: Capture) -> None:
+    session.check("doc", "read_doc", {"path": "/docs/a.txt"})
+    assert by_name(otel.spans(), "execute_tool read_doc") == []
+    session.end_step("doc")
+    assert "scopegraph.call.status" not in one(otel.spans(), "execute_tool read_doc").attributes  # type: ignore[operator]
