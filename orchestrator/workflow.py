@@ -7,17 +7,25 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .approvals import DEFAULT_APPROVAL_TTL_SECONDS, ApproverRule
 from .brokers.base import SecretBroker
 from .credentials import DEFAULT_MAX_USES, DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
 from .errors import ConfigError
 from .gateway import RetrySettings
-from .roles import Executor, Planner
+from .roles import Executor, Planner, StepContext
 from .tools import Tool, ToolRegistry
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+
+
+class NoExecutor:
+    """The executor of a workflow whose host brings its own agent (through a ``Guard``):
+    none. A ``Runtime`` refuses such a workflow (``Workflow.require_executor``)."""
+
+    def execute(self, ctx: StepContext) -> Any:
+        raise ConfigError(f"the workflow has no executor to run step {ctx.step.id!r}")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +42,8 @@ class Workflow:
     steps in flight; ``continue`` lets steps that do not depend on it run, and the run
     then ends ``denied`` as well, but having done everything else.
     ``max_replans`` bounds how often an executor may send the run back to the planner.
+    ``executor`` carries out each step of a ``Runtime`` run; a host that brings its own
+    agent and drives a ``Guard`` needs none.
     ``brokers`` names the brokers and secret sources that issue the downstream credentials
     tools declare (``{"postgres": PostgresRoleBroker(url)}``); ``env`` (static secrets from
     ``SCOPEGRAPH_SECRET_*`` variables) is always there.
@@ -46,7 +56,7 @@ class Workflow:
     name: str
     tools: Sequence[Tool] | ToolRegistry
     planner: Planner
-    executor: Executor
+    executor: Executor = field(default_factory=NoExecutor)
     policies: Sequence[str | Path] | None = None
     baseline: bool = True
     schema: str | Path | None = None
@@ -89,6 +99,14 @@ class Workflow:
         if not _whole(self.grant_max_uses) or self.grant_max_uses < 1:
             raise ConfigError(f"grant_max_uses {self.grant_max_uses!r} must be at least 1")
         _check_brokers(self.brokers)
+
+    def require_executor(self) -> None:
+        """Raises:
+        ConfigError: the workflow has no executor (a ``Runtime`` needs one to run steps).
+        """
+        if isinstance(self.executor, NoExecutor):
+            raise ConfigError(f"workflow {self.name!r} has no executor: give Workflow(executor=...) to run it "
+                              "with a Runtime (a Guard, for a host with its own agent, needs none)")
 
     @property
     def approver_rule(self) -> ApproverRule:

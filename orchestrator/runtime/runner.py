@@ -63,6 +63,7 @@ class Runtime:
     ) -> None:
         """``keystore`` holds the private keys; by default the one configured for the store
         (``$SCOPEGRAPH_KEYSTORE``, or ``keys/`` beside a SQLite store: see ``scopegraph.trust``)."""
+        workflow.require_executor()
         self.workflow = workflow
         # Every decision of every run goes through the guard's sessions (see ``scopegraph.session``).
         self.guard = Guard(workflow, store=store, clock=clock, policy=policy, target=target, keystore=keystore)

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from scopegraph import Guard, Outcome, Session, SessionError, StepEnd, Workflow, tool
+from scopegraph import Guard, Outcome, Runtime, Session, SessionError, StepEnd, Workflow, tool
 from scopegraph.agents import DirectExecutor, ScriptedPlanner
 from scopegraph.clock import FixedClock
+from scopegraph.errors import ConfigError
 from scopegraph.identity import SpiffeId
 
 from ..otel_capture import Capture, by_name, children, one, otel
@@ -300,3 +301,12 @@ def test_an_allowed_call_never_run_ends_its_span_with_its_step(session: Session,
     assert by_name(otel.spans(), "execute_tool read_doc") == []
     session.end_step("doc")
     assert "scopegraph.call.status" not in one(otel.spans(), "execute_tool read_doc").attributes  # type: ignore[operator]
+
+
+def test_a_host_with_its_own_agent_needs_no_executor(backend: Backend) -> None:
+    bare = Workflow(name="bare", tools=[read_doc, write_note], planner=ScriptedPlanner(PLAN))
+    with Guard(bare, store=backend.url, clock=FixedClock(start=1_800_000_000.0)) as guard:
+        session = guard.start_run("read it", initiator="alice", plan=PLAN, run_id="r-bare")
+        assert session.check("doc", "read_doc", {"path": "/docs/a.txt"}).outcome is Outcome.ALLOW
+    with pytest.raises(ConfigError, match="^workflow 'bare' has no executor: give Workflow\\(executor=...\\)"):
+        Runtime(bare, store=backend.url)
