@@ -49,8 +49,7 @@ def unanswerable(run_id: str, request: ApprovalRequest, state: str) -> CallDecis
 def resumption(tools: ToolRegistry, policy_version: str, request: ApprovalRequest,
                state: str) -> tuple[dict[str, Any], str | None, str]:
     """The call to check for an answered request: its arguments, the approval to present
-    (if any) and the call's id (the host's, if it named the held call: it is that call
-    still, and a request made for it again names it too)."""
+    (if any) and the call's idempotency id."""
     # Counter-proposal: the new arguments are a new action. A proposal names only what it
     # changes; the rest of the call stays as requested.
     arguments = request.arguments if state in ("approved", "consumed") \
@@ -60,9 +59,8 @@ def resumption(tools: ToolRegistry, policy_version: str, request: ApprovalReques
     # afresh, and asked about again if it still needs a human.
     stale = state == "approved" and request.policy_version != policy_version
     if state in ("approved", "consumed") and not stale:
-        return as_called(tools, request.tool, arguments), request.id, request.call_id or f"approval:{request.id}"
-    return (as_called(tools, request.tool, arguments), None,
-            request.call_id or f"{'reasked' if stale else 'proposal'}:{request.id}")
+        return as_called(tools, request.tool, arguments), request.id, f"approval:{request.id}"
+    return as_called(tools, request.tool, arguments), None, f"{'reasked' if stale else 'proposal'}:{request.id}"
 
 
 def as_called(tools: ToolRegistry, tool: str, arguments: Mapping[str, Any]) -> dict[str, Any]:

@@ -337,10 +337,11 @@ class Session:
         A step the plan does not have is denied (``scopegraph:plan``), never raised.
         """
         return self._check(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
-                           again=approval_id is not None)
+                           again=approval_id is not None, host_id=call_id)
 
     def _check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
-               last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallDecision:
+               last: bool, call_id: str | None, again: bool, resumed_from: str | None = None,
+               host_id: str | None = None) -> CallDecision:
         try:
             state, name, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
@@ -350,7 +351,7 @@ class Session:
             with span.current():
                 decided = self.guard.gateway.decide(
                     state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
-                    closing=closing, on_held=lambda held: self._hold(state, held, call_id))
+                    closing=closing, on_held=lambda held: self._hold(state, held, host_id))
         except BaseException as exc:
             span.end(None, exc)
             raise
@@ -449,17 +450,18 @@ class Session:
         """``check`` and ``execute`` in one, retrying a transient failure of the tool (each
         retry checked again: a new decision, never the old one reused)."""
         return self._call(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
-                          again=approval_id is not None)
+                          again=approval_id is not None, host_id=call_id)
 
     def _call(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None, last: bool,
-              call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
+              call_id: str | None, again: bool, resumed_from: str | None = None,
+              host_id: str | None = None) -> CallResult:
         try:
             state, _, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
         result = self.guard.gateway.call(state.grant.danger_token(), tool, arguments, state.ctx, call_key=key,
                                          approval_id=approval_id, closing=closing,
-                                         on_held=lambda held: self._hold(state, held, call_id))
+                                         on_held=lambda held: self._hold(state, held, host_id))
         self._decided(state, tool, result.decision)
         self._took(state, result)
         return result
@@ -498,7 +500,7 @@ class Session:
                     approval_id: str | None = None, call_id: str | None = None) -> CallResult:
         """``call``, awaiting an async tool on the caller's loop; a retry waits without blocking it."""
         return await self._acall(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
-                                 again=approval_id is not None)
+                                 again=approval_id is not None, host_id=call_id)
 
     async def aresume(self, approval_id: str, *, last: bool = False) -> CallDecision:
         """``resume``, for a host on an event loop."""
@@ -514,7 +516,7 @@ class Session:
         self._answered(request, state)
         arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return await self._acall(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                                 call_id=call_id, again=True, resumed_from=request.id)
+                                 call_id=call_id, again=True, resumed_from=request.id, host_id=request.call_id)
 
     async def aend_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
         """``end_step``, for a host on an event loop."""
@@ -525,14 +527,15 @@ class Session:
         self.end_run(status=status, error=error)
 
     async def _acall(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
-                     last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
+                     last: bool, call_id: str | None, again: bool, resumed_from: str | None = None,
+                     host_id: str | None = None) -> CallResult:
         try:
             state, _, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
         result = await self.guard.gateway.acall(state.grant.danger_token(), tool, arguments, state.ctx,
                                                 call_key=key, approval_id=approval_id, closing=closing,
-                                                on_held=lambda held: self._hold(state, held, call_id))
+                                                on_held=lambda held: self._hold(state, held, host_id))
         self._decided(state, tool, result.decision)
         self._took(state, result)
         return result
@@ -594,7 +597,7 @@ class Session:
             return final
         arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return self._check(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                           call_id=call_id, again=True, resumed_from=request.id)
+                           call_id=call_id, again=True, resumed_from=request.id, host_id=request.call_id)
 
     def resume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
         """``resume`` and ``execute`` in one, retrying a transient failure as ``call`` does
@@ -607,7 +610,7 @@ class Session:
         self._answered(request, state)
         arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return self._call(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                          call_id=call_id, again=True, resumed_from=request.id)
+                          call_id=call_id, again=True, resumed_from=request.id, host_id=request.call_id)
 
     # ends ---------------------------------------------------------------------------------
     def end_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
