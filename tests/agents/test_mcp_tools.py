@@ -470,7 +470,8 @@ def test_an_unanswered_call_is_retried_only_for_a_read(
     """A read that got no answer is safe to try again; a write may have happened, so it is not."""
     listed = ListedTool(name="stall", input_schema={"type": "object", "properties": {"key": {"type": "string"}},
                                                     "required": ["key"]})
-    impatient = MCPEndpoint(url=server.url, timeout=0.2)
+    # Long enough for the MCP handshake on a loaded machine, so every attempt reaches ``stall``.
+    impatient = MCPEndpoint(url=server.url, timeout=0.6)
     allow_all = tmp_path / "allow.cedar"
     allow_all.write_text('@id("allow-all")\npermit (principal, action, resource);\n')
     for risk, attempts, error_type in (("read", 3, "TransientToolError after 3 attempts"),
