@@ -195,7 +195,7 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
 
             record = inbox.passkeys.live(assertion.credential_id)
             count = verify_assertion(record, assertion, challenge=challenge, current_sign_count=record.sign_count)
-            if not records.advance_sign_count(record.credential_id, count):
+            if not records.advance_sign_count(record.credential_id, count, at=inbox.clock.now()):
                 raise ApprovalError(f"the sign count of passkey {record.kid} did not move forward")
             return record.name
 
