@@ -8,6 +8,7 @@ state (``/logout``, the resume button) carry the session's CSRF token.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def templates() -> Any:
     env.filters["shown"] = lambda text: shown(str(text))  # others' words: no bidi or control characters
     env.filters["iso"] = iso
     env.filters["relative"] = relative
+    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False, sort_keys=True)
     return env
 
 
