@@ -62,6 +62,7 @@ def test_a_proposal_is_checked_at_once_and_a_valid_one_is_recorded_with_the_deni
         assert problem in said and "\n" not in said.strip(), (proposal, said)
         assert "8841" not in said  # the secret argument's value is never echoed
         bob.locator("#deny:not([disabled])").wait_for()
+    served.screenshot(bob, "proposal-refused.png")
     assert sent == []  # refused before any passkey was asked: nothing was signed
     refused = request_of(served, approval_id)
     assert refused.status == "pending" and refused.answers() == []
@@ -70,6 +71,7 @@ def test_a_proposal_is_checked_at_once_and_a_valid_one_is_recorded_with_the_deni
     deny_proposing(bob, "file it at the capped amount", '{"amount": 100}')
     bob.locator("#state", has_text="denied").wait_for()
     assert "proposed instead: amount=100" in bob.inner_text("#answers")
+    served.screenshot(bob, "proposal-recorded.png")
     denied = request_of(served, approval_id)
     assert denied.status == "denied" and denied.proposed_arguments == {"amount": 100}
     [answer] = denied.answers()
@@ -94,6 +96,7 @@ def test_two_person_progress_shows_after_the_first_answer(served: Served,
     bob.locator("#progress", has_text="1 of 2 approvals").wait_for()
     assert bob.inner_text("#state") == "pending" and not bob.locator("#answer").count()
     assert "waits for 1 more approver" in bob.inner_text("#waiting")
+    served.screenshot(bob, "two-person-waiting.png")
     carol.locator(f"tr[data-id='{approval_id}'] td", has_text="1 of 2").wait_for()  # live, without a reload
 
     carol.goto(f"{served.origin}/requests/{approval_id}")

@@ -10,6 +10,7 @@ without the stream's filter (``events.may_see``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,12 +40,16 @@ class Reader:
         return got
 
 
+def session_cookie(page: Any) -> dict[str, str]:
+    return {"Cookie": "sg_session=" + next(c["value"] for c in page.context.cookies() if c["name"] == "sg_session")}
+
+
 @contextmanager
-def events_of(served: Served, page: Any) -> Iterator[Reader]:
+def events_of(served: Served, page: Any, *, since: str | None = None) -> Iterator[Reader]:
     """The event stream of the approver signed in on ``page`` (their session cookie)."""
-    cookie = next(c["value"] for c in page.context.cookies() if c["name"] == "sg_session")
+    query = {"since": since} if since else {}
     with httpx.Client(timeout=httpx.Timeout(10.0, read=30.0)) as client, \
-            client.stream("GET", f"{served.origin}/api/events", headers={"Cookie": f"sg_session={cookie}"}) as r:
+            client.stream("GET", f"{served.origin}/api/events", params=query, headers=session_cookie(page)) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         yield Reader(r)
 
@@ -84,3 +89,23 @@ def test_the_event_stream_carries_only_requests_the_reader_may_answer(
 def test_the_event_stream_needs_a_session(served: Served) -> None:
     r = httpx.get(f"{served.origin}/api/events", headers={"Cookie": "sg_session=forged"}, timeout=10)
     assert r.status_code == 401 and r.json() == {"error": "sign in first"}
+
+
+def test_a_page_streams_from_when_it_was_rendered(served: Served, approver_page: Callable[[], Any]) -> None:
+    """A request made after the inbox page was rendered but before its stream connected
+    still arrives: the page carries the feed's cursor of its rendering (``data-since``).
+    Without it the stream would start at its own connection and miss that request (the
+    browser test of live updates then waited for a row that never came)."""
+    bob = approver_page()
+    enrol(bob, served.invite("bob"))
+    page = httpx.get(f"{served.origin}/", headers=session_cookie(bob), timeout=10)
+    found = re.search(r'data-since="([^"]+)"', page.text)
+    assert found, "the inbox page carries no data-since cursor"
+    _, made = served.run("made while the page was on its way", initiator="carol")
+    with events_of(served, bob, since=found.group(1)) as stream:
+        assert stream.take(1) == [("request.created", made)]
+    bob.reload()
+    bob.locator("body[data-live='open']").wait_for()  # the browser's own stream connected
+    r = httpx.get(f"{served.origin}/api/events", params={"since": "c1.forged"}, headers=session_cookie(bob),
+                  timeout=10)
+    assert r.status_code == 400 and "malformed" in r.json()["error"]
