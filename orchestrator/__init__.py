@@ -9,12 +9,13 @@ The decision API, for hosts that run their own agents::
     from scopegraph import Guard, Session, Outcome, CallDecision, StepEnd
 """
 
+from .decisions import CallDecision, Outcome, StepEnd, StepScope
 from .errors import ScopegraphError, SessionError
 from .gateway import CallResult
 from .guard import Guard
 from .plan import Plan, Step, parse_plan, validate_plan
 from .runtime import RunReport, Runtime
-from .session import CallDecision, Outcome, Session, StepEnd, StepScope
+from .session import Session
 from .tools import Risk, Tool, ToolRegistry, tool
 from .workflow import Workflow
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import rfc8785
@@ -39,16 +42,86 @@ ACTION_DIGEST_V2 = "scopegraph.action.v2"
 def jcs(value: Any) -> bytes:
     """RFC 8785 canonical JSON of ``value`` as UTF-8 bytes.
 
+    The usual value is written by Python's own JSON encoder (see ``python_json_is_jcs``),
+    anything else by ``rfc8785``; the two are property-tested to agree.
+
     Raises:
         ValueError: NaN or infinity, an integer beyond ±2**53-1 (not exact in other
             languages' JSON), a lone surrogate, a non-string key, or a non-JSON value.
     """
+    if python_json_is_jcs(value):
+        return sorted_json(value).encode("utf-8")
     try:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError as exc:
         raise ValueError(f"value cannot be canonicalised (RFC 8785): {exc}") from None
     except (TypeError, UnicodeEncodeError) as exc:
         raise ValueError(f"value cannot be canonicalised (RFC 8785): {type(exc).__name__}") from None
+
+
+def _sorted_json_encoder() -> Callable[[Any], str]:
+    """Python's sorted compact JSON, UTF-8 kept: the JCS form of what ``python_json_is_jcs``
+    admits. The C encoder is made once (``JSONEncoder.encode`` makes one per call, with a
+    cycle check that ``python_json_is_jcs``'s depth limit already makes needless); the
+    same bytes either way."""
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return encoder.encode
+
+    def refuse(value: Any) -> Any:
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    iterencode = make(None, refuse, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return encoder.encode(value)
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+sorted_json = _sorted_json_encoder()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_EXACT_INT = 2**53 - 1
+_MAX_DEPTH = 64
+
+
+def python_json_is_jcs(value: Any, depth: int = 0) -> bool:
+    """Whether ``sorted_json(value)`` is the RFC 8785 form of ``value``: JSON (tuples as
+    arrays) with no lone surrogate, no key with a character from U+D800 on (key order by
+    code point is then key order by UTF-16 unit), integers within ±2**53-1, and only floats
+    whose ``repr`` is their ECMAScript form. Strings are escaped alike by both."""
+    if isinstance(value, str):
+        return value.isascii() or not _SURROGATE.search(value)
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
+    if isinstance(value, float):
+        return plain_float(value)
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or not (k.isascii() or max(k) < "\ud800") \
+                    or not python_json_is_jcs(v, depth + 1):
+                return False
+        return True
+    if isinstance(value, list | tuple):
+        for v in value:
+            if not python_json_is_jcs(v, depth + 1):
+                return False
+        return True
+    return False
+
+
+def plain_float(value: float) -> bool:
+    """Whether Python's ``repr`` of ``value`` is the ECMAScript form JCS asks for: finite, not
+    integral ("1.0" is "1" there), and neither so small nor so large that either writes an
+    exponent."""
+    return math.isfinite(value) and not value.is_integer() and 1e-4 <= abs(value) < 1e16
 
 
 def jcs_sha256_hex(value: Any) -> str:

@@ -17,6 +17,7 @@ import math
 import os
 import shlex
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn, TextIO
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--json", action="store_true", help="print the run record as JSON")
     resume.add_argument("--workflow", dest="target", help="MODULE:ATTR (default: the one the run started with)")
     resume.add_argument("--traces", metavar="PATH", help="JSONL file for spans (see run)")
+    _progress_option(resume)
 
     submit = sub.add_parser("submit", help="queue a run for the workers (PostgreSQL store)")
     submit.add_argument("target", help="MODULE:ATTR or FILE.py:ATTR naming a Workflow")
@@ -277,7 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the run's progress on stderr (default: when stderr is a terminal)")
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    """The listener that draws a run's events on stderr, one line each, or ``None``."""
+    shown = args.progress if args.progress is not None else sys.stderr.isatty()
+    if not shown:
+        return None
+    from .run_events import describe
+
+    lock = threading.Lock()  # parallel steps report from threads of their own
+
+    def show(event: Any) -> None:
+        with lock:
+            print(f"scopegraph: {describe(event)}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
+    _progress_option(p)
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.add_argument("--traces", metavar="PATH",
                    help="JSONL file for spans when no OTLP exporter is configured "
@@ -373,7 +397,7 @@ def _run(target: str, task: str, args: argparse.Namespace) -> int:
     with Runtime(workflow, store=args.store, target=target) as rt:
         if target == DEMO_TARGET:  # the demo's approvers, enrolled with keys made beside its store
             load_object(DEMO_ENROL)(rt)
-        report = rt.run(task, initiator=_initiator(args.initiator))
+        report = rt.run(task, initiator=_initiator(args.initiator), on_event=_progress(args))
         terminal = _prompt_stream(args.json)
         if report.status == "paused" and terminal is not None:
             print(report.summary(), file=terminal)
@@ -471,7 +495,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise ScopegraphError(f"unknown run {args.run_id!r}")
     target = args.target or record.target
     with Runtime(load_workflow(target), store=args.store, target=target) as rt:
-        report = rt.resume(args.run_id)
+        report = rt.resume(args.run_id, on_event=_progress(args))
         terminal = _prompt_stream(args.json)
         if report.status == "paused" and terminal is not None:
             report = _prompt_and_resume(rt, report, terminal)

@@ -22,20 +22,21 @@ while checking it (a policy engine's bug, an argument nested too deep to parse):
 nothing reaches the tool without an ``allow`` decided at the moment of the call, and
 nothing raised while deciding escapes the gateway. A tool's own exception becomes the
 call's error, its message kept with every secret argument's value scrubbed out.
+
+A host that runs a call itself (see ``scopegraph.session``) takes stages 1 to 3 from
+``decide`` and stage 5 from ``record``; ``run``/``arun`` are stages 4 and 5. The call's
+value types are in ``scopegraph.calls``, the checks that need no store in
+``scopegraph.call_checks``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextvars
 import json
-import math
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from tenacity import (
@@ -47,10 +48,39 @@ from tenacity import (
 )
 
 from . import tracing as tr
-from .approvals import ApprovalRequest, ApprovalService, action_digest_for
+from .approvals import ApprovalService, action_digest_for
+from .call_checks import (
+    CALLER_LOOP,
+    approval_problem,
+    binding_mismatch,
+    check_failed,
+    cut_off_read,
+    digest_of,
+    observed,
+    outside_scope,
+    recordable,
+    run_tool,
+)
+from .calls import (
+    APPROVAL_POLICY_ID,
+    CHECK_POLICY_ID,
+    GRANT_POLICY_ID,
+    MAX_ERROR_CHARS,
+    SCOPE_POLICY_ID,
+    STORE_POLICY_ID,
+    TOKEN_PATTERN,
+    TOOL_POLICY_ID,
+    CallContext,
+    CallResult,
+    CallStatus,
+    Decided,
+    RetrySettings,
+    StepClosing,
+    call_key,
+    grant_minted_fields,
+)
 from .canonical import sha256_hex
 from .clock import Clock
-from .constraints import admits
 from .credentials import Grant, GrantIssuer
 from .errors import (
     ApprovalError,
@@ -63,114 +93,22 @@ from .errors import (
     TransientToolError,
     UnknownToolError,
 )
-from .identity import SpiffeId
 from .ledger import Ledger
 from .policy import CallRequest, Decision, PolicyEngine
-from .provenance import Observation, trace_arguments
-from .redaction import recorded_constraints, scrub, secret_values
+from .provenance import trace_arguments
+from .redaction import scrub, secret_values
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
 
 if TYPE_CHECKING:
     from .brokers.service import SecretService
 
-CallStatus = Literal["ok", "denied", "needs_approval", "error"]
-GRANT_POLICY_ID = "scopegraph:grant"
-SCOPE_POLICY_ID = "scopegraph:scope"
-TOOL_POLICY_ID = "scopegraph:tool"
-STORE_POLICY_ID = "scopegraph:store"
-APPROVAL_POLICY_ID = "scopegraph:approval"
-CHECK_POLICY_ID = "scopegraph:check"  # checking the call raised: denied to fail closed
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # a grant, an SVID: any JWS
-MAX_ERROR_CHARS = 1000  # a tool's error message, as kept in records and spans
-
-
-@dataclass(frozen=True, kw_only=True)
-class CallContext:
-    """Who is calling, from where: supplied by the runtime, never by the executor."""
-
-    workflow: str
-    run_id: str
-    step_id: str
-    principal: SpiffeId
-    role: str = "executor"
-    data_labels: frozenset[str] = frozenset()
-    # Tool output the executor has been shown (its dependencies' results, its own earlier
-    # calls): what argument provenance is traced against.
-    observations: tuple[Observation, ...] = ()
-    widened: bool = False  # a re-plan added or loosened this step beyond the original plan
-    # What the run's own plan fixed, when it differs from the grant's constraints: a
-    # delegated child's grant was shaped by a sub-planner working for an executor, so
-    # only what the parent step's plan pinned counts as coming from the plan.
-    planned: Mapping[str, Any] | None = None
-
-    def child(self, *, step_id: str, principal: SpiffeId, observations: tuple[Observation, ...],
-              planned: Mapping[str, Any]) -> CallContext:
-        """The context of a delegated child step: it inherits all its parent has seen."""
-        labels = self.data_labels.union(*(o.labels for o in observations))
-        return replace(self, step_id=step_id, principal=principal, data_labels=labels,
-                       observations=(*self.observations, *observations),
-                       planned=self.planned if self.planned is not None else planned)
-
-    def after(self, result: CallResult) -> CallContext:
-        """The context for the next call of the same step, once the executor has seen ``result``."""
-        if not result.returned:
-            return self
-        # A failed tool's error message is tool output too: it may quote what it read.
-        value = result.value if result.ok else result.error
-        seen = Observation(step_id=self.step_id, tool=result.tool, labels=result.labels, value=value)
-        return replace(self, data_labels=self.data_labels | result.labels,
-                       observations=(*self.observations, seen))
-
-
-@dataclass(frozen=True, kw_only=True)
-class CallResult:
-    """What came of one call: the value, or why there is none."""
-
-    tool: str
-    arguments: Mapping[str, Any]
-    status: CallStatus
-    decision: Decision
-    value: Any = None
-    error: str | None = None
-    labels: frozenset[str] = frozenset()
-    attempts: int = 1
-    grant_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def returned(self) -> bool:
-        """Whether the tool sent something back to the executor: a value, or an error
-        message (which may quote what the tool read). A refused call returned nothing."""
-        return self.status in ("ok", "error")
-
-    error_type: str | None = None  # the exception class of a failed tool
-
-    @property
-    def reason(self) -> str:
-        """Why the call did not succeed: for the executor, in process."""
-        return self.error or "; ".join(self.decision.reasons)
-
-    @property
-    def audit_reason(self) -> str:
-        """Why, as run records, spans and the ledger keep it: the tool's error message
-        with its secret arguments scrubbed (the gateway scrubs ``error`` as it makes it)."""
-        if self.status == "error":
-            return self.error or f"tool {self.tool!r} failed: {self.error_type or 'error'}"
-        return "; ".join(self.decision.reasons)
-
-
-@dataclass
-class RetrySettings:
-    """Retries for transient tool failures; each retry is a new, re-authorized call."""
-
-    attempts: int = 3
-    wait_initial: float = 0.05
-    wait_max: float = 1.0
-    sleep: Callable[[float], None] | None = field(default=None, repr=False)
+# The call's value types live in ``scopegraph.calls``; hosts import them from here too.
+__all__ = [
+    "APPROVAL_POLICY_ID", "CALLER_LOOP", "CHECK_POLICY_ID", "GRANT_POLICY_ID", "MAX_ERROR_CHARS", "SCOPE_POLICY_ID",
+    "STORE_POLICY_ID", "TOOL_POLICY_ID", "CallContext", "CallResult", "CallStatus", "Decided", "Gateway",
+    "RetrySettings", "StepClosing", "call_key", "grant_minted_fields",
+]
 
 
 class _Denied(Exception):
@@ -217,63 +155,6 @@ class _Recorded:
     closed: bool  # the step ended in the same transaction
 
 
-@dataclass(frozen=True, kw_only=True)
-class Decided:
-    """One attempt of a call once its decision is recorded (stages 1 to 3 done).
-
-    ``result`` is set when the call ended there: refused, held for approval, replayed
-    from its idempotency record, or denied because the store failed. Otherwise the call
-    is allowed, its use taken, and it waits for ``Gateway.run`` (the gateway runs the
-    tool) or ``Gateway.record`` (the host ran it). Holds the verified grant: never
-    shown to an executor.
-    """
-
-    tool_name: str
-    arguments: Mapping[str, Any] = field(repr=False)
-    attempt: int
-    key: str | None
-    decision: Decision
-    result: CallResult | None = None
-    grant_id: str | None = None
-    tool: Tool | None = field(default=None, repr=False)
-    grant: Grant | None = field(default=None, repr=False)
-    normalized: dict[str, Any] | None = field(default=None, repr=False)
-    digest: str | None = None
-    started: float = field(default_factory=time.perf_counter, repr=False)  # for a host-run call's duration
-
-
-@dataclass(kw_only=True)
-class StepClosing:
-    """Ends a step with its last call, in the transaction that records the call's final result.
-
-    A host that knows a call is its step's last (``ToolHandle.last_call``) passes one to
-    ``Gateway.call``. The gateway then revokes the step's grant (for ``reason``) and calls
-    ``end(result, revoked)`` with the call's final result inside the transaction that
-    records that result (the decision's, for a call refused, paused for approval or
-    replayed; the result's, for a call that ran), so the result, the revocation and the
-    step's outcome are one commit. ``end`` writes the host's records of the step's end
-    (the revocation's audit record among them, if ``revoked``: this call revoked the
-    grant); it runs inside an open write transaction, so it must do no policy, constraint
-    or tool work.
-
-    ``result`` is set once that transaction is written. It stays ``None`` when the call
-    did not end the step (a transient failure that was retried and given up on, a store
-    failure): the host then ends the step itself.
-    """
-
-    reason: str
-    end: Callable[[CallResult, bool], None]
-    result: CallResult | None = None
-
-
-def grant_minted_fields(grant: Grant, secrets: Iterable[str] = ()) -> dict[str, Any]:
-    """The ``grant_minted`` ledger record of a step's grant (no token: its facts; a value
-    the plan pinned for a ``secret`` argument is masked)."""
-    return {"step_id": grant.step_id, "grant_id": grant.jti, "spiffe_id": str(grant.subject), "tool": grant.tool,
-            "issued_at": grant.issued_at, "expires_at": grant.expires_at, "max_uses": grant.max_uses,
-            "constraints": recorded_constraints(grant.constraints, secrets), "act": dict(grant.act)}
-
-
 class Gateway:
     """Authorizes and executes tool calls. Holds no standing credential of its own."""
 
@@ -304,14 +185,13 @@ class Gateway:
 
     def call(self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
              call_key: str | None = None, approval_id: str | None = None,
-             closing: StepClosing | None = None) -> CallResult:
+             closing: StepClosing | None = None, on_held: Callable[[CallResult], None] | None = None,
+             ) -> CallResult:
         """``_call``, traced as one ``execute_tool`` span: its decisions, runs and outcome."""
         with tr.tool_call_span(tool, run_id=ctx.run_id, step_id=ctx.step_id, principal=ctx.principal) as s:
             result = self._call(token, tool, arguments, ctx, call_key=call_key, approval_id=approval_id,
-                                closing=closing)
-            tr.tool_call_ended(s, status=result.status, decision=result.decision.outcome,
-                               policy_ids=result.decision.policy_ids, reasons=result.decision.reasons,
-                               error_type=result.error_type)
+                                closing=closing, on_held=on_held)
+            _call_ended(s, result)
             return result
 
     def _call(
@@ -455,28 +335,83 @@ class Gateway:
             return result
 
     async def arun(self, decided: Decided, ctx: CallContext, *, closing: StepClosing | None = None) -> CallResult:
-        """``run`` for a caller on an event loop: an async tool is awaited on that loop."""
-        if decided.result is not None or decided.tool is None or not decided.tool.is_async:
-            return self.run(decided, ctx, closing=closing)
+        """``run`` for a caller on an event loop: an async tool is awaited on that loop (no
+        thread, no loop of its own); a sync tool runs as ``run`` runs it.
+
+        Raises:
+            TransientToolError: as for ``run``.
+        """
         tool, grant, normalized = decided.tool, decided.grant, decided.normalized
-        assert grant is not None and normalized is not None
-        started = time.perf_counter()
+        if decided.result is not None or tool is None or not tool.is_async:
+            return self.run(decided, ctx, closing=closing)
+        assert grant is not None and normalized is not None  # an allowed call was checked
+        closing = closing if closing is not None and closing.result is None else None
         with tr.span(tr.TOOL_CALL, {tr.GEN_AI_TOOL_NAME: tool.name, tr.GRANT_ID: grant.jti,
                                     tr.ATTEMPT: decided.attempt, tr.RISK: tool.risk.value}) as call_span:
-            outcome: Any = None
-            failure: BaseException | None = None
+            started = time.perf_counter()
+            value: Any = None
+            failure: Exception | None = None
             try:
-                outcome = await tool.invoke(normalized, grant.danger_token() if tool.takes_grant else None,
-                                            self._credentials(tool, grant))
+                value = await tool.invoke(normalized, grant.danger_token() if tool.takes_grant else None,
+                                          self._credentials(tool, grant))
             except Exception as exc:
                 failure = exc
-            result = self._recorded_result(decided, ctx, outcome, failure, started,
-                                           closing if closing is not None and closing.result is None else None,
-                                           extra_labels=frozenset())
+            if isinstance(failure, TransientToolError):
+                # As ``_execute``: the attempt is recorded, and a retry is decided afresh.
+                error = self._failure(tool.name, type(failure).__name__, failure, decided.arguments, normalized)
+                self._called(ctx, tool, grant, decided.decision, decided.attempt, normalized, "error", None, started,
+                             decided.key, None, error_type=type(failure).__name__, digest=decided.digest, error=error)
+                call_span.set_attribute(tr.CALL_STATUS, "error")
+                tr.record_failure(call_span, type(failure).__name__, error)
+                raise failure
+            result = self._recorded_result(decided, ctx, value, failure, started, closing, extra_labels=frozenset())
             call_span.set_attribute(tr.CALL_STATUS, result.status)
             if not result.ok:
                 tr.record_failure(call_span, result.error_type or "error", result.error or "")
             return result
+
+    async def acall(
+        self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
+        call_key: str | None = None, approval_id: str | None = None, closing: StepClosing | None = None,
+        on_held: Callable[[CallResult], None] | None = None,
+    ) -> CallResult:
+        """``call`` for a caller on an event loop: an async tool is awaited on that loop,
+        and a retry waits without blocking it. Every retry is decided again."""
+        with tr.tool_call_span(tool, run_id=ctx.run_id, step_id=ctx.step_id, principal=ctx.principal) as s:
+            result = await self._acall(token, tool, arguments, ctx, call_key=call_key, approval_id=approval_id,
+                                       closing=closing, on_held=on_held)
+            _call_ended(s, result)
+            return result
+
+    async def _acall(
+        self, token: str, tool: str, arguments: Mapping[str, Any], ctx: CallContext, *,
+        call_key: str | None, approval_id: str | None, closing: StepClosing | None,
+        on_held: Callable[[CallResult], None] | None,
+    ) -> CallResult:
+        attempt = 1
+        last: BaseException | None = None
+        while attempt <= max(1, self.retry.attempts):
+            decided = self.decide(token, tool, arguments, ctx, attempt=attempt, call_key=call_key,
+                                  approval_id=approval_id, closing=closing, on_held=on_held)
+            try:
+                return await self.arun(decided, ctx, closing=closing)
+            except TransientToolError as exc:
+                last = exc
+            if attempt >= self.retry.attempts:
+                break
+            wait = min(self.retry.wait_max, self.retry.wait_initial * (2 ** (attempt - 1)))
+            if self.retry.sleep is not None:
+                self.retry.sleep(wait)
+            else:
+                await asyncio.sleep(wait)
+            attempt += 1
+        return CallResult(
+            tool=tool, arguments=dict(arguments), status="error",
+            decision=Decision(outcome="allow"), attempts=attempt,
+            error=self._failure(tool, f"{type(last).__name__} after {attempt} attempts", last, arguments),
+            error_type=f"{type(last).__name__} after {attempt} attempts",
+            labels=self.tools[tool].labels if tool in self.tools else frozenset(),
+        )
 
     def record(self, decided: Decided, ctx: CallContext, *, value: Any = None, error: BaseException | str | None = None,
                labels: Iterable[str] = (), closing: StepClosing | None = None) -> CallResult:
@@ -542,7 +477,7 @@ class Gateway:
                  closing: StepClosing | None = None, digest: str | None = None) -> CallResult:
         started = time.perf_counter()
         try:
-            value = _run(tool, normalized, grant.danger_token() if tool.takes_grant else None,
+            value = run_tool(tool, normalized, grant.danger_token() if tool.takes_grant else None,
                          self._credentials(tool, grant))
             result_json = json.dumps(value, default=str, sort_keys=True)
         except TransientToolError as exc:
@@ -600,7 +535,7 @@ class Gateway:
     def _scrubbed_decision(self, tool_name: str, decision: Decision, arguments: Mapping[str, Any]) -> Decision:
         """A denial whose reasons cannot carry a secret argument's value, and can be recorded."""
         secrets = self._secret_pairs(tool_name, arguments)
-        return replace(decision, reasons=tuple(_recordable(scrub(r, secrets) if secrets else r)
+        return replace(decision, reasons=tuple(recordable(scrub(r, secrets) if secrets else r)
                                                for r in decision.reasons))
 
     def _failure(self, tool_name: str, error_type: str, exc: object, *argument_sets: Mapping[str, Any]) -> str:
@@ -613,10 +548,10 @@ class Gateway:
             message = str(exc)
         except Exception:  # an exception whose ``__str__`` raises: its type must do
             message = ""
-        message = _recordable(self._scrubbed(tool_name, message, *argument_sets))
+        message = recordable(self._scrubbed(tool_name, message, *argument_sets))
         # Tokens are looked for in a bounded window (the pattern backtracks): any token
         # cut off at its edge lies past the final cut below.
-        message = _JWT.sub("[token]", message[:MAX_ERROR_CHARS + 4096])
+        message = TOKEN_PATTERN.sub("[token]", message[:MAX_ERROR_CHARS + 4096])
         if len(message) > MAX_ERROR_CHARS:
             message = message[:MAX_ERROR_CHARS] + "…"
         return f"tool {tool_name!r} failed: {error_type}" + (f": {message}" if message else "")
@@ -659,7 +594,7 @@ class Gateway:
         except StoreError:
             raise
         except Exception as exc:
-            failed = _Checked(decision=_check_failed(exc), tool=checked.tool, grant_id=checked.grant_id)
+            failed = _Checked(decision=check_failed(exc), tool=checked.tool, grant_id=checked.grant_id)
             return self._write_decision(failed, tool_name, arguments, ctx, attempt, key, None, None)
 
     def _write_decision(self, checked: _Checked, tool_name: str, arguments: Mapping[str, Any],
@@ -678,13 +613,13 @@ class Gateway:
             # A refused call is recorded with the arguments it was given; a decided one with
             # the arguments as the tool would see them.
             recorded = arguments if decision.outcome == "deny" or checked.normalized is None else checked.normalized
-            digest = _digest(recorded)
+            digest = digest_of(recorded)
             if decision.outcome == "allow":
                 assert tool is not None and grant is not None and checked.normalized is not None
                 if key is not None:
                     earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
                                                     tool=tool_name, at=self.clock.now())
-                if earlier is not None and not _cut_off_read(earlier, tool):
+                if earlier is not None and not cut_off_read(earlier, tool):
                     result = self._replay(earlier, tool, grant, checked.normalized, decision, attempt)
             elif decision.outcome == "needs_approval":
                 assert grant is not None and checked.normalized is not None
@@ -786,7 +721,7 @@ class Gateway:
                 self.ledger.append(
                     "tool_call", ctx.run_id, step_id=ctx.step_id, tool=tool.name, grant_id=grant.jti,
                     attempt=attempt, status=status,
-                    arguments_digest=digest if digest is not None else _digest(normalized),
+                    arguments_digest=digest if digest is not None else digest_of(normalized),
                     result_digest=sha256_hex(result_json) if result_json is not None else None,
                     duration_ms=round(elapsed * 1000, 3), error_type=error_type,
                     **({"error": error} if error is not None else {}),
@@ -828,7 +763,7 @@ class Gateway:
         except StoreError:
             raise
         except Exception as exc:
-            return _Checked(decision=_check_failed(exc))
+            return _Checked(decision=check_failed(exc))
         try:
             return self._check(tool, grant, arguments, ctx, attempt, approval_id, key)
         except _Denied as denied:
@@ -836,7 +771,7 @@ class Gateway:
         except StoreError:
             raise
         except Exception as exc:
-            return _Checked(decision=_check_failed(exc), tool=tool, grant=grant, grant_id=grant.jti)
+            return _Checked(decision=check_failed(exc), tool=tool, grant=grant, grant_id=grant.jti)
 
     def _authorize(self, token: str, tool_name: str, ctx: CallContext) -> tuple[Tool, Grant]:
         """The tool, and the grant presented for it: signature, issuer, audience, lifetime,
@@ -850,7 +785,7 @@ class Gateway:
             grant = self.issuer.verify(token, tool=tool_name)
         except GrantError as exc:
             raise _Denied(Decision.deny(str(exc), GRANT_POLICY_ID)) from None
-        mismatch = _binding_mismatch(grant, ctx)
+        mismatch = binding_mismatch(grant, ctx)
         if mismatch:
             raise _Denied(Decision.deny(mismatch, GRANT_POLICY_ID), grant.jti)
         return tool, grant
@@ -864,7 +799,7 @@ class Gateway:
             normalized = tool.validate_arguments(arguments)
         except ToolArgumentsError as exc:
             raise _Denied(Decision.deny(str(exc), SCOPE_POLICY_ID), grant.jti) from None
-        outside = _outside_scope(grant, arguments, normalized)
+        outside = outside_scope(grant, arguments, normalized)
         if outside:
             raise _Denied(Decision.deny(outside, SCOPE_POLICY_ID), grant.jti)
         approval, approval_count = None, 0
@@ -906,7 +841,7 @@ class Gateway:
         # The digest in the layout the request was made with (stored requests keep theirs).
         digest = action_digest_for(approval.digest_version, run_id=ctx.run_id, step_id=ctx.step_id,
                                    tool=tool.name, arguments=normalized, policy_version=self.policy.version)
-        problem = _approval_problem(approval, digest, consumer, self.clock.now())
+        problem = approval_problem(approval, digest, consumer, self.clock.now())
         if problem is None and (approval.run_id != ctx.run_id or approval.step_id != ctx.step_id):
             problem = f"approval {approval_id!r} is for another step"
         if problem is not None:
@@ -922,110 +857,11 @@ class Gateway:
         self.store.record_use(UseRecord(
             jti=jti, run_id=ctx.run_id, step_id=ctx.step_id, tool=tool, attempt=attempt,
             outcome=outcome, decision=decision.outcome, policy_ids=decision.policy_ids,
-            at=self.clock.now(), observed=_observed(arguments, known.secrets if known else frozenset()),
+            at=self.clock.now(), observed=observed(arguments, known.secrets if known else frozenset()),
         ))
 
 
-def _approval_problem(approval: ApprovalRequest, digest: str, consumer: str, now: float) -> str | None:
-    """Why ``approval`` cannot authorize the call of ``digest`` by ``consumer`` now, if it
-    cannot: the checks ``ApprovalService.consume`` makes again, atomically, when it is used."""
-    if approval.digest != digest:
-        return f"approval {approval.id!r} is for a different action"
-    state = approval.effective_status(now)
-    if state == "consumed":
-        return None if approval.consumed_by == consumer else f"approval {approval.id!r} was already used"
-    if state == "expired":
-        return f"approval {approval.id!r} expired"
-    if state != "approved":
-        return f"approval {approval.id!r} is {state}, not approved"
-    return None
-
-
-def _cut_off_read(earlier: CallRecord, tool: Tool) -> bool:
-    """A read that started and never finished (the process died, or Ctrl-C) runs again,
-    decided anew under the step's new grant: it changed nothing. A write or egress call
-    cut off so is reported, never repeated: it may have taken effect."""
-    return earlier.status == "started" and tool.risk.value == "read"
-
-
-def _digest(arguments: Mapping[str, Any]) -> str | None:
-    try:
-        return sha256_hex(json.dumps({"arguments": arguments}, default=str, sort_keys=True,
-                                     separators=(",", ":")))
-    except Exception:  # arguments that cannot be written down (too deep, too big, a broken ``__str__``)
-        return None
-
-
-def _observed(arguments: Mapping[str, Any], secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Numbers and booleans only: enough to propose narrower ranges, no free text, no secret.
-
-    Only numbers a store can write as JSON: 64-bit integers and finite floats."""
-    return {k: v for k, v in arguments.items() if k not in secrets and (
-        isinstance(v, bool) or (isinstance(v, int) and -(2**63) <= v < 2**63)
-        or (isinstance(v, float) and math.isfinite(v)))}
-
-
-def _recordable(text: str) -> str:
-    """``text`` as UTF-8 can hold it: a lone surrogate is written as its escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _check_failed(exc: Exception) -> Decision:
-    """The denial for an exception nobody expected while checking a call.
-
-    Only the exception's type is named: its message may quote the arguments.
-    """
-    if isinstance(exc, RecursionError):
-        return Decision.deny("the arguments are nested too deeply to check; denied to fail closed",
-                             CHECK_POLICY_ID)
-    return Decision.deny(f"checking the call raised {type(exc).__name__}; denied to fail closed",
-                         CHECK_POLICY_ID)
-
-
-def _binding_mismatch(grant: Grant, ctx: CallContext) -> str | None:
-    if grant.run_id != ctx.run_id:
-        return f"grant {grant.jti!r} belongs to another run"
-    if grant.step_id != ctx.step_id:
-        return f"grant {grant.jti!r} belongs to step {grant.step_id!r}, not {ctx.step_id!r}"
-    if grant.workflow != ctx.workflow:
-        return f"grant {grant.jti!r} belongs to another workflow"
-    if grant.subject != ctx.principal:
-        return f"grant {grant.jti!r} was issued to {grant.subject}, not {ctx.principal}"
-    if not grant.subject.path.endswith("/executor"):
-        return f"grant {grant.jti!r} names a non-executor identity"
-    return None
-
-
-def _outside_scope(grant: Grant, raw: Mapping[str, Any], normalized: Mapping[str, Any]) -> str | None:
-    constraints = grant.constraints
-    for name in raw:
-        if name not in constraints:
-            return f"argument {name!r} of tool {grant.tool!r} is not in the grant's scope"
-    for name, constraint in constraints.items():
-        if name in normalized and not admits(constraint, raw.get(name), normalized[name]):
-            # The value itself stays out of the reason: reasons reach spans, the ledger and
-            # the executor's model, and an out-of-scope value may be exactly what must not leak.
-            return (f"argument {name!r} is outside the grant's scope: it must be "
-                    f"{constraint.describe()}")
-    return None
-
-
-def _run(tool: Tool, arguments: Mapping[str, Any], grant_token: str | None,
-         credentials: Mapping[str, Any] | None = None) -> Any:
-    if not tool.is_async:
-        return tool.invoke(arguments, grant_token, credentials)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(tool.invoke(arguments, grant_token, credentials))  # type: ignore[arg-type]
-    # Called from inside an event loop (an async host, an async LangChain tool): this
-    # thread's loop is busy, so the coroutine gets a loop of its own in a worker thread,
-    # with this thread's context (the current span) carried over.
-    context = contextvars.copy_context()
-    coroutine = tool.invoke(arguments, grant_token, credentials)
-
-    def run_in_own_loop() -> Any:
-        return asyncio.run(coroutine)  # type: ignore[arg-type]
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scopegraph-tool") as pool:
-        return pool.submit(context.run, run_in_own_loop).result()
+def _call_ended(span: Any, result: CallResult) -> None:
+    tr.tool_call_ended(span, status=result.status, decision=result.decision.outcome,
+                       policy_ids=result.decision.policy_ids, reasons=result.decision.reasons,
+                       error_type=result.error_type)

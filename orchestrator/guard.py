@@ -37,6 +37,7 @@ from .ledger import Ledger
 from .plan import Plan
 from .policy import CedarPolicyEngine, PolicyEngine
 from .roles import Planner
+from .run_events import Listener
 from .session import Session
 from .store import RunRecord, Store, open_store
 from .trust import TrustRoots
@@ -132,13 +133,15 @@ class Guard:
         self.store.close()
 
     def start_run(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None,
-                  plan: Plan | dict[str, Any] | str | None = None, planner: Planner | None = None) -> Session:
+                  plan: Plan | dict[str, Any] | str | None = None, planner: Planner | None = None,
+                  listener: Listener | None = None) -> Session:
         """Start a run of ``task`` and open its session.
 
         The run's record and its ``run_started`` audit record land in one write (in the
         caller's transaction, if one is open). With ``plan`` (or a ``planner`` to make one
         from the task alone), the plan is fixed too; otherwise call ``Session.fix_plan``
-        or ``Session.make_plan`` before the first check.
+        or ``Session.make_plan`` before the first check. ``listener`` is told of the
+        run's events (see ``scopegraph.run_events``).
 
         ``initiator`` is who starts the run, an authenticated principal: the operating
         system's user by default, or one the host vouches for (a name, or a
@@ -158,12 +161,12 @@ class Guard:
         run_id = run_id or uuid.uuid4().hex
         if not RUN_ID.match(run_id):
             raise ConfigError(f"invalid run id {run_id!r}")
-        session = Session(self, run_id=run_id, initiator=principal.display)
+        session = Session(self, run_id=run_id, initiator=principal.display, listener=listener)
         with self.store.atomic():  # the run and its first audit record land together
             existing = self.store.get_run(run_id)
             # A run submitted to the workers waits as "queued": starting it is its first drive.
             if existing is not None and (existing.status != "queued" or existing.workflow != self.workflow.name):
-                raise ConfigError(f"run {run_id!r} exists already; open its session with Guard.session")
+                raise ConfigError(f"run {run_id!r} exists already; use resume (or Guard.session to reopen it)")
             now = self.clock.now()
             self.store.upsert_run(RunRecord(
                 run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=principal.display,
@@ -180,7 +183,8 @@ class Guard:
             session.make_plan(task, planner)
         return session
 
-    def session(self, run_id: str, *, plan: Plan | None = None, initiator: str | None = None) -> Session:
+    def session(self, run_id: str, *, plan: Plan | None = None, initiator: str | None = None,
+                listener: Listener | None = None) -> Session:
         """The session of a run already started (by this process or another): to answer
         its approvals, resume it, record what is left, or end it.
 
@@ -195,7 +199,7 @@ class Guard:
                 raise ConfigError(f"run {run_id!r} belongs to workflow {record.workflow!r}, "
                                   f"not {self.workflow.name!r}")
             initiator = record.initiator
-        return Session(self, run_id=run_id, initiator=initiator, plan=plan)
+        return Session(self, run_id=run_id, initiator=initiator, plan=plan, listener=listener)
 
     def revoke_run(self, run_id: str, *, reason: str) -> int:
         """Revoke every live grant of ``run_id``, and audit it (its downstream credentials too)."""

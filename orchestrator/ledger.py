@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jwt
 
 from . import tracing as tr
-from .canonical import jcs
+from .canonical import jcs, python_json_is_jcs, sorted_json
 from .clock import Clock
 from .keys import sign_jwt
 from .store import LedgerHead, LedgerRow, Store
@@ -78,46 +78,45 @@ def record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, data: Any, pr
 
 def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: bytes, prev_hash: str) -> str:
     # The record's JCS form, with its payload's JCS bytes put in whole (members in JCS order).
-    record = (b'{"at":' + jcs_bytes(at) + b',"data":' + payload + b',"kind":' + jcs_bytes(kind) + b',"prev":'
-              + jcs_bytes(prev_hash) + b',"run_id":' + jcs_bytes(run_id) + b',"seq":' + jcs_bytes(seq)
-              + b',"type":"' + LEDGER_RECORD_V2.encode() + b'"}')
-    return hashlib.sha256(record).hexdigest()
+    return hashlib.sha256(b"".join((
+        b'{"at":', _scalar_bytes(at), b',"data":', payload, b',"kind":', _scalar_bytes(kind),
+        b',"prev":', _scalar_bytes(prev_hash), b',"run_id":', _scalar_bytes(run_id),
+        b',"seq":', _scalar_bytes(seq), _LEDGER_RECORD_V2_TAIL))).hexdigest()
+
+
+def _scalar_bytes(value: Any) -> bytes:
+    """``jcs(value)`` of a record's header field (a string, a whole number, a timestamp)."""
+    kind = type(value)
+    if kind is str and python_json_is_jcs(value):
+        return sorted_json(value).encode("utf-8")
+    if (kind is int or kind is float) and python_json_is_jcs(value):
+        return repr(value).encode("ascii")  # what Python's JSON writes for them
+    return jcs(value)
 
 
 def jcs_bytes(value: Any) -> bytes:
-    """``canonical.jcs(value)``, faster for the usual payload: when it holds no key with a character
-    from U+D800 on and only floats whose repr is their ECMAScript form, Python's sorted compact
-    JSON is the same bytes (strings are escaped alike, and key order by code point is key order
-    by UTF-16 unit there).
+    """``canonical.jcs(value)``: RFC 8785 bytes of a record's payload.
 
     Raises:
         ValueError: as ``canonical.jcs``.
     """
-    if _plain(value, 0):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
     return jcs(value)
 
 
-def _plain(value: Any, depth: int) -> bool:
-    if isinstance(value, str):
-        return not any("\ud800" <= ch <= "\udfff" for ch in value) if not value.isascii() else True
-    if value is None or isinstance(value, bool):
-        return True
-    if isinstance(value, int):
-        return abs(value) <= _MAX_EXACT_INT
-    if isinstance(value, float):
-        # Where Python's repr is the ECMAScript form JCS asks for: not integral ("1.0" is "1"
-        # there), and neither so small nor so large that either writes an exponent.
-        return math.isfinite(value) and not value.is_integer() and 1e-4 <= abs(value) < 1e16
-    if depth > 64:
-        return False
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and (k.isascii() or max(k) < "\ud800") and _plain(v, depth + 1)
-                   for k, v in value.items())
-    if isinstance(value, list):
-        return all(_plain(v, depth + 1) for v in value)
-    return False  # other floats (ECMAScript number form), tuples, anything else: the full JCS
+def payload_text(data: Any) -> str:
+    """A record's payload as stored and hashed: ``jcs(jcs_safe(data))`` as text. The usual
+    payload needs no rewriting (``jcs_safe`` would leave it as it is): it is written by
+    Python's JSON encoder after one check.
+
+    Raises:
+        TypeError: as ``jcs_safe``.
+    """
+    if python_json_is_jcs(data):
+        return sorted_json(data)
+    return jcs(jcs_safe(data)).decode("utf-8")
+
+
+_LEDGER_RECORD_V2_TAIL = b',"type":"' + LEDGER_RECORD_V2.encode() + b'"}'
 
 
 def jcs_safe(value: Any) -> Any:
@@ -188,12 +187,13 @@ class Ledger:
     def append(self, kind: RecordKind, run_id: str, **data: Any) -> int:
         """Append one record; returns its sequence number. Data must hold no secret."""
         at = self.clock.now()
-        payload = jcs_bytes(jcs_safe(data))
+        text = payload_text(data)
+        payload = text.encode("utf-8")
 
         def seal(seq: int, prev_hash: str) -> str:
             return _record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, payload=payload, prev_hash=prev_hash)
 
-        return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=payload.decode("utf-8"), seal=seal)
+        return self.store.append_ledger(run_id=run_id, kind=kind, at=at, data=text, seal=seal)
 
     def trust_roots(self, *, create: bool = True) -> TrustRoots:
         """The trust roots heads are signed and verified with: the ones given, or the store's

@@ -181,6 +181,9 @@ class CedarPolicyEngine:
         self._context_keys = _attributes_read(nodes, "context")
         self._principal_keys = _attributes_read(nodes, "principal")
         self._reads_principal = self._principal_keys != frozenset()
+        keys = self._context_keys
+        self._context_fields = tuple((k, f) for k, f in _CONTEXT_FIELDS.items() if keys is None or k in keys)
+        self._reads_provenance = keys is None or not keys.isdisjoint(_PROVENANCE_KEYS)
         self._entities: OrderedDict[tuple[str, ...], cedarpy.Entities] = OrderedDict()
 
     @classmethod
@@ -273,27 +276,11 @@ class CedarPolicyEngine:
         keys = self._context_keys
         # Checked whether or not a policy reads them: a value Cedar cannot hold denies the call.
         arguments = self._cedar_arguments(request.arguments)
-        fields: dict[str, Callable[[], Any]] = {
-            "widened": lambda: request.widened,
-            "tool": lambda: request.tool.name,
-            "risk": lambda: request.tool.risk.value,
-            "role": lambda: request.role,
-            "principal_id": lambda: str(request.principal),
-            "workflow": lambda: request.workflow,
-            "run_id": lambda: request.run_id,
-            "step_id": lambda: request.step_id,
-            "arguments": lambda: arguments,
-            "argument_names": lambda: sorted(request.arguments),
-            "data_labels": lambda: sorted(request.data_labels),
-            "in_plan": lambda: request.in_plan,
-            "attempt": lambda: request.attempt,
-            "approved": lambda: approved,
-            "approval_count": lambda: approval_count if approved else 0,
-        }
-        if keys is None or not keys.isdisjoint(_PROVENANCE_KEYS):
-            fields.update(_provenance_fields(request))
-        context = {k: f() for k, f in fields.items() if keys is None or k in keys}
-        context.update((k, v) for k, v in request.extra.items() if keys is None or k in keys)
+        context = {k: f(request, approved, approval_count, arguments) for k, f in self._context_fields}
+        if self._reads_provenance:
+            context.update((k, f()) for k, f in _provenance_fields(request).items() if keys is None or k in keys)
+        if request.extra:
+            context.update((k, v) for k, v in request.extra.items() if keys is None or k in keys)
         return context
 
     def _cedar_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -472,6 +459,25 @@ def _argument_types(tools: ToolRegistry) -> tuple[dict[str, str], dict[str, str]
 
 
 _ENTITIES_KEPT = 64
+# The context attributes of every call, from (request, approved, approval_count, the typed
+# arguments); an engine keeps those its policies read.
+_CONTEXT_FIELDS: dict[str, Callable[[CallRequest, bool, int, dict[str, Any]], Any]] = {
+    "widened": lambda r, a, n, args: r.widened,
+    "tool": lambda r, a, n, args: r.tool.name,
+    "risk": lambda r, a, n, args: r.tool.risk.value,
+    "role": lambda r, a, n, args: r.role,
+    "principal_id": lambda r, a, n, args: str(r.principal),
+    "workflow": lambda r, a, n, args: r.workflow,
+    "run_id": lambda r, a, n, args: r.run_id,
+    "step_id": lambda r, a, n, args: r.step_id,
+    "arguments": lambda r, a, n, args: args,
+    "argument_names": lambda r, a, n, args: sorted(r.arguments),
+    "data_labels": lambda r, a, n, args: sorted(r.data_labels),
+    "in_plan": lambda r, a, n, args: r.in_plan,
+    "attempt": lambda r, a, n, args: r.attempt,
+    "approved": lambda r, a, n, args: a,
+    "approval_count": lambda r, a, n, args: n if a else 0,
+}
 _PROVENANCE_KEYS = frozenset({"provenance", "destinations", "untrusted_destinations", "untrusted_arguments",
                               "destinations_in_plan", "destinations_in_user_data", "contents",
                               "untrusted_contents", "egress"})

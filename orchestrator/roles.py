@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from .canonical import canonical_json, sha256_hex
-from .gateway import CallContext, CallResult, Gateway, StepClosing
+from .gateway import CallContext, CallResult, Gateway, StepClosing, call_key
 from .identity import SpiffeId, Svid
 from .plan import Plan, Step, parse_plan
+
+if TYPE_CHECKING:
+    from .session import Session
 
 FailureKind = Literal["out_of_scope", "needs_other_tool", "denied", "tool_failed"]
 FAILURE_KINDS: tuple[FailureKind, ...] = ("out_of_scope", "needs_other_tool", "denied", "tool_failed")
@@ -103,15 +105,39 @@ class NeedsApproval(Exception):
 
 
 class ToolHandle:
-    """An executor's only way to call tools: through the gateway, with its step's grant."""
+    """An executor's only way to call tools: through a step of the run's ``Session`` (or,
+    for a test, straight through the gateway with a grant). The token stays inside."""
 
     def __init__(self, gateway: Gateway, token: str, ctx: CallContext, *,
                  closing: StepClosing | None = None) -> None:
-        self._gateway = gateway
+        """A handle that calls ``gateway`` with the grant ``token`` in ``ctx``."""
         self.__token = token
         self._ctx = ctx
-        self._closing = closing
         self.calls: list[CallResult] = []
+        self._session: tuple[Session, str] | None = None
+
+        def through_gateway(tool: str, arguments: dict[str, Any], last: bool) -> CallResult:
+            key = call_key(self._ctx, len(self.calls), tool, arguments)
+            return gateway.call(self.__token, tool, arguments, self._ctx, call_key=key,
+                                closing=closing if last else None)
+
+        self._through = through_gateway
+
+    @classmethod
+    def for_step(cls, session: Session, step_id: str, *, ends_step: bool = True) -> ToolHandle:
+        """The handle of a step of ``session``: every call goes through ``Session.call``.
+        With ``ends_step``, ``last_call`` ends the step in the call's write."""
+        handle = cls.__new__(cls)
+        handle.__token = session.danger_grant_token(step_id)  # held, as by any handle, never shown
+        handle.calls = []
+        handle._ctx = session.seen(step_id)
+
+        def through_session(tool: str, arguments: dict[str, Any], last: bool) -> CallResult:
+            return session.call(step_id, tool, arguments, last=last and ends_step)
+
+        handle._through = through_session
+        handle._session = (session, step_id)
+        return handle
 
     def call(self, tool: str, /, **arguments: Any) -> CallResult:
         """Ask the gateway to run ``tool``; returns the result, allowed or not.
@@ -119,7 +145,7 @@ class ToolHandle:
         Raises:
             NeedsApproval: policy wants a human to approve this exact call first.
         """
-        return self._call(tool, arguments, None)
+        return self._call(tool, arguments, False)
 
     def last_call(self, tool: str, /, **arguments: Any) -> CallResult:
         """``call``, for an executor that knows this is its step's last call.
@@ -133,11 +159,10 @@ class ToolHandle:
         Raises:
             NeedsApproval: policy wants a human to approve this exact call first.
         """
-        return self._call(tool, arguments, self._closing)
+        return self._call(tool, arguments, True)
 
-    def _call(self, tool: str, arguments: dict[str, Any], closing: StepClosing | None) -> CallResult:
-        key = _call_key(self._ctx, len(self.calls), tool, arguments)
-        result = self._gateway.call(self.__token, tool, arguments, self._ctx, call_key=key, closing=closing)
+    def _call(self, tool: str, arguments: dict[str, Any], last: bool) -> CallResult:
+        result = self._through(tool, arguments, last)
         self.calls.append(result)
         # What this call returned is now something the executor has seen: later calls of
         # the step carry its labels, and their arguments are traced against it.
@@ -152,6 +177,9 @@ class ToolHandle:
         for result in calls:
             self.calls.append(result)
             self._ctx = self._ctx.after(result)
+        if self._session is not None:
+            session, step_id = self._session
+            session.observe(step_id, calls)
 
     @property
     def context(self) -> CallContext:
@@ -160,18 +188,6 @@ class ToolHandle:
 
     def __repr__(self) -> str:
         return f"ToolHandle(step={self._ctx.step_id!r}, token=<redacted>)"
-
-
-def _call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, Any]) -> str:
-    """Names the n-th call of a step, so a step re-run after a crash replays, not repeats, it."""
-    try:
-        args = canonical_json(arguments)
-    except Exception:  # not JSON (a set, an object), or too big or deep to write down
-        try:
-            args = repr(sorted(arguments.items()))
-        except Exception:  # the gateway decides what to do with such arguments
-            args = "unwritable"
-    return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,10 +27,8 @@ not allowed cannot be executed or recorded, and an allowed one only once.
 
 from __future__ import annotations
 
-import enum
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import tracing as tr
@@ -38,107 +36,37 @@ from .approvals import ApprovalRequest
 from .approvals import approval_id as make_approval_id
 from .canonical import action_digest_v2, canonical_json, sha256_hex
 from .credentials import Grant
+from .decisions import PLAN_POLICY_ID, STEP_ENDED, CallDecision, Outcome, StepEnd, StepScope, step_outcome
 from .errors import PlanError, SessionError
-from .gateway import APPROVAL_POLICY_ID, CallContext, CallResult, Decided, StepClosing, grant_minted_fields
+from .gateway import (
+    CallContext,
+    CallResult,
+    Decided,
+    StepClosing,
+    call_key,
+    grant_minted_fields,
+)
 from .identity import SpiffeId, Svid
 from .plan import Plan, Step, parse_plan, validate_plan
 from .policy import Decision
 from .provenance import Observation
 from .redaction import recorded_constraints
+from .resumption import failed_attempt, resumption, unanswerable
 from .roles import Planner, PlanningContext
+from .run_events import (
+    ApprovalAnswered,
+    ApprovalRequested,
+    CallDecided,
+    Listener,
+    PlanFixed,
+    RunEnded,
+    RunEvent,
+    StepEnded,
+    StepStarted,
+)
 
 if TYPE_CHECKING:
     from .guard import Guard
-
-PLAN_POLICY_ID = "scopegraph:plan"  # a check for a step the plan does not have
-STEP_ENDED = "step ended"  # why a step's grant is revoked when the step ends
-
-
-class Outcome(str, enum.Enum):
-    """What was decided about one call."""
-
-    ALLOW = "allow"
-    DENY = "deny"
-    NEEDS_APPROVAL = "needs_approval"
-
-
-@dataclass(frozen=True, kw_only=True)
-class CallDecision:
-    """The decision on one proposed call, as ``Session.check`` made and recorded it.
-
-    ``outcome`` says what to do: run it (``ALLOW``), refuse it (``DENY``: ``reason``
-    says why, ``policy_ids`` which policies or checks refused), or ask a human
-    (``NEEDS_APPROVAL``: ``approval_id`` names the request made for exactly this call).
-    ``result`` is set when the call ended at its check: refused, held for approval, or
-    an allowed call already made once (replayed from its record, never run again).
-    """
-
-    call_id: str
-    run_id: str
-    step_id: str
-    tool: str
-    outcome: Outcome
-    policy_ids: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    approval_id: str | None = None
-    required_approvals: int = 0
-    grant_id: str | None = None
-    result: CallResult | None = field(default=None, repr=False)
-
-    @property
-    def allowed(self) -> bool:
-        return self.outcome is Outcome.ALLOW
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(self.reasons)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepEnd:
-    """How a step ended, as its ``step_ended`` audit record says."""
-
-    status: str  # completed, denied, failed, awaiting_approval
-    decision: str | None = None
-    policy_ids: tuple[str, ...] = ()
-    reason: str = ""
-    approval_id: str | None = None
-    result: Any = field(default=None, repr=False)  # the step's output, when it completed
-
-    def as_record(self) -> dict[str, Any]:
-        """The fields a run's step record keeps (the runtime's checkpoint)."""
-        record: dict[str, Any] = {"status": self.status, "decision": self.decision,
-                                  "policy_ids": list(self.policy_ids), "reason": self.reason}
-        if self.status == "completed":
-            record["result"] = self.result
-        elif self.status != "awaiting_approval":
-            record["result"] = None
-        if self.approval_id is not None:
-            record["approval_id"] = self.approval_id
-        return record
-
-
-def step_outcome(calls: list[CallResult], planned_tool: str) -> StepEnd:
-    """A step completes when its last call was an allowed, successful call of its tool."""
-    if not calls:
-        return StepEnd(status="failed", reason="executor made no call")
-    last = calls[-1]
-    if last.ok and last.tool == planned_tool:
-        status = "completed"
-    else:
-        status = "denied" if last.status == "denied" else "failed"
-    return StepEnd(status=status, decision=last.decision.outcome, policy_ids=tuple(last.decision.policy_ids),
-                   reason="" if last.ok else last.audit_reason, result=last.value if last.ok else None)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepScope:
-    """A step as it runs: its identity, proof of identity and grant. No token is shown."""
-
-    step: Step
-    identity: SpiffeId
-    svid: Svid = field(repr=False)
-    grant_id: str
 
 
 class _Step:
@@ -148,18 +76,23 @@ class _Step:
     def __init__(self, step: Step, identity: SpiffeId, svid: Svid, grant: Grant, ctx: CallContext,
                  asked: int, held_under: _Step | None) -> None:
         self.step, self.identity, self.svid, self.grant, self.ctx = step, identity, svid, grant, ctx
+        self.step_id = ctx.step_id  # a delegated child's is its path, ``parent.child``
+        self.labels = ctx.data_labels  # what it carried when it began: its approval requests show them
         self.calls: list[CallResult] = []
         self.pending: dict[str, Decided] = {}
         self.checks = 0
         self.asked = asked  # approval requests made for this step so far (their sequence)
         self.held_under = held_under  # a delegated child's calls are held as its parent's
         self.last_request: str | None = None  # the approval request of the step's last held call
+        self.resumed_from: str | None = None  # the answered request the step was resumed on
+        self.announced = False  # its end was told to the listener
         self.closing: StepClosing | None = None
         self.ended: StepEnd | None = None  # written with the step's last call
         self.revoked = False
 
     def scope(self) -> StepScope:
-        return StepScope(step=self.step, identity=self.identity, svid=self.svid, grant_id=self.grant.jti)
+        return StepScope(step_id=self.step_id, step=self.step, identity=self.identity, svid=self.svid,
+                         grant_id=self.grant.jti)
 
 
 class Session:
@@ -170,8 +103,12 @@ class Session:
     Not thread-safe: one host thread drives a session (parallel steps each get their own).
     """
 
-    def __init__(self, guard: Guard, *, run_id: str, initiator: str, plan: Plan | None = None) -> None:
+    def __init__(self, guard: Guard, *, run_id: str, initiator: str, plan: Plan | None = None,
+                 listener: Listener | None = None) -> None:
+        """Open with ``Guard.start_run`` or ``Guard.session``. ``listener`` is told of each
+        event of the run (see ``scopegraph.run_events``) once it is written."""
         self.guard = guard
+        self._listener = listener
         self.run_id = run_id
         self.initiator = initiator
         self.workflow = guard.workflow
@@ -240,6 +177,7 @@ class Session:
                     "constraints": recorded_constraints(st.constraints, registry[st.tool].secrets)}
                    for st in plan.steps])
         self._plan = plan
+        self._emit(PlanFixed(run_id=self.run_id, steps=tuple(st.id for st in plan.steps), revision=revision))
         return plan
 
     def refuse_plan(self, error: PlanError, *, revision: int = 0) -> None:
@@ -250,7 +188,7 @@ class Session:
     # steps --------------------------------------------------------------------------------
     def begin_step(self, step: Step | str, *, identity: SpiffeId | None = None,
                    observations: Iterable[Observation] = (), data_labels: Iterable[str] = (),
-                   widened: bool = False, approvals_asked: int = 0) -> StepScope:
+                   widened: bool = False, approvals_asked: int = 0, resuming: str | None = None) -> StepScope:
         """Mint the step's identity and grant (its scope: the plan step's tool and
         constraints) and start it. ``check`` does this for a plan step not begun yet.
 
@@ -258,7 +196,8 @@ class Session:
         call (its dependencies' results), ``data_labels`` the labels of data it carries:
         argument provenance and label policies are decided against them. A step begun
         again (to resume it after an approval) gets a new grant; its old one must have
-        been ended.
+        been ended. ``resuming`` names the answered approval request it is begun again
+        for (``resume`` and ``resume_call`` then check that request's call).
 
         Raises:
             SessionError: the step is not in the plan, or is running already.
@@ -276,6 +215,12 @@ class Session:
                           data_labels=labels, observations=tuple(observations), widened=widened)
         state = _Step(step, identity, svid, grant, ctx, approvals_asked, None)
         self._steps[step.id] = state
+        if resuming is not None:
+            state.resumed_from = resuming
+            request = self.guard.approvals.get(resuming)
+            self._emit(ApprovalAnswered(run_id=self.run_id, step_id=request.step_id, approval_id=request.id,
+                                        status=request.effective_status(self.guard.clock.now())))
+        self._emit(StepStarted(run_id=self.run_id, step_id=step.id, tool=step.tool, spiffe_id=str(identity)))
         return state.scope()
 
     def step(self, step_id: str) -> StepScope:
@@ -298,6 +243,76 @@ class Session:
         """How the step ended, if its last call ended it (``last=True``) or ``end_step`` did."""
         return self._state(step_id).ended
 
+    def danger_grant_token(self, step_id: str) -> str:
+        """The step's signed grant, for a host that runs a call itself and must present
+        the grant downstream (as the gateway does for a ``takes_grant`` tool). Never show
+        it to a model, a log or a span."""
+        return self._state(step_id).grant.danger_token()
+
+    def pending_approval(self, step_id: str) -> str | None:
+        """The approval request made for the step's last held call (a delegated child's
+        calls are held under their parent step)."""
+        return self._state(step_id).last_request
+
+    def observe(self, step_id: str, results: Iterable[CallResult]) -> None:
+        """Count results of calls made on the step's behalf (by its delegated children)
+        as seen by its executor: later calls are decided knowing them."""
+        state = self._state(step_id)
+        for result in results:
+            state.ctx = state.ctx.after(result)
+
+    def delegate_step(self, parent: str, child: Step, *, step_id: str, identity: SpiffeId,
+                      planner_id: SpiffeId, observations: Iterable[Observation] = ()) -> StepScope:
+        """Begin a delegated child of step ``parent`` as step ``step_id``: its grant is
+        minted against the parent's (a subset of its scope, never longer-lived), its
+        executor has seen all the parent's has, and a call of it held for approval is
+        held under the parent (the parent pauses on it).
+
+        Raises:
+            GrantError: the child asks for more than its parent holds (the refusal is the
+                caller's to audit, with ``record_step_end``).
+        """
+        guard, p = self.guard, self._state(parent)
+        registry = self.workflow.registry
+        attributes = {tr.SPIFFE_ID: str(identity), tr.STEP_ID: step_id, tr.GEN_AI_TOOL_NAME: child.tool,
+                      "scopegraph.grant.parent": p.grant.jti}
+        with tr.span(tr.GRANT_MINT, attributes) as s, guard.store.atomic():
+            # An argument the child leaves out keeps the parent's constraint: otherwise the
+            # tool's default would run unchecked, though the parent's grant may refuse it.
+            constraints = {**{k: v for k, v in p.grant.constraints.items() if k not in child.constraints},
+                           **child.constraints}
+            # The parent's grant may not be written yet: it is now, as the child's mint
+            # spends one of its uses.
+            parent_minted = guard.issuer.write_unwritten(p.grant.jti)
+            grant = guard.issuer.mint(
+                subject=identity, tool=child.tool, run_id=self.run_id, step_id=step_id, workflow=self.workflow.name,
+                constraints=constraints, parent=p.grant,
+                act={"sub": str(planner_id), "act": {"sub": str(p.identity), "act": dict(p.grant.act)}},
+            )
+            if parent_minted:
+                guard.ledger.append("grant_minted", self.run_id,
+                                    **grant_minted_fields(p.grant, registry[p.grant.tool].secrets))
+            guard.ledger.append("grant_minted", self.run_id, step_id=step_id, grant_id=grant.jti,
+                                spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
+                                expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=p.grant.jti,
+                                constraints=recorded_constraints(grant.constraints, registry[child.tool].secrets),
+                                act=dict(grant.act))
+            s.set_attribute(tr.GRANT_ID, grant.jti)
+        guard.metrics.grants_minted.add(1, {"workflow": self.workflow.name, "tool": child.tool})
+        svid = guard.domain.issue_svid(identity, ttl=self.workflow.grant_ttl)
+        ctx = p.ctx.child(step_id=step_id, principal=identity, observations=tuple(observations),
+                          planned=p.step.constraints)
+        state = _Step(child, identity, svid, grant, ctx, 0, p.held_under or p)
+        self._steps[step_id] = state
+        self._emit(StepStarted(run_id=self.run_id, step_id=step_id, tool=child.tool, spiffe_id=str(identity)))
+        return state.scope()
+
+    def record_step_end(self, step_id: str, outcome: StepEnd) -> None:
+        """Audit the end of a step that holds no grant (it never began, or was refused
+        before it could): there is nothing to revoke."""
+        self._step_ended(step_id, outcome)
+        self._emit(StepEnded(run_id=self.run_id, step_id=step_id, status=outcome.status, reason=outcome.reason))
+
     # calls --------------------------------------------------------------------------------
     def check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None,
               last: bool = False, call_id: str | None = None) -> CallDecision:
@@ -319,18 +334,15 @@ class Session:
                            again=approval_id is not None)
 
     def _check(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
-               last: bool, call_id: str | None, again: bool) -> CallDecision:
+               last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallDecision:
         try:
-            state = self._checking(step, again)
+            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc))
-        index = state.checks
-        state.checks += 1
-        key = call_id or _call_key(state.ctx, index, tool, arguments)
-        closing = self._closing(state) if last else None
         decided = self.guard.gateway.decide(
             state.grant.danger_token(), tool, arguments, state.ctx, call_key=key, approval_id=approval_id,
             closing=closing, on_held=lambda held: self._hold(state, held))
+        self._decided(state, tool, decided.decision)
         if decided.result is None:
             state.pending[key] = decided
             state.closing = closing
@@ -338,12 +350,23 @@ class Session:
             self._took(state, decided.result)
         held = state.held_under or state
         return CallDecision(
-            call_id=key, run_id=self.run_id, step_id=state.step.id, tool=tool,
+            call_id=key, run_id=self.run_id, step_id=state.step_id, tool=tool,
             outcome=Outcome(decided.decision.outcome), policy_ids=tuple(decided.decision.policy_ids),
             reasons=tuple(decided.decision.reasons),
             approval_id=held.last_request if decided.decision.outcome == "needs_approval" else None,
             required_approvals=decided.decision.required_approvals, grant_id=decided.grant_id,
             result=decided.result)
+
+    def _prepare(self, step: str, tool: str, arguments: Mapping[str, Any], last: bool, call_id: str | None,
+                 again: bool, resumed_from: str | None) -> tuple[_Step, str, StepClosing | None]:
+        """The step a call is for (begun if need be), the call's idempotency key, and how
+        the step ends with it if it is the last."""
+        state = self._checking(step, again)
+        state.resumed_from = resumed_from or state.resumed_from
+        index = state.checks
+        state.checks += 1
+        key = call_id or call_key(state.ctx, index, tool, arguments)
+        return state, key, self._closing(state) if last else None
 
     def execute(self, decision: CallDecision) -> CallResult:
         """Run an allowed call's tool through the gateway and record its result.
@@ -363,7 +386,7 @@ class Session:
         try:
             result = self.guard.gateway.run(decided, state.ctx, closing=state.closing)
         except BaseException as exc:
-            state.calls.append(_failed_attempt(decided, exc))
+            state.calls.append(failed_attempt(decided, exc))
             raise
         self._took(state, result)
         return result
@@ -393,21 +416,91 @@ class Session:
         return result
 
     def call(self, step: str, tool: str, arguments: Mapping[str, Any], *, last: bool = False,
-             approval_id: str | None = None, call_id: str | None = None, again: bool = False) -> CallResult:
+             approval_id: str | None = None, call_id: str | None = None) -> CallResult:
         """``check`` and ``execute`` in one, retrying a transient failure of the tool (each
-        retry checked again: a new decision, never the old one reused). ``again`` begins
-        the step anew if it has ended (as ``resume`` does)."""
+        retry checked again: a new decision, never the old one reused)."""
+        return self._call(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
+                          again=approval_id is not None)
+
+    def _call(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None, last: bool,
+              call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
         try:
-            state = self._checking(step, again or approval_id is not None)
+            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
         except SessionError as exc:
             return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
-        index = state.checks
-        state.checks += 1
-        key = call_id or _call_key(state.ctx, index, tool, arguments)
-        closing = self._closing(state) if last else None
         result = self.guard.gateway.call(state.grant.danger_token(), tool, arguments, state.ctx, call_key=key,
                                          approval_id=approval_id, closing=closing,
                                          on_held=lambda held: self._hold(state, held))
+        self._decided(state, tool, result.decision)
+        self._took(state, result)
+        return result
+
+    # async --------------------------------------------------------------------------------
+    # The store is synchronous and quick; what an async host must not wait on in a thread
+    # is the tool: an async tool is awaited on the host's own loop.
+    async def acheck(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None = None,
+                     last: bool = False, call_id: str | None = None) -> CallDecision:
+        """``check``, for a host on an event loop."""
+        return self.check(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id)
+
+    async def aexecute(self, decision: CallDecision) -> CallResult:
+        """``execute``, awaiting an async tool on the caller's loop (no thread, no loop of its own)."""
+        if decision.result is not None:
+            return decision.result
+        state, decided = self._pending(decision)
+        try:
+            result = await self.guard.gateway.arun(decided, state.ctx, closing=state.closing)
+        except BaseException as exc:
+            state.calls.append(failed_attempt(decided, exc))
+            raise
+        self._took(state, result)
+        return result
+
+    async def arecord(self, decision: CallDecision, *, value: Any = None, error: BaseException | str | None = None,
+                      labels: Iterable[str] = ()) -> CallResult:
+        """``record``, for a host on an event loop."""
+        return self.record(decision, value=value, error=error, labels=labels)
+
+    async def acall(self, step: str, tool: str, arguments: Mapping[str, Any], *, last: bool = False,
+                    approval_id: str | None = None, call_id: str | None = None) -> CallResult:
+        """``call``, awaiting an async tool on the caller's loop; a retry waits without blocking it."""
+        return await self._acall(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
+                                 again=approval_id is not None)
+
+    async def aresume(self, approval_id: str, *, last: bool = False) -> CallDecision:
+        """``resume``, for a host on an event loop."""
+        return self.resume(approval_id, last=last)
+
+    async def aresume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
+        """``resume_call``, awaiting an async tool on the caller's loop."""
+        request = self.guard.approvals.get(approval_id)
+        state = request.effective_status(self.guard.clock.now())
+        final = unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
+        if request.run_id != self.run_id or final is not None:
+            return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
+        self._answered(request, state)
+        arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
+        return await self._acall(request.step_id, request.tool, arguments, approval_id=present, last=last,
+                                 call_id=call_id, again=True, resumed_from=request.id)
+
+    async def aend_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
+        """``end_step``, for a host on an event loop."""
+        return self.end_step(step, outcome, audit=audit)
+
+    async def aend_run(self, *, status: str, error: str | None = None) -> None:
+        """``end_run``, for a host on an event loop."""
+        self.end_run(status=status, error=error)
+
+    async def _acall(self, step: str, tool: str, arguments: Mapping[str, Any], *, approval_id: str | None,
+                     last: bool, call_id: str | None, again: bool, resumed_from: str | None = None) -> CallResult:
+        try:
+            state, key, closing = self._prepare(step, tool, arguments, last, call_id, again, resumed_from)
+        except SessionError as exc:
+            return self._refused(step, tool, call_id, str(exc)).result  # type: ignore[return-value]
+        result = await self.guard.gateway.acall(state.grant.danger_token(), tool, arguments, state.ctx,
+                                                call_key=key, approval_id=approval_id, closing=closing,
+                                                on_held=lambda held: self._hold(state, held))
+        self._decided(state, tool, result.decision)
         self._took(state, result)
         return result
 
@@ -455,24 +548,27 @@ class Session:
             return self._refused(request.step_id, request.tool, None,
                                  f"approval {approval_id!r} belongs to another run")
         state = request.effective_status(self.guard.clock.now())
-        final = _unanswerable(self.run_id, request, state)
+        final = unanswerable(self.run_id, request, state)
+        if state != "pending":
+            self._answered(request, state)
         if final is not None:
             return final
-        arguments, present, call_id = _resumption(self, request, state)
+        arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return self._check(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                           call_id=call_id, again=True)
+                           call_id=call_id, again=True, resumed_from=request.id)
 
     def resume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
         """``resume`` and ``execute`` in one, retrying a transient failure as ``call`` does
         (a retry presents no approval: it is a new call, decided afresh)."""
         request = self.guard.approvals.get(approval_id)
         state = request.effective_status(self.guard.clock.now())
-        final = _unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
+        final = unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
         if request.run_id != self.run_id or final is not None:
             return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
-        arguments, present, call_id = _resumption(self, request, state)
-        return self.call(request.step_id, request.tool, arguments, approval_id=present, last=last,
-                         call_id=call_id, again=True)
+        self._answered(request, state)
+        arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
+        return self._call(request.step_id, request.tool, arguments, approval_id=present, last=last,
+                          call_id=call_id, again=True, resumed_from=request.id)
 
     # ends ---------------------------------------------------------------------------------
     def end_step(self, step: str, outcome: StepEnd | None = None, *, audit: bool = True) -> StepEnd | None:
@@ -486,15 +582,16 @@ class Session:
         """
         state = self._state(step)
         if state.revoked and state.ended is not None and (outcome is None or outcome == state.ended):
-            with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step.id,
+            with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step_id,
                                            tr.GRANT_REVOKED_WITH_CALL: True}):
                 pass
-            self.guard.secrets.end_step(self.run_id, state.step.id)
+            self.guard.secrets.end_step(self.run_id, state.step_id)
+            self._announce_end(state)
             return state.ended
         if outcome is None and audit:
-            outcome = step_outcome(state.calls, state.step.tool)
+            outcome = self._outcome(state, state.calls)
         guard = self.guard
-        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step.id}), \
+        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: state.grant.jti, tr.STEP_ID: state.step_id}), \
                 guard.store.atomic():
             minted = guard.issuer.write_unwritten(state.grant.jti)  # a step that made no call: written now
             revoked = guard.issuer.revoke(state.grant.jti, reason=STEP_ENDED)
@@ -504,11 +601,13 @@ class Session:
             if revoked:
                 self._revoked(state)
             if outcome is not None and audit:
-                self._step_ended(state.step.id, outcome)
+                self._step_ended(state.step_id, outcome)
         state.revoked = True
         if outcome is not None:
             state.ended = outcome
-        guard.secrets.end_step(self.run_id, state.step.id)  # the step's downstream credentials end with it
+            state.announced = False  # recorded again: told again
+        guard.secrets.end_step(self.run_id, state.step_id)  # the step's downstream credentials end with it
+        self._announce_end(state)
         return outcome
 
     def end_run(self, *, status: str, error: str | None = None) -> None:
@@ -527,6 +626,7 @@ class Session:
             guard.ledger.sign_head(guard.domain)
         for state in self._steps.values():
             state.revoked = True
+        self._emit(RunEnded(run_id=self.run_id, status=status, error=error))
 
     # internals ----------------------------------------------------------------------------
     def _plan_step(self, step_id: str) -> Step:
@@ -574,10 +674,39 @@ class Session:
         return state, decided
 
     def _took(self, state: _Step, result: CallResult) -> None:
+        if result.status == "needs_approval":
+            holder = state.held_under or state
+            if holder.last_request is not None:
+                self._emit(ApprovalRequested(run_id=self.run_id, step_id=holder.step_id, tool=result.tool,
+                                             approval_id=holder.last_request))
         state.calls.append(result)
+        if state.ended is not None and state.revoked:  # the call ended its step
+            self._announce_end(state)
         # What this call returned is now something the executor has seen: later calls of
         # the step carry its labels, and their arguments are traced against it.
         state.ctx = state.ctx.after(result)
+
+    def _emit(self, event: RunEvent) -> None:
+        if self._listener is not None:
+            self._listener(event)
+
+    def _decided(self, state: _Step, tool: str, decision: Decision) -> None:
+        self._emit(CallDecided(run_id=self.run_id, step_id=state.step_id, tool=tool,
+                               outcome=Outcome(decision.outcome), policy_ids=tuple(decision.policy_ids),
+                               reason="; ".join(decision.reasons)))
+
+    def _announce_end(self, state: _Step) -> None:
+        if state.ended is not None and not state.announced:
+            state.announced = True
+            self._emit(StepEnded(run_id=self.run_id, step_id=state.step_id, status=state.ended.status,
+                                 reason=state.ended.reason))
+
+    def _answered(self, request: ApprovalRequest, status: str) -> None:
+        state = self._steps.get(request.step_id)
+        if state is not None and not state.revoked and state.resumed_from == request.id:
+            return  # told as the step was begun again for it
+        self._emit(ApprovalAnswered(run_id=self.run_id, step_id=request.step_id, approval_id=request.id,
+                                    status=status))
 
     def _closing(self, state: _Step) -> StepClosing:
         """How ``state``'s step ends with its last call (see ``StepClosing``): revoked, and
@@ -589,14 +718,22 @@ class Session:
                                   policy_ids=tuple(result.decision.policy_ids), reason=result.audit_reason,
                                   approval_id=(state.held_under or state).last_request)
             else:
-                outcome = step_outcome([*state.calls, result], state.step.tool)
+                outcome = self._outcome(state, [*state.calls, result])
             if revoked:
                 self._revoked(state)
-            self._step_ended(state.step.id, outcome)
+            self._step_ended(state.step_id, outcome)
             state.ended = outcome
             state.revoked = True
 
         return StepClosing(reason=STEP_ENDED, end=end)
+
+    def _outcome(self, state: _Step, calls: list[CallResult]) -> StepEnd:
+        """The end of a step from its calls; a step resumed on an approval names it."""
+        outcome = step_outcome(calls, state.step.tool)
+        if state.resumed_from is None:
+            return outcome
+        return StepEnd(status=outcome.status, decision=outcome.decision, policy_ids=outcome.policy_ids,
+                       reason=outcome.reason, approval_id=state.resumed_from, result=outcome.result)
 
     def _hold(self, state: _Step, result: CallResult) -> None:
         """Make the approval request for a held call, in the write that records its
@@ -607,20 +744,20 @@ class Session:
 
     def _request_approval(self, state: _Step, result: CallResult) -> ApprovalRequest:
         guard, wf, step = self.guard, self.workflow, state.step
-        digest = action_digest_v2(run_id=self.run_id, step_id=step.id, tool=result.tool,
+        digest = action_digest_v2(run_id=self.run_id, step_id=state.step_id, tool=result.tool,
                                   arguments=dict(result.arguments), policy_version=guard.policy.version)
         now = guard.clock.now()
         tool = wf.registry.get_tool(result.tool)
         sequence = state.asked
         state.asked += 1
         request = guard.approvals.request(ApprovalRequest(
-            id=make_approval_id(self.run_id, step.id, digest, sequence), run_id=self.run_id,
-            step_id=step.id, workflow=wf.name, initiator=self.initiator, requester=str(state.identity),
+            id=make_approval_id(self.run_id, state.step_id, digest, sequence), run_id=self.run_id,
+            step_id=state.step_id, workflow=wf.name, initiator=self.initiator, requester=str(state.identity),
             tool=result.tool, arguments=dict(result.arguments), digest=digest,
             secret_arguments=sorted(tool.secrets & set(result.arguments)),
             policy_version=guard.policy.version, risk=tool.risk.value,
             policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
-            data_labels=sorted(state.ctx.data_labels), purpose=step.purpose,
+            data_labels=sorted(state.labels), purpose=step.purpose,
             required_approvals=max(1, result.decision.required_approvals),
             allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
             created_at=now, expires_at=now + wf.approval_ttl,
@@ -628,7 +765,7 @@ class Session:
         ))
         if request.created_at == now:  # new, not found again after a crash
             guard.ledger.append("approval_requested", self.run_id, approval_id=request.id,
-                                step_id=step.id, tool=result.tool, digest=digest,
+                                step_id=state.step_id, tool=result.tool, digest=digest,
                                 policy_ids=list(result.decision.policy_ids),
                                 required_approvals=request.required_approvals, expires_at=request.expires_at,
                                 **({"signed_answers": True} if request.signed_answers else {}))
@@ -659,7 +796,7 @@ class Session:
 
     def _revoked(self, state: _Step) -> None:
         """Audit and count the revocation of a step's grant as its step ends."""
-        self.guard.ledger.append("grant_revoked", self.run_id, step_id=state.step.id, grant_id=state.grant.jti,
+        self.guard.ledger.append("grant_revoked", self.run_id, step_id=state.step_id, grant_id=state.grant.jti,
                                  reason=STEP_ENDED)
         self.guard.metrics.grants_revoked.add(1, {"workflow": self.workflow.name, "tool": state.step.tool})
 
@@ -669,79 +806,4 @@ class Session:
                                  reason=outcome.reason, approval_id=outcome.approval_id)
 
 
-def _failed_attempt(decided: Decided, exc: BaseException) -> CallResult:
-    """The result of an attempt whose tool raised past the gateway (a transient failure)."""
-    return CallResult(tool=decided.tool_name, arguments=dict(decided.normalized or {}), status="error",
-                      decision=decided.decision, error=f"tool {decided.tool_name!r} failed: {type(exc).__name__}",
-                      error_type=type(exc).__name__, attempts=decided.attempt, grant_id=decided.grant_id,
-                      labels=decided.tool.labels if decided.tool is not None else frozenset())
-
-
-def _unanswerable(run_id: str, request: ApprovalRequest, state: str) -> CallDecision | None:
-    """The decision on a held call whose request cannot be used: still pending, denied
-    outright, or expired. Nothing is checked or written for it."""
-    if state == "pending":
-        decision = Decision(outcome="needs_approval", reasons=tuple(request.reasons),
-                            policy_ids=tuple(request.policy_ids), required_approvals=request.required_approvals)
-        approval: str | None = request.id
-    elif state == "expired":
-        decision = Decision.deny(f"approval {request.id!r} expired before it was answered", APPROVAL_POLICY_ID)
-        approval = None
-    elif state == "denied" and request.proposed_arguments is None:
-        assert request.denial is not None
-        decision = Decision.deny(f"denied by {request.denial.approver}: {request.denial.reason}",
-                                 APPROVAL_POLICY_ID)
-        approval = None
-    else:
-        return None
-    status = "needs_approval" if decision.outcome == "needs_approval" else "denied"
-    result = CallResult(tool=request.tool, arguments=dict(request.arguments), status=status,  # type: ignore[arg-type]
-                        decision=decision)
-    return CallDecision(call_id=f"approval:{request.id}", run_id=run_id, step_id=request.step_id, tool=request.tool,
-                        outcome=Outcome(decision.outcome), policy_ids=decision.policy_ids, reasons=decision.reasons,
-                        approval_id=approval, required_approvals=decision.required_approvals, result=result)
-
-
-def _resumption(session: Session, request: ApprovalRequest, state: str) -> tuple[dict[str, Any], str | None, str]:
-    """The call to check for an answered request: its arguments, the approval to present
-    (if any) and the call's idempotency id."""
-    # Counter-proposal: the new arguments are a new action. A proposal names only what it
-    # changes; the rest of the call stays as requested.
-    arguments = request.arguments if state in ("approved", "consumed") \
-        else {**request.arguments, **(request.proposed_arguments or {})}
-    # Approved under policies that have changed since (an upgrade while the run was
-    # paused): the approval names the old version and cannot be used; the call is decided
-    # afresh, and asked about again if it still needs a human.
-    stale = state == "approved" and request.policy_version != session.guard.policy.version
-    if state in ("approved", "consumed") and not stale:
-        return _as_called(session, request.tool, arguments), request.id, f"approval:{request.id}"
-    return _as_called(session, request.tool, arguments), None, f"{'reasked' if stale else 'proposal'}:{request.id}"
-
-
-def _as_called(session: Session, tool: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The approved call's arguments as its executor passed them: the request holds them
-    normalised, defaults filled in; those still at their default are left out, so the
-    call is decided (and its digest computed) exactly as it was when it was held."""
-    fields = session.workflow.registry.get_tool(tool).args_model.model_fields
-
-    def is_default(name: str, value: Any) -> bool:
-        default = fields[name].get_default(call_default_factory=True)
-        return type(value) is type(default) and bool(value == default)
-
-    return {k: v for k, v in arguments.items()
-            if k not in fields or fields[k].is_required() or not is_default(k, v)}
-
-
-def _call_key(ctx: CallContext, index: int, tool: str, arguments: Mapping[str, Any]) -> str:
-    """Names the n-th call of a step, so a step re-run after a crash replays, not repeats, it."""
-    try:
-        args = canonical_json(arguments)
-    except Exception:  # not JSON (a set, an object), or too big or deep to write down
-        try:
-            args = repr(sorted(arguments.items()))
-        except Exception:  # the gateway decides what to do with such arguments
-            args = "unwritable"
-    return sha256_hex(f"{ctx.run_id}\0{ctx.step_id}\0{index}\0{tool}\0{args}")
-
-
-__all__ = ["CallDecision", "Outcome", "Session", "StepEnd", "StepScope", "step_outcome"]
+__all__ = ["PLAN_POLICY_ID", "STEP_ENDED", "CallDecision", "Outcome", "Session", "StepEnd", "StepScope", "step_outcome"]

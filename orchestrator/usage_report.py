@@ -43,12 +43,12 @@ from typing import Any
 from pydantic import create_model
 
 from .approvals import ApprovalRequest
+from .call_checks import (
+    digest_of as arguments_digest,  # the digest the ledger's decision/tool_call records hold
+)
 from .clock import SystemClock
 from .credential_report import credential_usage, render_credentials
 from .errors import PolicyError, ScopegraphError
-from .gateway import (
-    _digest as arguments_digest,  # the digest the ledger's decision/tool_call records hold
-)
 from .identity import SpiffeId
 from .ledger import Ledger
 from .policy import SCHEMA_FILE, CallRequest, CedarPolicyEngine, policy_sources

@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,13 @@ KEYSTORE_ENV = "SCOPEGRAPH_KEYSTORE"
 PASSPHRASE_ENV = "SCOPEGRAPH_KEYSTORE_PASSPHRASE"
 _FILE = re.compile(r"^(grant|svid|ledger)\.(\d{6})\.(key|pub)\Z")
 _PRIVATE_MODE_BITS = 0o077
+# Looking up a signer (once per grant) reuses the directory's last listing while the
+# directory's stat is unchanged; a listing taken less than this long after the directory
+# last changed is not kept (file times are coarse, a clock tick at most: a file added in the
+# same tick as the listing would leave them unchanged). A listing that is stale all the
+# same can only name the key that was current when it was taken, which signs until its
+# file is gone (a rotation deletes it at once), as in any race with a rotation.
+_SETTLED_NS = 100_000_000
 
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
@@ -71,9 +79,11 @@ class FileKeystore:
         if passphrase is not None and not passphrase:
             raise KeystoreError(f"the keystore passphrase for {directory} is empty: unset {PASSPHRASE_ENV} or set it")
         self.directory = Path(directory)
+        self._path = str(self.directory)  # for the checks made on every signature (pathlib is slow)
         self._passphrase = passphrase
         self._lock = threading.Lock()
         self._signers: dict[tuple[Purpose, int], FileSigner] = {}
+        self._listing: tuple[tuple[int, ...], list[tuple[str, str, int, str]]] | None = None
         if not self.directory.exists():
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -112,15 +122,23 @@ class FileKeystore:
         """
         checked = check_purpose(purpose)
         with self._lock:
-            self._check_directory()
-            generation = self._current_generation(checked)
-            if generation is None:
-                generation = self._create(checked, self._next_generation(checked), exclusive=False)
+            listed = self._check_directory()
+            generation = self._current_or_first(checked, listed)
             cached = self._signers.get((checked, generation))
             if cached is not None:  # loaded before: the file must still be safe to hold the key
-                path = self.directory / _name(checked, generation, "key")
-                self._check_file_stat(path, os.lstat(path))
-            else:
+                path = os.path.join(self._path, _name(checked, generation, "key"))
+                st: os.stat_result | None
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:  # rotated away since the directory was listed: list it again
+                    self._listing = None
+                    generation = self._current_or_first(checked)
+                    cached = self._signers.get((checked, generation))
+                    path = os.path.join(self._path, _name(checked, generation, "key"))
+                    st = os.lstat(path) if cached is not None else None
+                if st is not None:
+                    self._check_file_stat(path, st)
+            if cached is None:
                 cached = self._load_signer(checked, generation)
                 self._signers = {(checked, generation): cached, **{
                     k: v for k, v in self._signers.items() if k[0] != checked}}
@@ -156,32 +174,54 @@ class FileKeystore:
 
     # files -------------------------------------------------------------------------------
     def _names(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.directory) if _FILE.match(n))
+        return [name for name, _, _, _ in self._entries()]
 
-    def _generations(self, purpose: Purpose, kind: str) -> set[int]:
-        out = set()
-        for name in self._names():
+    def _entries(self, st: os.stat_result | None = None) -> list[tuple[str, str, int, str]]:
+        """The key files: ``(name, purpose, generation, kind)``. With ``st`` (the directory's
+        stat, just taken: a signer's lookup), the last listing is reused while that stat is
+        unchanged (see ``_SETTLED_NS``); otherwise the directory is listed afresh."""
+        reuse = st is not None
+        st = st or os.stat(self._path)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_size)
+        if reuse and self._listing is not None and self._listing[0] == key:
+            return self._listing[1]
+        listed_at = time.time_ns()
+        entries = []
+        for name in sorted(os.listdir(self._path)):
             m = _FILE.match(name)
-            if m and m.group(1) == purpose and m.group(3) == kind:
-                out.add(int(m.group(2)))
-        return out
+            if m:
+                entries.append((name, m.group(1), int(m.group(2)), m.group(3)))
+        settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
+        self._listing = (key, entries) if settled else None
+        return entries
 
-    def _current_generation(self, purpose: Purpose) -> int | None:
-        return max(self._generations(purpose, "key"), default=None)
+    def _generations(self, purpose: Purpose, kind: str, st: os.stat_result | None = None) -> set[int]:
+        return {g for _, p, g, k in self._entries(st) if p == purpose and k == kind}
+
+    def _current_generation(self, purpose: Purpose, st: os.stat_result | None = None) -> int | None:
+        return max(self._generations(purpose, "key", st), default=None)
+
+    def _current_or_first(self, purpose: Purpose, st: os.stat_result | None = None) -> int:
+        """The current generation of ``purpose``, its first key made if it has none."""
+        generation = self._current_generation(purpose, st)
+        if generation is None:
+            generation = self._create(purpose, self._next_generation(purpose), exclusive=False)
+        return generation
 
     def _next_generation(self, purpose: Purpose) -> int:
         return max(self._generations(purpose, "key") | self._generations(purpose, "pub"), default=0) + 1
 
-    def _check_directory(self) -> None:
+    def _check_directory(self) -> os.stat_result:
         try:
-            st = os.stat(self.directory)
+            st = os.stat(self._path)
         except FileNotFoundError:
             raise KeystoreError(f"keystore directory {self.directory} does not exist") from None
         if not stat.S_ISDIR(st.st_mode):
             raise KeystoreError(f"keystore {self.directory} is not a directory")
         _check_owner_and_mode(self.directory, st, "directory", "700")
+        return st
 
-    def _check_file_stat(self, path: Path, st: os.stat_result) -> None:
+    def _check_file_stat(self, path: Path | str, st: os.stat_result) -> None:
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
             raise KeystoreError(f"keystore file {path} is not a regular file (a symlink is refused)")
         _check_owner_and_mode(path, st, "file", "600")
@@ -282,7 +322,7 @@ def _name(purpose: Purpose, generation: int, kind: str) -> str:
     return f"{purpose}.{generation:06d}.{kind}"
 
 
-def _check_owner_and_mode(path: Path, st: os.stat_result, what: str, wanted: str) -> None:
+def _check_owner_and_mode(path: Path | str, st: os.stat_result, what: str, wanted: str) -> None:
     if st.st_uid != os.geteuid():
         raise KeystoreError(f"keystore {what} {path} belongs to uid {st.st_uid}, not to this user "
                             f"(uid {os.geteuid()}): refusing keys someone else made")

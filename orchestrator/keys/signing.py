@@ -10,6 +10,7 @@ algorithm, never on the signing key), then re-signed by the signer and reassembl
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -36,10 +37,20 @@ def _b64url(data: bytes) -> str:
 
 def sign_jwt(signer: Signer, claims: Mapping[str, Any], *, headers: Mapping[str, Any] | None = None) -> str:
     """A compact JWS of ``claims`` with header ``alg``, ``typ: JWT`` and the signer's ``kid``."""
-    header = {"alg": signer.algorithm, "typ": "JWT", **(headers or {}), "kid": signer.kid}
-    signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
-                     + _b64url(json.dumps(dict(claims), separators=(",", ":")).encode()))
+    if headers:
+        header = _b64url(_compact({"alg": signer.algorithm, "typ": "JWT", **headers, "kid": signer.kid}).encode())
+    else:  # the same for every token of a key: written once
+        header = _plain_header(signer.algorithm, signer.kid)
+    signing_input = header + "." + _b64url(_compact(dict(claims)).encode())
     return signing_input + "." + _b64url(signer.sign(signing_input.encode("ascii")))
+
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # ``json.dumps(…, separators=(",", ":"))``
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_header(algorithm: str, kid: str) -> str:
+    return _b64url(_compact({"alg": algorithm, "typ": "JWT", "kid": kid}).encode())
 
 
 def sign_certificate(builder: x509.CertificateBuilder, signer: Signer) -> x509.Certificate:

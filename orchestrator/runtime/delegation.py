@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracing as tr
 from ..canonical import canonical_json, sha256_hex
-from ..credentials import Grant
 from ..errors import GrantError, PlanError, ScopegraphError
-from ..gateway import SCOPE_POLICY_ID, grant_minted_fields
+from ..gateway import SCOPE_POLICY_ID
 from ..identity import SpiffeId
 from ..plan import Plan, Step, parse_plan, validate_plan
 from ..provenance import Observation
@@ -38,9 +37,9 @@ from ..roles import (
     StepContext,
     ToolHandle,
 )
+from ..session import Session, StepEnd
 from .outcome import step_outcome
 from .repeat import identity_segments
-from .state import StepInput
 
 if TYPE_CHECKING:
     from .runner import Runtime
@@ -48,23 +47,23 @@ if TYPE_CHECKING:
 CHILD_SEPARATOR = "."  # plan step ids never contain it, so "parent.child" cannot collide
 
 
-def delegator_for(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, grant: Grant,
-                  handle: ToolHandle, children: list[dict[str, Any]]) -> Delegator:
+def delegator_for(rt: Runtime, session: Session, step: Step, identity: SpiffeId, handle: ToolHandle,
+                  children: list[dict[str, Any]]) -> Delegator:
     """The ``StepContext.delegate`` of one step: child records land in ``children`` and
     child calls in the parent's ``handle`` (they are calls made under its authority)."""
 
     def delegate(task: str, planner: Planner, executor: Executor) -> DelegationResult:
-        return _Delegation(rt, payload, step, identity, grant, handle, children).run(task, planner, executor)
+        return _Delegation(rt, session, step, identity, handle, children).run(task, planner, executor)
 
     return delegate
 
 
 class _Delegation:
-    def __init__(self, rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, grant: Grant,
-                 handle: ToolHandle, children: list[dict[str, Any]]) -> None:
-        self.rt, self.payload, self.step, self.identity = rt, payload, step, identity
-        self.grant, self.handle, self.children = grant, handle, children
-        self.run_id = payload["run_id"]
+    def __init__(self, rt: Runtime, session: Session, step: Step, identity: SpiffeId, handle: ToolHandle,
+                 children: list[dict[str, Any]]) -> None:
+        self.rt, self.session, self.step, self.identity = rt, session, step, identity
+        self.handle, self.children = handle, children
+        self.run_id = session.run_id
         self.planner_id = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, *identity_segments(step.id),
                                        "sub", "planner")
 
@@ -114,29 +113,28 @@ class _Delegation:
         return plan
 
     def _run_child(self, plan: Plan, child: Step, dependencies: dict[str, Any], executor: Executor) -> dict[str, Any]:
-        rt = self.rt
+        rt, session = self.rt, self.session
         path = f"{self.step.id}{CHILD_SEPARATOR}{child.id}"
         identity = rt.domain.id("wf", rt.workflow.name, "run", self.run_id, *identity_segments(self.step.id), "sub",
                                 child.id, "executor")
-        try:
-            grant = self._mint(child, path, identity)
-        except GrantError as exc:  # the child asked for more than its parent holds
-            rt.ledger.append("step_ended", self.run_id, step_id=path, status="denied", decision="deny",
-                             policy_ids=[SCOPE_POLICY_ID], reason=str(exc), approval_id=None)
-            return self._record(child, identity, "denied", decision="deny", policy_ids=[SCOPE_POLICY_ID],
-                                reason=str(exc))
         labels = rt.workflow.registry.get_tool(child.tool).labels
         seen = tuple(Observation(step_id=f"{self.step.id}{CHILD_SEPARATOR}{d}", tool=child.tool, labels=labels,
                                  value=v) for d, v in dependencies.items())
-        ctx = self.handle.context.child(step_id=path, principal=identity, observations=seen,
-                                        planned=self.step.constraints)
-        handle = ToolHandle(rt.gateway, grant.danger_token(), ctx)
-        record = self._record(child, identity, "failed", grant_id=grant.jti)
+        try:
+            scope = session.delegate_step(self.step.id, child, step_id=path, identity=identity,
+                                          planner_id=self.planner_id, observations=seen)
+        except GrantError as exc:  # the child asked for more than its parent holds
+            session.record_step_end(path, StepEnd(status="denied", decision="deny", policy_ids=(SCOPE_POLICY_ID,),
+                                                  reason=str(exc)))
+            return self._record(child, identity, "denied", decision="deny", policy_ids=[SCOPE_POLICY_ID],
+                                reason=str(exc))
+        # A child cannot end its step with a call: its end is recorded as its parent's record is made.
+        handle = ToolHandle.for_step(session, path, ends_step=False)
+        record = self._record(child, identity, "failed", grant_id=scope.grant_id)
         try:
             executor.execute(StepContext(
-                step=child, plan=plan, identity=identity,
-                svid=rt.domain.issue_svid(identity, ttl=rt.workflow.grant_ttl),
-                dependencies=dependencies, tools=handle, data_labels=ctx.data_labels,
+                step=child, plan=plan, identity=identity, svid=scope.svid,
+                dependencies=dependencies, tools=handle, data_labels=handle.context.data_labels,
                 tool_schema=rt.workflow.registry.catalogue_entry(child.tool),
             ))
             record.update(step_outcome(handle.calls, child.tool))
@@ -149,50 +147,11 @@ class _Delegation:
             record.update(status="failed", reason=f"executor raised {type(exc).__name__}")
         finally:
             self.handle.absorb(handle.calls)
-            self._revoke(grant, path)
-            rt.ledger.append("step_ended", self.run_id, step_id=path, status=record["status"],
-                             decision=record.get("decision"), policy_ids=list(record.get("policy_ids") or []),
-                             reason=record.get("reason") or "", approval_id=None)
+            session.end_step(path, StepEnd(status=record["status"], decision=record.get("decision"),
+                                           policy_ids=tuple(record.get("policy_ids") or ()),
+                                           reason=record.get("reason") or ""))
             self.children.append({k: v for k, v in record.items() if k != "result"})
         return record
-
-    def _mint(self, child: Step, path: str, identity: SpiffeId) -> Grant:
-        rt = self.rt
-        attributes = {tr.SPIFFE_ID: str(identity), tr.STEP_ID: path, tr.GEN_AI_TOOL_NAME: child.tool,
-                      "scopegraph.grant.parent": self.grant.jti}
-        with tr.span(tr.GRANT_MINT, attributes) as s, rt.store.atomic():
-            # An argument the child leaves out keeps the parent's constraint: otherwise the
-            # tool's default would run unchecked, though the parent's grant may refuse it.
-            constraints = {**{k: v for k, v in self.grant.constraints.items() if k not in child.constraints},
-                           **child.constraints}
-            # The parent's grant may not be written yet (see ``graph._mint``): it is now, as
-            # the child's mint spends one of its uses.
-            parent_minted = rt.issuer.write_unwritten(self.grant.jti)
-            grant = rt.issuer.mint(
-                subject=identity, tool=child.tool, run_id=self.run_id, step_id=path, workflow=rt.workflow.name,
-                constraints=constraints, parent=self.grant,
-                act={"sub": str(self.planner_id), "act": {"sub": str(self.identity), "act": dict(self.grant.act)}},
-            )
-            if parent_minted:
-                rt.ledger.append("grant_minted", self.run_id,
-                                 **grant_minted_fields(self.grant, rt.workflow.registry[self.grant.tool].secrets))
-            rt.ledger.append("grant_minted", self.run_id, step_id=path, grant_id=grant.jti,
-                             spiffe_id=str(identity), tool=child.tool, issued_at=grant.issued_at,
-                             expires_at=grant.expires_at, max_uses=grant.max_uses, parent_grant=self.grant.jti,
-                             constraints=recorded_constraints(grant.constraints,
-                                                              rt.workflow.registry[child.tool].secrets),
-                             act=dict(grant.act))
-            s.set_attribute(tr.GRANT_ID, grant.jti)
-        rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": child.tool})
-        return grant
-
-    def _revoke(self, grant: Grant, path: str) -> None:
-        rt = self.rt
-        with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: path}), rt.store.atomic():
-            if rt.issuer.revoke(grant.jti, reason="step ended"):
-                rt.ledger.append("grant_revoked", self.run_id, step_id=path, grant_id=grant.jti,
-                                 reason="step ended")
-                rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": grant.tool})
 
     def _record(self, child: Step, identity: SpiffeId | None, status: str, **fields: Any) -> dict[str, Any]:
         return {"step_id": f"{self.step.id}{CHILD_SEPARATOR}{child.id}", "tool": child.tool,

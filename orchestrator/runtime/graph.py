@@ -28,23 +28,19 @@ A repeated step (``for_each``) is sent as one task per item, each its own step r
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send, interrupt
 
 from .. import tracing as tr
-from ..approvals import ApprovalRequest, approval_id
-from ..canonical import action_digest_v2, canonical_json, sha256_hex
+from ..approvals import ApprovalRequest
 from ..constraints import narrows
-from ..credentials import Grant
 from ..errors import PlanError, ScopegraphError
-from ..gateway import CallContext, CallResult, StepClosing, grant_minted_fields
-from ..identity import SpiffeId, Svid
-from ..plan import Plan, Step, parse_plan, validate_plan
+from ..gateway import CallResult
+from ..identity import SpiffeId
+from ..plan import Plan, Step
 from ..provenance import Observation
-from ..redaction import recorded_constraints
 from ..roles import (
     FAILURE_KINDS,
     NeedsApproval,
@@ -54,6 +50,7 @@ from ..roles import (
     StepFailure,
     ToolHandle,
 )
+from ..session import STEP_ENDED, Session, StepEnd, StepScope
 from ..tools import ToolRegistry
 from . import repeat
 from .delegation import delegator_for
@@ -63,7 +60,7 @@ from .state import RunState, StepInput
 if TYPE_CHECKING:
     from .runner import Runtime
 
-STEP_ENDED = "step ended"  # why a step's grant is revoked when the step ends
+__all__ = ["STEP_ENDED", "build_graph", "final_status"]
 
 
 def build_graph(rt: Runtime) -> StateGraph:
@@ -85,6 +82,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
     """Ask the planner for the run's plan, or, when steps asked for one, for a revision."""
     wf = rt.workflow
     run_id = state["run_id"]
+    session = rt.session(run_id, initiator=state["initiator"])
     steps = state.get("steps") or {}
     previous = rt.plan_for(run_id, state["plan"]) if state.get("plan") else None
     asking = sorted(sid for sid, rec in steps.items() if rec.get("status") == "replan")
@@ -95,7 +93,7 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
         identity=SpiffeId.parse(state["planner_id"]), catalogue=wf.registry.catalogue(),
         previous_plan=previous, completed=completed if previous else (),
         failures=tuple(_failure(steps[sid]["failure"]) for sid in asking),
-        validator=lambda data: validate_plan(parse_plan(data), wf.registry),
+        validator=session.validate_plan,
     )
     revision = int(state.get("replans") or 0) + 1 if previous is not None else 0
     with tr.span(f"{tr.INVOKE_AGENT} planner", {
@@ -110,24 +108,18 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
                 _check_revision(previous, plan, kept)
         except PlanError as exc:
             tr.set_error(s, "malformed plan")
-            rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=False, error=str(exc),
-                             revision=revision)
+            session.refuse_plan(exc, revision=revision)
             # The steps that asked end failed: the run has no plan to give them.
             ended = {sid: {**steps[sid], "status": "failed", "reason": "the re-plan they asked for was refused"}
                      for sid in asking}
             return {"status": "failed", "error": str(exc), **({"steps": ended} if ended else {})}
-        dumped = plan.model_dump(mode="json")
         widened: list[str] = []  # a first plan is the original: nothing in it is wider than itself
         if previous is not None:
             original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"])
             widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
-        rt.ledger.append("plan", run_id, planner=state["planner_id"], valid=True,
-                         plan_digest=sha256_hex(canonical_json(dumped)), revision=revision,
-                         failures=[steps[sid]["failure"] for sid in asking], widened=widened,
-                         steps=[{"id": st.id, "tool": st.tool, "depends_on": list(st.depends_on),
-                                 "purpose": st.purpose,
-                                 "constraints": recorded_constraints(st.constraints, wf.registry[st.tool].secrets)}
-                                for st in plan.steps])
+        plan = session.fix_plan(plan, revision=revision, failures=[steps[sid]["failure"] for sid in asking],
+                                widened=widened)
+        dumped = plan.model_dump(mode="json")
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
     if previous is None:
         return {"plan": dumped}
@@ -251,11 +243,19 @@ def _observations(plan: Plan, payload: StepInput) -> tuple[Observation, ...]:
                  for d, v in payload["dependencies"].items())
 
 
-def _call_context(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
-                  extra_labels: frozenset[str] = frozenset()) -> CallContext:
-    return CallContext(workflow=rt.workflow.name, run_id=payload["run_id"], step_id=step.id,
-                       principal=identity, data_labels=frozenset(payload["data_labels"]) | extra_labels,
-                       observations=_observations(plan, payload), widened=bool(payload.get("widened")))
+def _session(rt: Runtime, payload: StepInput, plan: Plan) -> Session:
+    """The run's decision session, for one node (cheap: nothing is read or written)."""
+    return rt.session(payload["run_id"], initiator=payload["initiator"], plan=plan)
+
+
+def _begin(session: Session, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
+           record: dict[str, Any], extra_labels: frozenset[str] = frozenset(),
+           resuming: str | None = None) -> StepScope:
+    """Begin ``step`` in ``session`` with what its executor has been shown and carries."""
+    return session.begin_step(step, identity=identity, observations=_observations(plan, payload),
+                              data_labels=frozenset(payload["data_labels"]) | extra_labels,
+                              widened=bool(payload.get("widened")),
+                              approvals_asked=len(record.get("approval_ids") or []), resuming=resuming)
 
 
 def final_status(state: dict[str, Any]) -> str:
@@ -277,59 +277,6 @@ def final_status(state: dict[str, Any]) -> str:
 
 def _step_identity(rt: Runtime, run_id: str, step_id: str) -> SpiffeId:
     return rt.domain.id("wf", rt.workflow.name, "run", run_id, *repeat.identity_segments(step_id), "executor")
-
-
-def _mint(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> tuple[Svid, Grant]:
-    with tr.span(tr.GRANT_MINT, {tr.SPIFFE_ID: str(identity), tr.STEP_ID: step.id,
-                                 tr.GEN_AI_TOOL_NAME: step.tool}) as s:
-        # The step's proof of identity lives no longer than its grant.
-        svid = rt.domain.issue_svid(identity, ttl=rt.workflow.grant_ttl)
-        # Signed now; written, with its audit record, in the transaction of its first use
-        # (or of its revocation, for a step that makes no call). Until then the store does
-        # not know it, so it is unusable, and a crash before that loses nothing.
-        grant = rt.issuer.mint(
-            subject=identity, tool=step.tool, run_id=payload["run_id"], step_id=step.id,
-            workflow=rt.workflow.name, constraints=step.constraints,
-            act={"sub": payload["planner_id"], "act": {"sub": f"user:{payload['initiator']}"}},
-            deferred=True,
-        )
-        s.set_attribute(tr.GRANT_ID, grant.jti)
-        s.set_attribute(tr.GRANT_EXPIRES_AT, grant.expires_at)
-    rt.metrics.grants_minted.add(1, {"workflow": rt.workflow.name, "tool": step.tool})
-    return svid, grant
-
-
-def _secrets(rt: Runtime, tool: str) -> frozenset[str]:
-    return rt.workflow.registry.get_tool(tool).secrets
-
-
-def _revoke(rt: Runtime, run_id: str, step: Step, grant: Grant,
-            ended: dict[str, Any] | None = None) -> None:
-    """Revoke the step's grant; with ``ended``, record the step's outcome in the same write."""
-    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id}), rt.store.atomic():
-        minted = rt.issuer.write_unwritten(grant.jti)  # a step that made no call: written with its end
-        revoked = rt.issuer.revoke(grant.jti, reason=STEP_ENDED)
-        if minted:
-            rt.ledger.append("grant_minted", run_id, **grant_minted_fields(grant, _secrets(rt, step.tool)))
-        if revoked:
-            _revoked(rt, run_id, step.id, grant.jti, step.tool)
-        if ended is not None and "status" in ended:
-            _step_ended(rt, run_id, ended)
-    rt.secrets.end_step(run_id, step.id)  # the step's downstream credentials end with its grant
-
-
-def _revoked_with_call(rt: Runtime, run_id: str, grant: Grant, step: Step) -> None:
-    """The revocation's span for a step that ended with its last call: the revocation was
-    written in that call's transaction, so only the step's downstream credentials are left."""
-    with tr.span(tr.GRANT_REVOKE, {tr.GRANT_ID: grant.jti, tr.STEP_ID: step.id, tr.GRANT_REVOKED_WITH_CALL: True}):
-        pass
-    rt.secrets.end_step(run_id, step.id)  # the step's downstream credentials end with its grant
-
-
-def _revoked(rt: Runtime, run_id: str, step_id: str, jti: str, tool: str) -> None:
-    """Audit and count the revocation of a step's grant as its step ends."""
-    rt.ledger.append("grant_revoked", run_id, step_id=step_id, grant_id=jti, reason=STEP_ENDED)
-    rt.metrics.grants_revoked.add(1, {"workflow": rt.workflow.name, "tool": tool})
 
 
 def _tool_span(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId) -> Any:
@@ -361,7 +308,7 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
     if step.for_each is not None:  # a repeated step with no iteration to run: why is its record
         record = repeat.unrepeated_record(step, payload["dependencies"])
-        _step_ended(rt, payload["run_id"], record)
+        _session(rt, payload, plan).record_step_end(step.id, _end_of(record))
         return {"steps": {step.id: record}, **_landed(payload)}
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:
@@ -371,30 +318,26 @@ def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
 
 
 def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId) -> dict[str, Any]:
-    svid, grant = _mint(rt, payload, step, identity)
-    ctx = _call_context(rt, payload, plan, step, identity)
+    session = _session(rt, payload, plan)
+    scope = _begin(session, payload, plan, step, identity, payload["record"])
     record: dict[str, Any] = {"step_id": step.id, "tool": step.tool, "spiffe_id": str(identity),
-                              "grant_id": grant.jti, "grant_ids": [grant.jti]}
-    sealed: dict[str, Any] = {}
-    closing = _closing(rt, payload, step, identity, record, lambda: handle.calls, sealed)
-    handle = ToolHandle(rt.gateway, grant.danger_token(), ctx, closing=closing)
+                              "grant_id": scope.grant_id, "grant_ids": [scope.grant_id]}
+    handle = ToolHandle.for_step(session, step.id)
     children: list[dict[str, Any]] = []
     try:
         rt.workflow.executor.execute(StepContext(
-            step=step, plan=plan, identity=identity, svid=svid, dependencies=payload["dependencies"],
-            tools=handle, data_labels=ctx.data_labels,
+            step=step, plan=plan, identity=identity, svid=scope.svid, dependencies=payload["dependencies"],
+            tools=handle, data_labels=handle.context.data_labels,
             dependency_labels={d: frozenset(v) for d, v in (payload.get("dependency_labels") or {}).items()},
             tool_schema=rt.workflow.registry.catalogue_entry(step.tool),
-            delegator=delegator_for(rt, payload, step, identity, grant, handle, children),
+            delegator=delegator_for(rt, session, step, identity, handle, children),
         ))
         record.update(step_outcome(handle.calls, step.tool))
     except ReplanRequested as ask:
         record.update(_replan_record(rt, payload, step, ask, handle.calls))
     except NeedsApproval as pause:
-        if pause.result is closing.result:  # asked for in the write that ended the step
-            record.update(sealed)
-        else:
-            record.update(_paused(rt, payload, step, identity, pause.result, []))
+        ended = session.ended(step.id)
+        record.update(_sealed(ended, record) if ended is not None else _paused(session, step.id, pause.result, []))
     except ScopegraphError as exc:
         record.update(status="failed", decision=None, policy_ids=[], reason=str(exc))
     except Exception as exc:  # an executor bug ends the step, never the run's bookkeeping
@@ -403,12 +346,9 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
                       reason=f"executor raised {type(exc).__name__}")
     finally:
         # A step that ended with its last call has its grant revoked and its outcome
-        # recorded already. Only an executor that did more after that call (raised, or
-        # called again) changes the outcome: the step's end is then recorded again.
-        if closing.result is None or ("status" in record and _ended(record) != _ended({**record, **sealed})):
-            _revoke(rt, payload["run_id"], step, grant, ended=record)
-        else:
-            _revoked_with_call(rt, payload["run_id"], grant, step)
+        # recorded already; ``end_step`` records it again only if the executor did more
+        # after that call (raised, or called again) and so changed it.
+        session.end_step(step.id, _end_of(record) if "status" in record else None, audit="status" in record)
     record["revoked"] = True
     record["calls"] = [_call_summary(c) for c in handle.calls]
     if children:
@@ -421,32 +361,30 @@ def _run_step(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity:
     return _with_labels({"steps": {step.id: record}}, labels)
 
 
-def _closing(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, record: dict[str, Any],
-             earlier: Callable[[], list[CallResult]], sealed: dict[str, Any]) -> StepClosing:
-    """How a step ends with its last call (see ``StepClosing``): the outcome of its calls
-    (``earlier`` ones and the last) goes into ``sealed`` and the ledger, in the call's write."""
-
-    def end(result: CallResult, revoked: bool) -> None:
-        if result.status == "needs_approval":
-            outcome = _paused(rt, payload, step, identity, result, record.get("approval_ids") or [])
-        else:
-            outcome = step_outcome([*earlier(), result], step.tool)
-        if revoked:
-            _revoked(rt, payload["run_id"], step.id, result.grant_id or "", step.tool)
-        sealed.clear()
-        sealed.update(outcome)
-        _step_ended(rt, payload["run_id"], {**record, **outcome})
-
-    return StepClosing(reason=STEP_ENDED, end=end)
+def _end_of(record: dict[str, Any]) -> StepEnd:
+    """A step's record, as the end of the step its ``step_ended`` audit record says."""
+    return StepEnd(status=record.get("status") or "", decision=record.get("decision"),
+                   policy_ids=tuple(record.get("policy_ids") or ()), reason=record.get("reason") or "",
+                   approval_id=record.get("approval_id"), result=record.get("result"))
 
 
-def _paused(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId, result: CallResult,
-            approval_ids: list[str]) -> dict[str, Any]:
-    """The outcome of a step whose call waits for a human: the approval request it made."""
-    request = _request_approval(rt, payload, step, identity, result)
+def _sealed(ended: StepEnd, record: dict[str, Any]) -> dict[str, Any]:
+    """The record of a step that ended with its last call, as the session recorded that end."""
+    if ended.status == "awaiting_approval":
+        return {"status": ended.status, "decision": ended.decision, "policy_ids": list(ended.policy_ids),
+                "reason": ended.reason, "approval_id": ended.approval_id,
+                "approval_ids": [*(record.get("approval_ids") or []), ended.approval_id]}
+    return {"status": ended.status, "decision": ended.decision, "policy_ids": list(ended.policy_ids),
+            "reason": ended.reason, "result": ended.result}
+
+
+def _paused(session: Session, step_id: str, result: CallResult, approval_ids: list[str]) -> dict[str, Any]:
+    """The outcome of a step whose call waits for a human: the approval request the
+    session made for it as it recorded the decision."""
+    request_id = session.pending_approval(step_id)
     return {"status": "awaiting_approval", "decision": "needs_approval",
             "policy_ids": list(result.decision.policy_ids), "reason": result.audit_reason,
-            "approval_id": request.id, "approval_ids": [*approval_ids, request.id]}
+            "approval_id": request_id, "approval_ids": [*approval_ids, request_id]}
 
 
 def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanRequested,
@@ -472,36 +410,6 @@ def _replan_record(rt: Runtime, payload: StepInput, step: Step, ask: ReplanReque
             "failure": failure.as_dict()}
 
 
-def _request_approval(rt: Runtime, payload: StepInput, step: Step, identity: SpiffeId,
-                      result: CallResult) -> ApprovalRequest:
-    wf = rt.workflow
-    digest = action_digest_v2(run_id=payload["run_id"], step_id=step.id, tool=result.tool,
-                              arguments=dict(result.arguments), policy_version=rt.policy.version)
-    now = rt.clock.now()
-    tool = wf.registry.get_tool(result.tool)
-    sequence = len(payload["record"].get("approval_ids") or [])
-    request = rt.approvals.request(ApprovalRequest(
-        id=approval_id(payload["run_id"], step.id, digest, sequence), run_id=payload["run_id"],
-        step_id=step.id, workflow=wf.name, initiator=payload["initiator"], requester=str(identity),
-        tool=result.tool, arguments=dict(result.arguments), digest=digest,
-        secret_arguments=sorted(tool.secrets & set(result.arguments)),
-        policy_version=rt.policy.version, risk=tool.risk.value,
-        policy_ids=list(result.decision.policy_ids), reasons=list(result.decision.reasons),
-        data_labels=sorted(payload["data_labels"]), purpose=step.purpose,
-        required_approvals=max(1, result.decision.required_approvals),
-        allowed_approvers=sorted(wf.approver_rule.allowed_for(tool.name, tool.risk.value)),
-        created_at=now, expires_at=now + wf.approval_ttl,
-        digest_version=2, signed_answers=wf.require_signed_answers,
-    ))
-    if request.created_at == now:  # new, not found again after a crash
-        rt.ledger.append("approval_requested", payload["run_id"], approval_id=request.id,
-                         step_id=step.id, tool=result.tool, digest=digest,
-                         policy_ids=list(result.decision.policy_ids),
-                         required_approvals=request.required_approvals, expires_at=request.expires_at,
-                         **({"signed_answers": True} if request.signed_answers else {}))
-    return request
-
-
 def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     record = dict(payload["record"])
     pending_id = record["approval_id"]
@@ -523,7 +431,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
         update, recorded = _answer(rt, payload, plan, step, identity, approval, state, record)
         _close_step_span(s, update["steps"][step.id])
     if not recorded:  # paths without a grant record the outcome here
-        _step_ended(rt, payload["run_id"], update["steps"][step.id])
+        _session(rt, payload, plan).record_step_end(step.id, _end_of(update["steps"][step.id]))
     return {**update, **_landed(payload)}
 
 
@@ -531,12 +439,6 @@ def _ended(record: dict[str, Any]) -> tuple[Any, ...]:
     """What a ``step_ended`` record says of a step."""
     return (record.get("status"), record.get("decision"), list(record.get("policy_ids") or []),
             record.get("reason") or "", record.get("approval_id"))
-
-
-def _step_ended(rt: Runtime, run_id: str, record: dict[str, Any]) -> None:
-    rt.ledger.append("step_ended", run_id, step_id=record["step_id"], status=record.get("status"),
-                     decision=record.get("decision"), policy_ids=list(record.get("policy_ids") or []),
-                     reason=record.get("reason") or "", approval_id=record.get("approval_id"))
 
 
 def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:
@@ -556,67 +458,35 @@ def _wait_span(approval: ApprovalRequest, state: str, now: float) -> None:
 def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
             approval: ApprovalRequest, state: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The step's update after a human's answer, and whether its outcome is already audited."""
-    pending_id = approval.id
-    if state == "expired":
-        record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
-                      reason=f"approval {pending_id!r} expired before it was answered")
-        return {"steps": {step.id: record}}, False
-    if state == "denied" and approval.proposed_arguments is None:
-        assert approval.denial is not None
-        record.update(status="denied", decision="deny", policy_ids=["scopegraph:approval"],
-                      reason=f"denied by {approval.denial.approver}: {approval.denial.reason}",
-                      denied_by=approval.denial.approver)
+    session = _session(rt, payload, plan)
+    if state == "expired" or (state == "denied" and approval.proposed_arguments is None):
+        refused = session.resume(approval.id)  # nothing is checked or written: the answer is the end
+        record.update(status="denied", decision="deny", policy_ids=list(refused.policy_ids), reason=refused.reason)
+        if state == "denied" and approval.denial is not None:
+            record["denied_by"] = approval.denial.approver
         return {"steps": {step.id: record}}, False
     # Approved: run exactly the approved call. Counter-proposal: the new arguments are a
-    # new action, decided by policy from scratch (and usually needing their own approval).
-    # A proposal names only what it changes; the rest of the call stays as requested.
-    arguments = approval.arguments if state in ("approved", "consumed") \
-        else {**approval.arguments, **(approval.proposed_arguments or {})}
-    # The request holds the normalised call, defaults filled in. Arguments still at their
-    # default are left out, as the executor left them out (normalisation fills them in
-    # again, so the digest is the same, and they are decided as defaults again).
-    fields = rt.workflow.registry.get_tool(approval.tool).args_model.model_fields
-    arguments = {k: v for k, v in (arguments or {}).items()
-                 if k not in fields or fields[k].is_required() or not _is_default(v, fields[k])}
-    _, grant = _mint(rt, payload, step, identity)
-    record["grant_id"] = grant.jti
-    record["grant_ids"] = [*record.get("grant_ids", []), grant.jti]
-    ctx = _call_context(rt, payload, plan, step, identity, frozenset(record.get("labels") or ()))
-    # The step's one call is its last: it ends in the write that records the call.
-    sealed: dict[str, Any] = {}
-    closing = _closing(rt, payload, step, identity, record, list, sealed)
+    # new action, decided by policy from scratch (see ``Session.resume``). Either way under
+    # a fresh grant, as the step's one and last call: it ends in the write that records it.
+    scope = _begin(session, payload, plan, step, identity, record, frozenset(record.get("labels") or ()),
+                   resuming=approval.id)
+    record["grant_id"] = scope.grant_id
+    record["grant_ids"] = [*record.get("grant_ids", []), scope.grant_id]
     ended: dict[str, Any] | None = None
-    # Approved under policies that have changed since (an upgrade while the run was paused):
-    # the approval names the old version and cannot be used; the call is decided afresh,
-    # and asked about again if it still needs a human.
-    stale = state == "approved" and approval.policy_version != rt.policy.version
     try:
-        if state in ("approved", "consumed") and not stale:
-            result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"approval:{approval.id}", approval_id=approval.id,
-                                     closing=closing)
-        else:
-            result = rt.gateway.call(grant.danger_token(), approval.tool, arguments or {}, ctx,
-                                     call_key=f"{'reasked' if stale else 'proposal'}:{approval.id}", closing=closing)
+        result = session.resume_call(approval.id, last=True)
         record["calls"] = [*record.get("calls", []), _call_summary(result)]
-        if closing.result is not None:
-            record.update(sealed)
+        sealed = session.ended(step.id)
+        if sealed is not None:
+            record.update(_sealed(sealed, record))
         elif result.status == "needs_approval":
-            record.update(_paused(rt, payload, step, identity, result, record.get("approval_ids") or []))
+            record.update(_paused(session, step.id, result, record.get("approval_ids") or []))
         else:
             record.update(step_outcome([result], step.tool))
         ended = record
     finally:
-        if closing.result is None:
-            _revoke(rt, payload["run_id"], step, grant, ended=ended)
-        else:
-            _revoked_with_call(rt, payload["run_id"], grant, step)
+        session.end_step(step.id, _end_of(ended) if ended is not None else None, audit=ended is not None)
     return _with_labels({"steps": {step.id: record}}, _labels([result])), True
-
-
-def _is_default(value: Any, field: Any) -> bool:
-    default = field.get_default(call_default_factory=True)
-    return type(value) is type(default) and bool(value == default)
 
 
 def _labels(calls: list[CallResult]) -> list[str]:

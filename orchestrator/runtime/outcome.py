@@ -1,21 +1,19 @@
-"""How a step ended, read from the calls its executor made."""
+"""How a step ended, read from the calls its executor made, as a run's step record keeps it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..gateway import CallResult
+from ..session import step_outcome as step_end
 
 
 def step_outcome(calls: list[CallResult], planned_tool: str) -> dict[str, Any]:
-    """A step completes when its last call was an allowed, successful call of its tool."""
-    if not calls:
-        return {"status": "failed", "decision": None, "policy_ids": [], "reason": "executor made no call"}
-    last = calls[-1]
-    if last.ok and last.tool == planned_tool:
-        status = "completed"
-    else:
-        status = "denied" if last.status == "denied" else "failed"
-    return {"status": status, "decision": last.decision.outcome,
-            "policy_ids": list(last.decision.policy_ids), "reason": "" if last.ok else last.audit_reason,
-            "result": last.value if last.ok else None}
+    """A step completes when its last call was an allowed, successful call of its tool
+    (see ``Session``'s ``step_outcome``): its record's fields."""
+    end = step_end(calls, planned_tool)
+    record: dict[str, Any] = {"status": end.status, "decision": end.decision, "policy_ids": list(end.policy_ids),
+                              "reason": end.reason}
+    if calls:
+        record["result"] = end.result
+    return record

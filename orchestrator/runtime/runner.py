@@ -8,12 +8,12 @@ run ends, whether it completes, pauses, fails, raises or is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import re
 import socket
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,24 +25,19 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 
 from .. import tracing as tr
-from ..approvals import ApprovalService
-from ..approvers import Principal, os_principal
-from ..brokers.service import SecretService
-from ..canonical import sha256_hex
-from ..clock import Clock, SystemClock
-from ..credentials import GrantIssuer
-from ..enrolment import ApproverRegistry
+from ..approvers import Principal
+from ..clock import Clock
 from ..errors import ConfigError, RunBusyError, StoreError
-from ..gateway import Gateway
-from ..identity import TrustDomain
+from ..gateway import CALLER_LOOP
+from ..guard import Guard, owner_alive
 from ..keys import Keystore
-from ..ledger import Ledger
 from ..plan import Plan
-from ..policy import CedarPolicyEngine, PolicyEngine
-from ..store import RunRecord, SqliteStore, Store, open_store
+from ..policy import PolicyEngine
+from ..run_events import Listener, RunEvent
+from ..session import Session
+from ..store import SqliteStore, Store
 from ..store.postgres import PostgresStore, checkpointer_for_postgres
 from ..store.sqlite import WAL_AUTOCHECKPOINT_PAGES
-from ..trust import TrustRoots
 from ..workflow import Workflow
 from .graph import build_graph, final_status
 from .repeat import plan_view
@@ -51,22 +46,6 @@ from .report import CallReport, RunReport, StepReport
 RUN_LEASE_SECONDS = 3600.0
 
 
-def _owner_alive(owner: str) -> bool:
-    """Whether a lease holder may still be running: a dead process on this host is not."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True  # another machine: trust the lease until it expires
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class Runtime:
@@ -85,45 +64,23 @@ class Runtime:
         """``keystore`` holds the private keys; by default the one configured for the store
         (``$SCOPEGRAPH_KEYSTORE``, or ``keys/`` beside a SQLite store: see ``scopegraph.trust``)."""
         self.workflow = workflow
-        self._keystore = keystore
-        self.clock = clock or SystemClock()
-        self.target = target or workflow.name
-        owns_store = store is None or isinstance(store, str)
-        self.store: Store = open_store(store) if store is None or isinstance(store, str) else store
+        # Every decision of every run goes through the guard's sessions (see ``scopegraph.session``).
+        self.guard = Guard(workflow, store=store, clock=clock, policy=policy, target=target, keystore=keystore)
+        g = self.guard
+        self.clock, self.target, self.store, self.policy, self.trust = g.clock, g.target, g.store, g.policy, g.trust
+        self.domain, self.issuer, self.ledger, self.metrics = g.domain, g.issuer, g.ledger, g.metrics
+        self.approvers, self.approvals, self.secrets, self.gateway = g.approvers, g.approvals, g.secrets, g.gateway
         try:
-            self._setup(workflow, policy)
+            self._trace_contexts: dict[str, Context] = {}
+            self._listeners: dict[str, Listener] = {}
+            self._plans: dict[str, tuple[Any, Plan]] = {}
+            self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
+            self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
+            self.secrets.sweep()  # downstream credentials a crash left behind (ended or abandoned steps)
         except BaseException:
-            if owns_store:
-                self.store.close()  # a refused start leaves nothing open
+            g.close()  # a refused start leaves nothing open
             raise
-
-    def _setup(self, workflow: Workflow, policy: PolicyEngine | None) -> None:
-        # Policies are validated before anything else can happen: an invalid file stops here.
-        self.policy = policy or CedarPolicyEngine.from_paths(
-            workflow.policies, workflow.registry, schema=workflow.schema, baseline=workflow.baseline
-        )
-        self.trust = TrustRoots.open(self.store, keystore=self._keystore, clock=self.clock)
-        self.domain = TrustDomain(workflow.trust_domain, trust=self.trust, clock=self.clock)
-        self.issuer = GrantIssuer(self.domain, self.store, clock=self.clock,
-                                  ttl=workflow.grant_ttl, max_uses=workflow.grant_max_uses)
-        self.ledger = Ledger(self.store, clock=self.clock, trust=self.trust)
-        self.metrics = tr.Metrics()
-        self.approvers = ApproverRegistry(self.store, self.trust, clock=self.clock, ledger=self.ledger)
-        self.approvals = ApprovalService(self.store, clock=self.clock, ledger=self.ledger, approvers=self.approvers)
-        self.secrets = SecretService(brokers=workflow.brokers, store=self.store, ledger=self.ledger,
-                                     clock=self.clock, workflow=workflow.name, metrics=self.metrics,
-                                     owner_alive=_owner_alive)
-        self.secrets.check_tools(workflow.registry)
-        self.gateway = Gateway(tools=workflow.registry, issuer=self.issuer, policy=self.policy,
-                               store=self.store, clock=self.clock, retry=workflow.retry,
-                               approvals=self.approvals, ledger=self.ledger, metrics=self.metrics,
-                               secrets=self.secrets)
-        self._trace_contexts: dict[str, Context] = {}
-        self._plans: dict[str, tuple[Any, Plan]] = {}
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
-        self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
-        self.secrets.sweep()  # downstream credentials a crash left behind (ended or abandoned steps)
 
     def __enter__(self) -> Runtime:
         return self
@@ -133,11 +90,20 @@ class Runtime:
 
     def close(self) -> None:
         self._saver_conn.close()
-        self.trust.close()
-        self.store.close()
+        self.guard.close()
 
-    def run(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None) -> RunReport:
+    def session(self, run_id: str, *, initiator: str | None = None, plan: Plan | None = None) -> Session:
+        """The decision session of run ``run_id`` (see ``Guard.session``), telling the
+        listener of the drive in progress, if any."""
+        return self.guard.session(run_id, initiator=initiator, plan=plan, listener=self._listeners.get(run_id))
+
+    def run(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None,
+            on_event: Listener | None = None) -> RunReport:
         """Plan and execute ``task``; return the run record.
+
+        ``on_event`` is told of each event of the run as it happens (see
+        ``scopegraph.run_events``), from the thread that drives it: parallel steps run in
+        threads of their own, so a listener must be thread-safe.
 
         ``initiator`` is who starts the run, an authenticated principal: the operating-system
         user by default, or one the embedding application passes (a name it vouches for, or
@@ -146,43 +112,28 @@ class Runtime:
         Raises:
             ConfigError: empty task, bad run id, or an invalid initiator name.
         """
-        if not task or not task.strip():
-            raise ConfigError("the task is empty")
-        principal = (initiator if isinstance(initiator, Principal) else os_principal() if initiator is None
-                     else Principal.of(initiator, authenticated_by="application"))
-        initiator = principal.display
-        run_id = run_id or uuid.uuid4().hex
-        if not _RUN_ID.match(run_id):
-            raise ConfigError(f"invalid run id {run_id!r}")
-        planner_id = self.domain.id("wf", self.workflow.name, "run", run_id, "planner")
         with self.store.atomic():  # the run, its lease and its first audit record land together
-            existing = self.store.get_run(run_id)
-            # A run submitted to the workers waits as "queued": starting it is its first drive.
-            if existing is not None and (existing.status != "queued" or existing.workflow != self.workflow.name):
-                raise ConfigError(f"run {run_id!r} exists already; use resume")
-            now = self.clock.now()
-            self.store.upsert_run(RunRecord(
-                run_id=run_id, workflow=self.workflow.name, target=self.target, initiator=initiator,
-                status="running", created_at=now, updated_at=now,
-            ))
-            self._take_lease(run_id, now)
-            self.ledger.append("run_started", run_id, workflow=self.workflow.name, target=self.target,
-                               initiator=initiator, initiator_principal=principal.name,
-                               initiator_authenticated_by=principal.authenticated_by, task_digest=sha256_hex(task),
-                               planner=str(planner_id), policy_version=self.policy.version)
+            session = self.guard.start_run(task, initiator=initiator, run_id=run_id, listener=on_event)
+            self._take_lease(session.run_id, self.clock.now())
+        run_id = session.run_id
+        if on_event is not None:
+            self._listeners[run_id] = on_event
         # Only what the run needs from the start: every channel written is a row per checkpoint
         # (``steps`` and ``data_labels`` start empty; ``on_denial`` defaults to "fail").
         initial = {
-            "run_id": run_id, "workflow": self.workflow.name, "task": task, "initiator": initiator,
-            "planner_id": str(planner_id),
+            "run_id": run_id, "workflow": self.workflow.name, "task": task, "initiator": session.initiator,
+            "planner_id": str(session.planner_id),
         }
         if self.workflow.on_denial != "fail":
             initial["on_denial"] = self.workflow.on_denial
-        with self._lease(run_id, taken=True) as leased:
-            return self._drive_leased(run_id, initial, None, leased)
+        try:
+            with self._lease(run_id, taken=True) as leased:
+                return self._drive_leased(run_id, initial, None, leased, session)
+        finally:
+            self._listeners.pop(run_id, None)
 
-    def resume(self, run_id: str) -> RunReport:
-        """Continue a paused or crashed run from its last checkpoint.
+    def resume(self, run_id: str, *, on_event: Listener | None = None) -> RunReport:
+        """Continue a paused or crashed run from its last checkpoint (``on_event`` as for ``run``).
 
         Answered approvals are resumed each by its own interrupt id; unanswered ones stay
         pending. A run that crashed mid-step re-runs that step: calls that completed are
@@ -196,6 +147,14 @@ class Runtime:
             raise ConfigError(f"unknown run {run_id!r}")
         if record.workflow != self.workflow.name:
             raise ConfigError(f"run {run_id!r} belongs to workflow {record.workflow!r}, not {self.workflow.name!r}")
+        if on_event is not None:
+            self._listeners[run_id] = on_event
+        try:
+            return self._resume(run_id, record.initiator)
+        finally:
+            self._listeners.pop(run_id, None)
+
+    def _resume(self, run_id: str, initiator: str) -> RunReport:
         # The lease first: the checkpoint is read, and grants revoked, only by the one driver.
         # (Read before it, another driver could finish the run meanwhile, or have its live
         # grants revoked under it.)
@@ -216,11 +175,36 @@ class Runtime:
             # Grants a crashed process left behind are revoked before anything new is minted.
             with self.store.atomic():
                 self.store.set_run_status(run_id, "running", at=self.clock.now())
-                self.revoke_run(run_id, reason="resumed after interruption")
+                self.guard.revoke_run(run_id, reason="resumed after interruption")
                 self.ledger.append("run_resumed", run_id,
                                    reason="approval answered" if snapshot.interrupts else "crash recovery")
             parent = tr.extract_context(snapshot.values.get("trace"))
-            return self._drive_leased(run_id, graph_input, parent, leased)
+            return self._drive_leased(run_id, graph_input, parent, leased,
+                                      self.session(run_id, initiator=initiator))
+
+    # async -----------------------------------------------------------------------------------
+    # The checkpointer and the store are synchronous, so a run is driven in one worker
+    # thread; every async tool it calls is awaited on the caller's own loop (see
+    # ``gateway.CALLER_LOOP``), never on a loop or a thread of its own.
+    async def arun(self, task: str, *, initiator: str | Principal | None = None, run_id: str | None = None,
+                   on_event: Listener | None = None) -> RunReport:
+        """``run`` for a host on an event loop (``on_event`` is called from the driving thread)."""
+        return await _drive_in_worker(lambda: self.run(task, initiator=initiator, run_id=run_id, on_event=on_event))
+
+    async def aresume(self, run_id: str, *, on_event: Listener | None = None) -> RunReport:
+        """``resume`` for a host on an event loop."""
+        return await _drive_in_worker(lambda: self.resume(run_id, on_event=on_event))
+
+    def astream(self, task: str, *, initiator: str | Principal | None = None,
+                run_id: str | None = None) -> AsyncIterator[RunEvent]:
+        """Run ``task``, yielding its events as they happen (a plan fixed, steps started and
+        ended, decisions, approvals requested and answered), ``RunEnded`` last. The
+        report is then ``report(event.run_id)``."""
+        return _events_of(lambda listener: self.arun(task, initiator=initiator, run_id=run_id, on_event=listener))
+
+    def astream_resume(self, run_id: str) -> AsyncIterator[RunEvent]:
+        """``astream`` for ``resume``."""
+        return _events_of(lambda listener: self.aresume(run_id, on_event=listener))
 
     def plan_for(self, run_id: str, data: dict[str, Any]) -> Plan:
         """The validated plan of a run, parsed once per plan object rather than once per step.
@@ -241,19 +225,7 @@ class Runtime:
 
     def revoke_run(self, run_id: str, *, reason: str) -> int:
         """Revoke every live grant of ``run_id``, and audit it (its downstream credentials too)."""
-        self.secrets.end_run(run_id, reason=reason)
-        live = [g.jti for g in self.store.grants_for_run(run_id) if g.revoked_at is None]
-        if not live:
-            self.issuer.forget_run(run_id)  # a grant minted but not written yet is dropped
-            return 0
-        with self.store.atomic():
-            count = self.issuer.revoke_run(run_id, reason=reason)
-            if count:
-                self.ledger.append("grant_revoked", run_id, grant_id=None, grant_ids=live,
-                                   count=count, reason=reason)
-        if count:
-            self.metrics.grants_revoked.add(count, {"workflow": self.workflow.name, "tool": "*"})
-        return count
+        return self.guard.revoke_run(run_id, reason=reason)
 
     def _config(self, run_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": run_id}, "recursion_limit": 10_000}
@@ -282,12 +254,12 @@ class Runtime:
             RunBusyError: another runtime holds the lease.
         """
         holder = self.store.acquire_run(run_id, owner=self._owner, until=now + RUN_LEASE_SECONDS,
-                                        now=now, owner_alive=_owner_alive)
+                                        now=now, owner_alive=owner_alive)
         if holder is not None:
             raise RunBusyError(f"run {run_id!r} is being driven by another runtime ({holder})")
 
     def _drive_leased(self, run_id: str, graph_input: Any, parent: Context | None,
-                      leased: list[bool]) -> RunReport:
+                      leased: list[bool], session: Session) -> RunReport:
         config = self._config(run_id)
         status, error = "failed", None
         final: dict[str, Any] | None = None
@@ -313,16 +285,10 @@ class Runtime:
                 if not isinstance(exc, Exception):
                     raise
             finally:
-                awaiting = [a.id for a in self.approvals.list(run_id=run_id, status="pending")] \
-                    if status == "paused" else []
                 # Whatever happened above, no grant of this run outlives it; the revocations,
-                # the outcome, its audit record and the signed head land in one write.
+                # the outcome, its audit record, the signed head and the lease land in one write.
                 with self.store.atomic():
-                    self.revoke_run(run_id, reason=f"run {status}")
-                    self.store.set_run_status(run_id, status, at=self.clock.now())
-                    self.ledger.append("run_paused" if status == "paused" else "run_ended", run_id,
-                                       status=status, error=error, awaiting=awaiting)
-                    self.ledger.sign_head(self.domain)
+                    session.end_run(status=status, error=error)
                     self.store.release_run(run_id, owner=self._owner)
                     leased[0] = False
                 self._trace_contexts.pop(run_id, None)
@@ -387,6 +353,35 @@ def _step_report(s: dict[str, Any], tool: str, grants: list[Any], widened: bool 
         widened=widened,
         children=[_step_report(c, c.get("tool") or tool, grants) for c in s.get("children") or []],
     )
+
+
+async def _drive_in_worker(drive: Callable[[], RunReport]) -> RunReport:
+    """Drive a run in one worker thread, its async tools awaited on this loop."""
+    token = CALLER_LOOP.set(asyncio.get_running_loop())
+    try:
+        return await asyncio.to_thread(drive)  # the thread runs in a copy of this context
+    finally:
+        CALLER_LOOP.reset(token)
+
+
+async def _events_of(start: Callable[[Listener], Awaitable[RunReport]]) -> AsyncIterator[RunEvent]:
+    """The events of the drive ``start`` begins, as they arrive from its thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[RunEvent | None] = asyncio.Queue()
+
+    def listener(event: RunEvent) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    drive = asyncio.ensure_future(start(listener))
+    # Queued after every event the thread sent: the thread's end reaches this loop last.
+    drive.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while (event := await queue.get()) is not None:
+            yield event
+        drive.result()  # a drive that raised raises here
+    finally:
+        if not drive.done():  # the consumer stopped early: the run still ends cleanly
+            await asyncio.shield(drive)
 
 
 def _checkpointer_for(store: Store) -> tuple[Any, BaseCheckpointSaver[Any]]:

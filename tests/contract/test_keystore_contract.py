@@ -250,6 +250,36 @@ def test_file_keystore_refuses_a_planted_key_that_does_not_match_its_public_key(
     assert [k.kid for k in FileKeystore(tmp_path / "keys").verification_keys("grant")] == [original]
 
 
+def test_file_keystore_lists_a_settled_directory_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scopegraph.keys import file_keystore
+
+    keystore = FileKeystore(tmp_path / "keys")
+    kid = keystore.signer("grant").kid
+    monkeypatch.setattr(file_keystore, "_SETTLED_NS", 0)  # as if the directory last changed long ago
+    listed: list[object] = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(file_keystore.os, "listdir", lambda path: listed.append(path) or real_listdir(path))
+    assert [keystore.signer("grant").kid for _ in range(5)] == [kid] * 5
+    assert len(listed) <= 1  # a signer per grant: not a directory listing per grant
+
+
+def test_file_keystore_sees_a_rotation_by_another_process_while_it_keeps_a_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scopegraph.keys import file_keystore
+
+    monkeypatch.setattr(file_keystore, "_SETTLED_NS", 0)  # every listing kept, however fresh
+    keystore = FileKeystore(tmp_path / "keys")
+    old = keystore.signer("grant").kid
+    keystore.signer("grant")
+    other = FileKeystore(tmp_path / "keys")  # another process
+    new = other.rotate("grant").kid
+    assert keystore.signer("grant").kid == new != old
+    other.rotate("grant")
+    os.chmod(keystore.directory / "grant.000003.key", 0o644)
+    with pytest.raises(KeystoreError, match="group and others must have no access"):
+        keystore.signer("grant")  # the rotated-to key file is checked like any other
+
+
 def test_file_keystore_deletes_retired_private_keys(tmp_path: Path) -> None:
     keystore = FileKeystore(tmp_path / "keys")
     keystore.signer("ledger")

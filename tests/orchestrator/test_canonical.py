@@ -101,3 +101,41 @@ def test_the_ledgers_fast_canonical_form_is_rfc_8785(value: Any) -> None:
 
     safe = jcs_safe(value)
     assert jcs_bytes(safe) == jcs(safe)
+
+
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_ANY_JSON)
+def test_jcs_is_the_rfc8785_reference_whichever_path_it_takes(value: Any) -> None:
+    """``jcs`` writes the usual value with Python's JSON encoder: the same bytes as the reference."""
+    import rfc8785
+
+    from scopegraph.canonical import python_json_is_jcs, sorted_json
+
+    assert jcs(value) == rfc8785.dumps(value)
+    if python_json_is_jcs(value):
+        assert sorted_json(value).encode("utf-8") == rfc8785.dumps(value)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.0, 1e16, 1e-5, 2.5e-7, 1e21, 123456789012345680.0,
+                                   {"\ue000": 1, "\U0001f600": 2}, {"a": [0.5, 2.0]}])
+def test_values_python_writes_otherwise_take_the_reference_path(value: Any) -> None:
+    """Integral, tiny or huge floats and keys from U+D800 on: Python's JSON differs from JCS there."""
+    import rfc8785
+
+    from scopegraph.canonical import python_json_is_jcs
+
+    assert not python_json_is_jcs(value)
+    assert jcs(value) == rfc8785.dumps(value)
+
+
+@pytest.mark.parametrize("value", [["\ud800"], 2**53, {"a": float("nan")}, {1: "a"}])
+def test_what_jcs_cannot_hold_is_refused_on_either_path(value: Any) -> None:
+    with pytest.raises(ValueError):
+        jcs(value)
