@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -172,11 +172,7 @@ def approvers_command(args: Any, print_json: Callable[[Any], None]) -> int:
                 else:
                     print(f"removed {args.name}; their past answers still verify")
                 return 0
-            records = registry.records(include_removed=args.all)
-            good = {e.record.kid for e in registry.enrolled()}
-            rows = [{"name": r.name, "display": r.display, "kid": r.kid, "enrolled_at": r.enrolled_at,
-                     "removed_at": r.removed_at, "vouched_for": r.kid in good or r.removed_at is not None}
-                    for r in records]
+            rows = _approver_rows(store, trust, registry, include_removed=args.all)
         finally:
             trust.close()
     finally:
@@ -187,10 +183,63 @@ def approvers_command(args: Any, print_json: Callable[[Any], None]) -> int:
         print("no approvers enrolled: anyone the workflow allows may answer, unsigned")
     else:
         for r in rows:
-            state = "removed" if r["removed_at"] is not None else (
-                "enrolled" if r["vouched_for"] else "NOT VOUCHED FOR BY THE KEYSTORE (ignored)")
-            print(f"{r['display']:<16} {r['kid']}  {state}")
+            print(_approver_line(r))
+            for p in r["passkeys"]:
+                print(_passkey_line(p))
     return 0
+
+
+def _approver_rows(store: Store, trust: Any, registry: Any, *, include_removed: bool) -> list[dict[str, Any]]:
+    """One row per Ed25519 enrolment (as before), each with its approver's passkeys; then one
+    row per approver enrolled with passkeys only (``kid`` None)."""
+    from .passkeys import PasskeyRegistry
+    from .store.web_records import PasskeyRecord, WebStore
+
+    passkeys = PasskeyRegistry(store, trust)
+    keys: dict[str, list[PasskeyRecord]] = {}
+    for p in cast(WebStore, store).list_passkeys(include_removed=include_removed):
+        keys.setdefault(p.name, []).append(p)
+
+    def shown(p: PasskeyRecord) -> dict[str, Any]:
+        return {"kid": p.kid, "enrolled_at": p.enrolled_at, "last_used_at": p.last_used_at,
+                "removed_at": p.removed_at, "sign_count": p.sign_count, "rp_id": p.rp_id, "origin": p.origin,
+                "vouched_for": p.removed_at is not None or passkeys.endorsed(p)}
+
+    records = registry.records(include_removed=include_removed)
+    good = {e.record.kid for e in registry.enrolled()}
+    last_row_of = {r.name: i for i, r in enumerate(records)}  # a name's passkeys go with its latest enrolment
+    rows = [{"name": r.name, "display": r.display, "kid": r.kid, "enrolled_at": r.enrolled_at,
+             "removed_at": r.removed_at, "vouched_for": r.kid in good or r.removed_at is not None,
+             "passkeys": [shown(p) for p in keys.get(r.name, [])] if last_row_of[r.name] == i else []}
+            for i, r in enumerate(records)]
+    for name, found in keys.items():
+        if name in last_row_of:
+            continue
+        live = [p for p in found if p.removed_at is None]
+        listed = [shown(p) for p in found]
+        rows.append({"name": name, "display": found[-1].display, "kid": None, "enrolled_at": found[0].enrolled_at,
+                     "removed_at": None if live else max(p.removed_at or 0.0 for p in found),
+                     "vouched_for": any(p["vouched_for"] for p in listed), "passkeys": listed})
+    for row in rows:
+        row["passkey_count"] = sum(1 for p in row["passkeys"] if p["removed_at"] is None)
+    return rows
+
+
+def _approver_line(r: dict[str, Any]) -> str:
+    state = "removed" if r["removed_at"] is not None else (
+        "enrolled" if r["vouched_for"] else "NOT VOUCHED FOR BY THE KEYSTORE (ignored)")
+    count = r["passkey_count"]
+    keys = f"{count} passkey{'' if count == 1 else 's'}"
+    return f"{r['display']:<16} {r['kid'] or '(no Ed25519 key)'}  {state}  {keys}"
+
+
+def _passkey_line(p: dict[str, Any]) -> str:
+    from .timestamps import iso
+
+    state = "  removed" if p["removed_at"] is not None else (
+        "" if p["vouched_for"] else "  NOT VOUCHED FOR BY THE KEYSTORE (ignored)")
+    return (f"  passkey {p['kid']}  created {iso(p['enrolled_at'])}  "
+            f"last used {iso(p['last_used_at']) or 'never'}{state}")
 
 
 def _invite(args: Any, print_json: Callable[[Any], None]) -> int:

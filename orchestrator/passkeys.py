@@ -253,7 +253,7 @@ class PasskeyRegistry:
         challenge = answer_challenge(approval_id=approval_id, digest=digest, decision=decision, approver=approver,
                                      reason=reason, nonce=assertion.nonce)
         count = verify_assertion(record, assertion, challenge=challenge, current_sign_count=record.sign_count)
-        if not self.records.advance_sign_count(record.credential_id, count):
+        if not self.records.advance_sign_count(record.credential_id, count, at=now):
             raise ApprovalError(f"the sign count of passkey {record.kid} did not move forward: a replay or a "
                                 "cloned authenticator")
         return record.kid, {**assertion.model_dump(exclude_none=True), "sign_count": count}

@@ -155,6 +155,29 @@ def open_inbox(store: Store, store_url: str, site: Site, *, clock: Clock | None 
     return Inbox(store=store, store_url=store_url, trust=TrustRoots.open(store, clock=clock), clock=clock, site=site)
 
 
+def banner(site: Site, *, host: str, port: int, tls: bool, audiences: Iterable[str],
+           clients: Iterable[str]) -> list[str]:
+    """What ``serve`` says as it starts: where the inbox is, and the token endpoints when
+    ``--audience`` or ``--client`` configured them (names only: never a secret)."""
+    listening = f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+    lines = [f"scopegraph: serving the approval inbox at {site.origin}/ (listening on {listening}; Ctrl-C stops)"]
+    audience_names = [spec.rpartition("=")[0] for spec in audiences]
+    client_names = [spec.partition("=")[0] for spec in clients]
+    if audience_names or client_names:
+        lines.append(f"scopegraph: serving token exchange and introspection on {listening}: "
+                     f"POST /oauth/token for {_names(audience_names, 'audience')}, "
+                     f"POST /oauth/introspect for {_names(client_names, 'client')}")
+    if client_names and not audience_names:
+        lines.append("scopegraph: warning: no --audience registered: every token exchange is refused")
+    return lines
+
+
+def _names(names: list[str], what: str) -> str:
+    if not names:
+        return f"no {what}"
+    return f"{what}{'' if len(names) == 1 else 's'} " + ", ".join(names)
+
+
 def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], clients: Iterable[str],
           token_ttl: float = 60.0, token_uses: int = 10, public_url: str | None = None,
           tls_cert: str | None = None, tls_key: str | None = None, plain_http: bool = False,
@@ -181,11 +204,8 @@ def serve(store_url: str, *, host: str, port: int, audiences: Iterable[str], cli
         app = build_app(store, audiences=audiences, clients=clients, token_ttl=token_ttl, token_uses=token_uses,
                         inbox=inbox, hsts=site.origin.startswith("https://"))
         attach_webhooks(app, store, list(webhooks))  # approval events as signed POSTs, in the app's lifespan
-        if not audiences:
-            print("scopegraph: warning: no --audience registered: every token exchange is refused",
-                  file=sys.stderr, flush=True)
-        print(f"scopegraph: serving token exchange and introspection on {'https' if tls else 'http'}://{host}:{port}"
-              f", and the approval inbox at {site.origin}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+        for line in banner(site, host=host, port=port, tls=tls, audiences=audiences, clients=clients):
+            print(line, file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                     ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     finally:

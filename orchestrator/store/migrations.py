@@ -110,6 +110,10 @@ CREATE TABLE sg_webauthn_challenges (
     id TEXT PRIMARY KEY, purpose TEXT NOT NULL, subject TEXT NOT NULL, data TEXT NOT NULL,
     expires_at ${float} NOT NULL, used_at ${float});
 """),
+    # When each passkey last signed something (a sign-in or an answer), for ``approvers list``.
+    Migration(version=5, name="passkeys: last use", sql="""
+ALTER TABLE sg_passkeys ADD COLUMN last_used_at ${float};
+"""),
 )
 
 VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS sg_schema_migrations (version INTEGER PRIMARY KEY, "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 PASSKEY_COLUMNS = ("credential_id, name, display, public_key, kid, rp_id, origin, sign_count, enrolled_at, "
-                   "removed_at, endorsement")
+                   "removed_at, endorsement, last_used_at")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,7 @@ class PasskeyRecord:
     enrolled_at: float
     endorsement: str  # the keystore's ledger key over ``passkeys.passkey_statement``
     removed_at: float | None = None
+    last_used_at: float | None = None  # the last sign-in or answer it signed (not endorsed: it changes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +51,8 @@ class WebSession:
 
 def passkey_from_row(r: Sequence[Any]) -> PasskeyRecord:
     return PasskeyRecord(credential_id=r[0], name=r[1], display=r[2], public_key=r[3], kid=r[4], rp_id=r[5],
-                         origin=r[6], sign_count=int(r[7]), enrolled_at=r[8], removed_at=r[9], endorsement=r[10])
+                         origin=r[6], sign_count=int(r[7]), enrolled_at=r[8], removed_at=r[9], endorsement=r[10],
+                         last_used_at=r[11])
 
 
 class _Sql(Protocol):
@@ -70,7 +72,7 @@ class WebStore(Protocol):
 
     def get_passkey(self, credential_id: str) -> PasskeyRecord | None: ...
 
-    def advance_sign_count(self, credential_id: str, sign_count: int) -> bool: ...
+    def advance_sign_count(self, credential_id: str, sign_count: int, *, at: float) -> bool: ...
 
     def remove_passkeys(self, name: str, *, at: float) -> int: ...
 
@@ -99,11 +101,11 @@ class WebRecords:
     def add_passkey(self: _Sql, record: PasskeyRecord) -> bool:
         """Record a passkey unless its credential id is recorded; return whether it was added."""
         with self._tx() as tx:
-            cur = tx.execute(self._q(f"INSERT INTO sg_passkeys ({PASSKEY_COLUMNS}) "
-                                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (credential_id) DO NOTHING"),
+            cur = tx.execute(self._q(f"INSERT INTO sg_passkeys ({PASSKEY_COLUMNS}) VALUES "
+                                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (credential_id) DO NOTHING"),
                              (record.credential_id, record.name, record.display, record.public_key, record.kid,
                               record.rp_id, record.origin, record.sign_count, record.enrolled_at, record.removed_at,
-                              record.endorsement))
+                              record.endorsement, record.last_used_at))
             return bool(cur.rowcount == 1)
 
     def list_passkeys(self: _Sql, *, name: str | None = None, include_removed: bool = False) -> list[PasskeyRecord]:
@@ -120,13 +122,14 @@ class WebRecords:
         rows = self._rows(f"SELECT {PASSKEY_COLUMNS} FROM sg_passkeys WHERE credential_id = ?", (credential_id,))
         return passkey_from_row(rows[0]) if rows else None
 
-    def advance_sign_count(self: _Sql, credential_id: str, sign_count: int) -> bool:
+    def advance_sign_count(self: _Sql, credential_id: str, sign_count: int, *, at: float) -> bool:
         """Move a live passkey's sign count to ``sign_count`` if that is ahead of it (an
-        authenticator that keeps no count always says 0: accepted while the count is 0)."""
+        authenticator that keeps no count always says 0: accepted while the count is 0),
+        and note the use ``at`` that time."""
         with self._tx() as tx:
-            cur = tx.execute(self._q("UPDATE sg_passkeys SET sign_count = ? WHERE credential_id = ? "
+            cur = tx.execute(self._q("UPDATE sg_passkeys SET sign_count = ?, last_used_at = ? WHERE credential_id = ? "
                                      "AND removed_at IS NULL AND (sign_count < ? OR (? = 0 AND sign_count = 0))"),
-                             (sign_count, credential_id, sign_count, sign_count))
+                             (sign_count, at, credential_id, sign_count, sign_count))
             return bool(cur.rowcount == 1)
 
     def remove_passkeys(self: _Sql, name: str, *, at: float) -> int:

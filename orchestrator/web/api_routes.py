@@ -85,8 +85,9 @@ def api_routes(inbox: Inbox, sessions: Sessions, *, answer_limit: RateLimiter) -
         return ("approve" if decision == "approve" else "deny"), reason, propose, body
 
     async def answer_begin(request: Request, who: SignedIn) -> Response:
-        if not answer_limit.allow(who.name):
-            return json_error("too many answers: wait a minute", 429)
+        refused = answer_limit.refused(who.name, "too many answers from you in a minute")
+        if refused is not None:
+            return refused
         try:
             decision, reason, propose, _ = await answer_body(request)
         except ValueError as exc:
@@ -105,8 +106,9 @@ def api_routes(inbox: Inbox, sessions: Sessions, *, answer_limit: RateLimiter) -
                              "options": json.loads(options_to_json(options))})
 
     async def answer_finish(request: Request, who: SignedIn) -> Response:
-        if not answer_limit.allow(who.name):
-            return json_error("too many answers: wait a minute", 429)
+        refused = answer_limit.refused(who.name, "too many answers from you in a minute")
+        if refused is not None:
+            return refused
         try:
             decision, reason, propose, body = await answer_body(request)
             nonce = body.get("nonce")

@@ -82,9 +82,7 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
     def limited(request: Request) -> Response | None:
         if not same_origin(request, site.origin):
             return json_error("cross-origin request refused", 403)
-        if not login_limit.allow(client_key(request)):
-            return json_error("too many attempts: wait a minute", 429)
-        return None
+        return login_limit.refused(client_key(request), "too many sign-in attempts from your address")
 
     def new_challenge(purpose: str, subject: str) -> tuple[str, bytes]:
         challenge_id, challenge = secrets.token_urlsafe(18), secrets.token_bytes(32)
@@ -195,7 +193,7 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
 
             record = inbox.passkeys.live(assertion.credential_id)
             count = verify_assertion(record, assertion, challenge=challenge, current_sign_count=record.sign_count)
-            if not records.advance_sign_count(record.credential_id, count):
+            if not records.advance_sign_count(record.credential_id, count, at=inbox.clock.now()):
                 raise ApprovalError(f"the sign count of passkey {record.kid} did not move forward")
             return record.name
 

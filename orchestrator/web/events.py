@@ -4,6 +4,8 @@ Each event is one ``ApprovalEventFeed`` event (``request.created``, ``request.an
 ``request.expired``; no argument values, no reasons) about a request this approver may
 answer (``Inbox.may_answer``); others' requests never show, not even their ids. The SSE
 ``id`` is the feed's cursor, so a browser that reconnects (``Last-Event-ID``) misses nothing.
+A page is rendered with the feed's cursor of that moment and opens its stream with
+``?since=CURSOR``: what happens between rendering the page and connecting still arrives.
 """
 
 from __future__ import annotations
@@ -22,20 +24,19 @@ from .inbox import Inbox
 from .security import Sessions, json_error
 
 
-def event_routes(inbox: Inbox, sessions: Sessions, *, poll_interval: float = 0.5) -> list[BaseRoute]:
+def event_routes(inbox: Inbox, sessions: Sessions, feed: ApprovalEventFeed) -> list[BaseRoute]:
     """The SSE route over one feed shared by every reader (each has its own cursor)."""
-    feed = ApprovalEventFeed(inbox.store, clock=inbox.clock, poll_interval=poll_interval)
 
     async def events(request: Request) -> Response:
         who = await run_in_threadpool(sessions.current, request)
         if who is None:
             return json_error("sign in first", 401)
-        start = request.headers.get("last-event-id") or None
+        start = request.headers.get("last-event-id") or request.query_params.get("since") or None
         try:
             cursor = start if start is not None else await run_in_threadpool(feed.head)
             await run_in_threadpool(feed.since, cursor)  # a malformed cursor is refused here, not mid-stream
         except ConfigError:
-            return json_error("malformed Last-Event-ID", 400)
+            return json_error("malformed Last-Event-ID or since", 400)
         visible: dict[str, bool] = {}
 
         def may_see(event: ApprovalEvent) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
+from ..approval_events import ApprovalEventFeed
 from .api_routes import api_routes
 from .auth_routes import auth_routes
 from .events import event_routes
@@ -19,10 +20,11 @@ def inbox_routes(inbox: Inbox, *, login_limit: RateLimiter | None = None,
                  answer_limit: RateLimiter | None = None) -> list[BaseRoute]:
     """Every route of the inbox over ``inbox`` (serve it behind ``security.SecurityHeaders``)."""
     sessions = Sessions(inbox.store, inbox.clock)
+    feed = ApprovalEventFeed(inbox.store, clock=inbox.clock, poll_interval=0.5)
     routes: list[BaseRoute] = []
     routes += auth_routes(inbox, sessions, login_limit=login_limit or RateLimiter(LOGIN_ATTEMPTS_PER_MINUTE))
     routes += api_routes(inbox, sessions, answer_limit=answer_limit or RateLimiter(ANSWERS_PER_MINUTE))
-    routes += event_routes(inbox, sessions)
-    routes += page_routes(inbox, sessions)
+    routes += event_routes(inbox, sessions, feed)
+    routes += page_routes(inbox, sessions, feed)
     return routes
 

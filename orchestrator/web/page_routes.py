@@ -8,6 +8,7 @@ state (``/logout``, the resume button) carry the session's CSRF token.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..approval_events import ApprovalEventFeed
 from ..approvals import shown
 from ..errors import ApprovalError, ScopegraphError
 from ..prompt import relative
@@ -35,15 +37,16 @@ def templates() -> Any:
     env.filters["shown"] = lambda text: shown(str(text))  # others' words: no bidi or control characters
     env.filters["iso"] = iso
     env.filters["relative"] = relative
+    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False, sort_keys=True)
     return env
 
 
-def page_routes(inbox: Inbox, sessions: Sessions) -> list[BaseRoute]:
+def page_routes(inbox: Inbox, sessions: Sessions, feed: ApprovalEventFeed) -> list[BaseRoute]:
     """The pages and the static assets."""
     env = templates()
 
     def render(name: str, status: int = 200, **values: Any) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(**values), status_code=status)
+        return HTMLResponse(env.get_template(name).render(**{"since": "", **values}), status_code=status)
 
     def error(who: SignedIn | None, message: str, status: int) -> HTMLResponse:
         return render("error.html", status, who=who, message=message, active="")
@@ -55,21 +58,24 @@ def page_routes(inbox: Inbox, sessions: Sessions) -> list[BaseRoute]:
         who = await signed_in(request)
         if who is None:
             return RedirectResponse("/login", status_code=303)
+        since = await run_in_threadpool(feed.head)  # before reading: nothing falls between page and stream
         found = await run_in_threadpool(inbox.visible, who.name, pending=True)
-        return render("inbox.html", who=who, items=[inbox.summary(a) for a in found], active="inbox")
+        return render("inbox.html", who=who, items=[inbox.summary(a) for a in found], active="inbox", since=since)
 
     async def history_page(request: Request) -> Response:
         who = await signed_in(request)
         if who is None:
             return RedirectResponse("/login", status_code=303)
+        since = await run_in_threadpool(feed.head)
         found = await run_in_threadpool(inbox.visible, who.name, pending=False)
         return render("history.html", who=who, items=[{**inbox.summary(a), "answers": a.answers()} for a in found],
-                      active="history")
+                      active="history", since=since)
 
     async def request_page(request: Request) -> Response:
         who = await signed_in(request)
         if who is None:
             return RedirectResponse("/login", status_code=303)
+        since = await run_in_threadpool(feed.head)
         try:
             a = await run_in_threadpool(inbox.get, request.path_params["approval_id"], who.name)
         except ApprovalError as exc:
@@ -78,7 +84,7 @@ def page_routes(inbox: Inbox, sessions: Sessions) -> list[BaseRoute]:
         already = any(g["approver"] == who.name for g in view["answers"])
         return render("request.html", who=who, a=view, answered_by_me=already, active="inbox",
                       workers=inbox.store_url.startswith(("postgresql://", "postgres://")),
-                      notice=request.query_params.get("resumed", ""))
+                      notice=request.query_params.get("resumed", ""), since=since)
 
     async def resume_form(request: Request) -> Response:
         who = await signed_in(request)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 import time
 from collections import deque
@@ -98,6 +99,21 @@ class RateLimiter:
         events.append(now)
         return True
 
+    def retry_after(self, key: str) -> int:
+        """Whole seconds until ``key`` may act again (at least 1)."""
+        events = self._events.get(key)
+        if not events:
+            return 1
+        return max(1, math.ceil(events[0] + self.window - self._now()))
+
+    def refused(self, key: str, too_many: str) -> Response | None:
+        """``None`` when ``key`` may act now (counted); else a 429 saying ``too_many`` and
+        when to try again, in words and in ``Retry-After``."""
+        if self.allow(key):
+            return None
+        wait = self.retry_after(key)
+        return json_error(f"{too_many}: try again in {wait} s", 429, headers={"Retry-After": str(wait)})
+
 
 @dataclass(frozen=True, kw_only=True)
 class SignedIn:
@@ -160,10 +176,10 @@ def client_key(request: Request) -> str:
     return request.client.host if request.client is not None else "-"
 
 
-def json_error(message: str, status: int) -> Response:
+def json_error(message: str, status: int, *, headers: dict[str, str] | None = None) -> Response:
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def form_value(form: Any, name: str) -> str | None:

@@ -59,14 +59,18 @@ class Served:
     origin: str
     tmp: Path
     runs: list[str] = field(default_factory=list)
+    approvals: list[str] = field(default_factory=list)  # in the order made (the fixture's first)
 
-    def run(self, task: str = "Reimburse receipt r-1042") -> tuple[str, str]:
-        """Start a run as alice; it pauses for approval. Returns (run id, approval id)."""
-        with Runtime(load_workflow(flows.TARGET), store=self.at.url, target=flows.TARGET, clock=self.clock) as rt:
-            report = rt.run(task, initiator="alice")
+    def run(self, task: str = "Reimburse receipt r-1042", *, initiator: str = "alice",
+            target: str = flows.TARGET) -> tuple[str, str]:
+        """Start a run (by alice, of ``expenses`` unless told); it pauses for approval.
+        Returns (run id, approval id)."""
+        with Runtime(load_workflow(target), store=self.at.url, target=target, clock=self.clock) as rt:
+            report = rt.run(task, initiator=initiator)
             assert report.status == "paused", report.summary()
             pending = [a for a in rt.approvals.list(run_id=report.run_id) if a.status == "pending"]
         self.runs.append(report.run_id)
+        self.approvals.append(pending[0].id)
         return report.run_id, pending[0].id
 
     def invite(self, name: str) -> str:

@@ -179,7 +179,10 @@ function live() {
   if (!document.body.dataset.csrf || !window.EventSource) return;
   const page = document.body.dataset.page;
   if (page !== "inbox" && page !== "request" && page !== "history") return;
-  const source = new EventSource("/api/events");
+  // From the moment the page was rendered (a reconnect sends Last-Event-ID, which wins).
+  const since = document.body.dataset.since;
+  const source = new EventSource("/api/events" + (since ? "?since=" + encodeURIComponent(since) : ""));
+  source.addEventListener("open", () => { document.body.dataset.live = "open"; });
   const note = document.getElementById("live");
   const onEvent = (ev) => {
     let data = {};
