@@ -220,6 +220,23 @@ class Runtime:
         self._plans[run_id] = (data, plan)
         return plan
 
+    def current_plan(self, run_id: str) -> Plan:
+        """The plan of ``run_id`` that the drive in progress routes by: the one ``plan_for``
+        parsed last, or, for tasks a resumed drive runs before it routes at all, the plan
+        of the run's latest checkpoint (the one those tasks were sent from).
+
+        Raises:
+            StoreError: the run has no checkpoint with a plan.
+        """
+        cached = self._plans.get(run_id)
+        if cached is not None:
+            return cached[1]
+        saved = self.checkpointer.get_tuple(self._config(run_id))
+        data = saved.checkpoint["channel_values"].get("plan") if saved is not None else None
+        if not isinstance(data, dict):
+            raise StoreError(f"run {run_id!r} has no plan in its checkpoint")
+        return self.plan_for(run_id, data)
+
     def trace_context(self, run_id: str) -> Context | None:
         """The span context nodes of ``run_id`` nest under (the current drive's root span)."""
         return self._trace_contexts.get(run_id)
