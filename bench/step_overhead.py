@@ -120,7 +120,6 @@ class PlainStepInput(TypedDict):
     workflow: str
     initiator: str
     planner_id: str
-    plan: dict[str, Any]
     step_id: str
     dependencies: dict[str, Any]
     data_labels: list[str]
@@ -144,7 +143,7 @@ def build_plain_graph(plan: dict[str, Any]) -> StateGraph:
         return [
             Send("step", PlainStepInput(
                 run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
-                planner_id=state["planner_id"], plan=state["plan"], step_id=s["id"],
+                planner_id=state["planner_id"], step_id=s["id"],
                 dependencies={d: results[d] for d in s["depends_on"] if d in results},
                 data_labels=state.get("data_labels") or [], record=steps.get(s["id"], {}),
                 dispatch=batch,
@@ -155,8 +154,12 @@ def build_plain_graph(plan: dict[str, Any]) -> StateGraph:
     def after_step(state: PlainState) -> list[Send] | str:
         return "schedule" if state.get("batches") else route(state)
 
+    by_id = {s["id"]: s for s in plan["steps"]}
+
     def step_node(payload: PlainStepInput) -> dict[str, Any]:
-        step = next(s for s in payload["plan"]["steps"] if s["id"] == payload["step_id"])
+        # The plan is not sent with each step, as the runtime does not send it: a task is
+        # written into the checkpoint, and a plan sent with each would cost O(N) per step.
+        step = by_id[payload["step_id"]]
         args = {name: c["value"] for name, c in step["constraints"].items()}
         value = read_value(**args)
         record = {"step_id": step["id"], "tool": step["tool"], "status": "completed", "result": value}

@@ -14,7 +14,7 @@ from typing import Any
 
 from .approvals import ApprovalRequest
 from .calls import CHECK_POLICY_ID, CallContext
-from .canonical import sha256_hex
+from .canonical import sha256_hex, sorted_json
 from .constraints import admits
 from .credentials import Grant
 from .policy import Decision
@@ -45,11 +45,26 @@ def cut_off_read(earlier: CallRecord, tool: Tool) -> bool:
 
 
 def digest_of(arguments: Mapping[str, Any]) -> str | None:
+    """The digest of a call's arguments in the ledger: SHA-256 over their sorted compact
+    JSON, ASCII-escaped, anything not JSON written as its ``str``. ``usage_report``
+    recomputes it from old records, so its bytes never change."""
     try:
-        return sha256_hex(json.dumps({"arguments": arguments}, default=str, sort_keys=True,
-                                     separators=(",", ":")))
+        return sha256_hex(_arguments_json({"arguments": arguments}))
     except Exception:  # arguments that cannot be written down (too deep, too big, a broken ``__str__``)
         return None
+
+
+def _arguments_json(value: dict[str, Any]) -> str:
+    # ``sorted_json`` (one prepared C encoder) writes the same bytes as the ``json.dumps``
+    # below whenever its output is ASCII without DEL (which ``ensure_ascii`` escapes) and it
+    # did not refuse a value (NaN, or one that needs ``default=str``): the usual call.
+    try:
+        text = sorted_json(value)
+        if text.isascii() and "\x7f" not in text:
+            return text
+    except (TypeError, ValueError):
+        pass
+    return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))
 
 
 def observed(arguments: Mapping[str, Any], secrets: frozenset[str] = frozenset()) -> dict[str, Any]:

@@ -16,12 +16,14 @@ also gets ``error.type`` and an ``exception`` event carrying the scrubbed messag
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import (
@@ -131,33 +133,84 @@ def tracer() -> trace.Tracer:
     return _TRACER
 
 
+# ``get_tracer_provider`` looks up an environment variable on every call until an
+# application installs a provider, and the global it keeps is set at most once: so a
+# provider seen once stays, and while the global is still empty (and no provider is named
+# in the environment) there is none, without the lookup.
+_PROVIDER_FROM_ENV = bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
+_CAN_PEEK = hasattr(trace, "_TRACER_PROVIDER")
+_installed = False
+
+
 def enabled() -> bool:
     """Whether an application installed a tracer provider: without one, spans are skipped
     outright (building attributes for a no-op span is most of a span's cost)."""
-    return not isinstance(trace.get_tracer_provider(), (ProxyTracerProvider, NoOpTracerProvider))
+    global _installed
+    if _installed:
+        return True
+    if _CAN_PEEK and not _PROVIDER_FROM_ENV and getattr(trace, "_TRACER_PROVIDER", None) is None:
+        return False
+    _installed = not isinstance(trace.get_tracer_provider(), (ProxyTracerProvider, NoOpTracerProvider))
+    return _installed
 
 
-@contextmanager
+class _NoSpan:
+    """What ``span`` returns without an SDK: enters as ``INVALID_SPAN``, holds no state."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        return INVALID_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+class _CurrentSpan:
+    """A span made current for a ``with`` block; an exception sets ERROR and propagates.
+
+    A class rather than a generator context manager: a span is opened several times per
+    step, and the generator machinery (and ``start_as_current_span``'s own) cost more
+    than the span."""
+
+    __slots__ = ("_name", "_attributes", "_context", "_kind", "_span", "_token")
+
+    def __init__(self, name: str, attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None,
+                 context: Context | None, kind: SpanKind) -> None:
+        self._name, self._attributes, self._context, self._kind = name, attributes, context, kind
+
+    def __enter__(self) -> Span:
+        attributes = self._attributes
+        if callable(attributes):
+            attributes = attributes()
+        self._span = s = _TRACER.start_span(self._name, context=self._context, kind=self._kind,
+                                            attributes=_clean(attributes or {}))
+        self._token = otel_context.attach(trace.set_span_in_context(s))
+        return s
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        s = self._span
+        try:
+            if exc_type is not None:
+                s.set_status(Status(StatusCode.ERROR, exc_type.__name__))
+        finally:
+            otel_context.detach(self._token)
+            s.end()
+
+
 def span(name: str, attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None, *,
-         context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
+         context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
     """A span that records an exception as an error status and re-raises it.
 
     ``attributes`` may be a function that returns them: it is called only if an SDK
     records the span, so a caller without one builds nothing.
     """
     if not enabled():
-        yield INVALID_SPAN
-        return
-    if callable(attributes):
-        attributes = attributes()
-    with _TRACER.start_as_current_span(name, context=context, kind=kind,
-                                        attributes=_clean(attributes or {}),
-                                        record_exception=False, set_status_on_exception=False) as s:
-        try:
-            yield s
-        except BaseException as exc:
-            s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}"))
-            raise
+        return _NO_SPAN
+    return _CurrentSpan(name, attributes, context, kind)
 
 
 def set_error(s: Span, description: str) -> None:

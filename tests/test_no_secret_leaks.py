@@ -44,6 +44,7 @@ from scopegraph.gateway import CallContext
 from scopegraph.identity import SpiffeId
 from scopegraph.ledger import Ledger
 from scopegraph.roles import StepContext
+from scopegraph.runtime.runner import checkpoints_path
 
 from .helpers import READ_PLAN, STANDARD_TOOLS
 from .otel_capture import Capture, otel
@@ -137,8 +138,18 @@ class Haystack:
             self.add(f"metric {p.name}", {"name": p.name, "attributes": dict(p.attributes)})
 
     def add_store(self, store_path: Path) -> None:
-        """Every table but the key table; the ledger head's signature is not a credential."""
+        """Every table but the key table; the ledger head's signature is not a credential.
+        The run checkpoints too, in the file of their own beside the store."""
+        beside = checkpoints_path(store_path)
+        if beside != store_path and beside.is_file():
+            self._add_tables(beside)
+        self._add_tables(store_path)
         with closing(sqlite3.connect(str(store_path))) as conn:
+            ledger = [r for r in conn.execute("SELECT data FROM sg_ledger")]
+        self.add("ledger", [r[0] for r in ledger])
+
+    def _add_tables(self, path: Path) -> None:
+        with closing(sqlite3.connect(str(path))) as conn:
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             for table in tables:
                 if table == "sg_keys":
@@ -148,8 +159,6 @@ class Haystack:
                 for row in conn.execute(f"SELECT {', '.join(keep)} FROM {table}"):
                     text = " ".join(v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in row)
                     self.add(f"store table {table}", text)
-            ledger = [r for r in conn.execute("SELECT data FROM sg_ledger")]
-        self.add("ledger", [r[0] for r in ledger])
 
     def add_logs(self, caplog: pytest.LogCaptureFixture) -> None:
         for r in caplog.records:

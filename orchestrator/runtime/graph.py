@@ -225,7 +225,7 @@ def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dic
     records = steps if view is None else view
     return StepInput(
         run_id=state["run_id"], workflow=state["workflow"], initiator=state["initiator"],
-        planner_id=state["planner_id"], plan=state["plan"], step_id=step.id,
+        planner_id=state["planner_id"], step_id=step.id,
         dependencies={d: results[d] for d in step.depends_on if d in results},
         dependency_labels={d: records[d].get("labels") or [] for d in step.depends_on if d in results},
         data_labels=state.get("data_labels") or [],
@@ -304,7 +304,7 @@ def _close_step_span(s: Any, record: dict[str, Any]) -> None:
 
 
 def _step(rt: Runtime, payload: StepInput) -> dict[str, Any]:
-    plan = rt.plan_for(payload["run_id"], payload["plan"])
+    plan = rt.current_plan(payload["run_id"])
     step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
     if step.for_each is not None:  # a repeated step with no iteration to run: why is its record
         record = repeat.unrepeated_record(step, payload["dependencies"])
@@ -420,7 +420,7 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     state = approval.effective_status(rt.clock.now())
     if state == "pending":
         return _landed(payload)  # e.g. one of two approvers so far: ask again
-    plan = rt.plan_for(payload["run_id"], payload["plan"])
+    plan = rt.current_plan(payload["run_id"])
     step = repeat.concrete_step(plan, payload["step_id"], payload["dependencies"])
     identity = _step_identity(rt, payload["run_id"], step.id)
     with _tool_span(rt, payload, step, identity) as s:

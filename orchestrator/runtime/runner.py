@@ -14,7 +14,8 @@ import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -220,6 +221,23 @@ class Runtime:
         self._plans[run_id] = (data, plan)
         return plan
 
+    def current_plan(self, run_id: str) -> Plan:
+        """The plan of ``run_id`` that the drive in progress routes by: the one ``plan_for``
+        parsed last, or, for tasks a resumed drive runs before it routes at all, the plan
+        of the run's latest checkpoint (the one those tasks were sent from).
+
+        Raises:
+            StoreError: the run has no checkpoint with a plan.
+        """
+        cached = self._plans.get(run_id)
+        if cached is not None:
+            return cached[1]
+        saved = self.checkpointer.get_tuple(self._config(run_id))
+        data = saved.checkpoint["channel_values"].get("plan") if saved is not None else None
+        if not isinstance(data, dict):
+            raise StoreError(f"run {run_id!r} has no plan in its checkpoint")
+        return self.plan_for(run_id, data)
+
     def trace_context(self, run_id: str) -> Context | None:
         """The span context nodes of ``run_id`` nest under (the current drive's root span)."""
         return self._trace_contexts.get(run_id)
@@ -385,14 +403,34 @@ async def _events_of(start: Callable[[Listener], Awaitable[RunReport]]) -> Async
             await asyncio.shield(drive)
 
 
+def checkpoints_path(store: Path) -> Path:
+    """Where LangGraph's checkpoints of the SQLite store at ``store`` live: a file of their
+    own beside it (``runs.db`` → ``runs.checkpoints.db``), so the checkpointer's commits
+    do not invalidate the store connection's page cache; or the store's own file, for a
+    store made when they lived there (its paused runs resume from where they are)."""
+    if _holds_checkpoints(store):
+        return store
+    return store.with_name(f"{store.stem}.checkpoints{store.suffix}")
+
+
+def _holds_checkpoints(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=10.0)) as conn:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'").fetchone() is None:
+            return False
+        return conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchone() is not None
+
+
 def _checkpointer_for(store: Store) -> tuple[Any, BaseCheckpointSaver[Any]]:
-    """LangGraph's saver on the store's own database, and the connection (or pool) to close."""
+    """LangGraph's saver beside the store (see ``checkpoints_path``), and the connection
+    (or pool) to close."""
     if isinstance(store, PostgresStore):
         return checkpointer_for_postgres(store)
     if not isinstance(store, SqliteStore):
         raise ConfigError(f"no checkpointer for store {store.url!r}")
     try:
-        conn = sqlite3.connect(str(store.path), check_same_thread=False, timeout=10.0)
+        conn = sqlite3.connect(str(checkpoints_path(store.path)), check_same_thread=False, timeout=10.0)
         saver = SqliteSaver(conn)
         saver.setup()
         conn.execute("PRAGMA synchronous=NORMAL")

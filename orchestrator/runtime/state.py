@@ -50,13 +50,14 @@ class RunState(TypedDict, total=False):
 
 
 class StepInput(TypedDict):
-    """What a ``Send`` hands one step: enough to run it without the whole state."""
+    """What a ``Send`` hands one step: enough to run it without the whole state. Not the
+    plan: a task is written into the checkpoint, and a plan of N steps sent with each of
+    them would make every step cost O(N) (the node reads it with ``Runtime.current_plan``)."""
 
     run_id: str
     workflow: str
     initiator: str
     planner_id: str
-    plan: dict[str, Any]
     step_id: str
     dependencies: dict[str, Any]
     dependency_labels: dict[str, list[str]]

@@ -8,6 +8,8 @@ another ``Runtime`` kept in its first trace, and the metric instruments.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -620,3 +622,34 @@ def test_tool_duration_is_recorded_per_call_and_outcome(
     rt2 = make_runtime(make_workflow(MAIL_AFTER_READ, executor=_curious(), name="durwf2"))
     rt2.run("read then mail", run_id="d2")
     assert {k for k in otel.histogram("scopegraph.tool.duration", "tool")} == {("flaky",), ("explode",), ("read_doc",)}
+
+
+def test_spans_start_recording_once_an_sdk_is_installed_after_spans_were_skipped() -> None:
+    # ``enabled`` is cached once true; until then each span looks again, so an application
+    # (or a test) that installs its SDK after the first spans still gets the later ones.
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "from scopegraph import tracing\n"
+        "with tracing.span('before') as s:\n"
+        "    assert not s.is_recording()\n"
+        "exporter = InMemorySpanExporter()\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "try:\n"
+        "    with tracing.span('after', lambda: {'k': 1}) as s:\n"
+        "        assert s.is_recording() and trace.get_current_span() is s\n"
+        "        raise ValueError('x')\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "assert trace.get_current_span() is not s\n"
+        "[done] = exporter.get_finished_spans()\n"
+        "assert (done.name, dict(done.attributes), done.status.status_code.name) == ('after', {'k': 1}, 'ERROR')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
