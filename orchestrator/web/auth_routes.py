@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..errors import ApprovalError
-from ..passkeys import PasskeyAssertion, b64url, passkey_kid, token_hash
+from ..passkeys import PasskeyAssertion, b64url, passkey_kid, token_hash, unb64url, verify_assertion
 from .inbox import Inbox
 from .security import RateLimiter, Sessions, client_key, json_error, same_origin
 
@@ -72,6 +72,7 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
     from webauthn.helpers.exceptions import WebAuthnException
     from webauthn.helpers.structs import (
         AuthenticatorSelectionCriteria,
+        PublicKeyCredentialDescriptor,
         ResidentKeyRequirement,
         UserVerificationRequirement,
     )
@@ -84,6 +85,16 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
             return json_error("cross-origin request refused", 403)
         return login_limit.refused(client_key(request), "too many sign-in attempts from your address")
 
+    async def limited_json(request: Request) -> dict[str, Any] | Response:
+        """The request's JSON object, or the refusal: cross-origin, rate-limited or malformed."""
+        refused = limited(request)
+        if refused is not None:
+            return refused
+        try:
+            return await read_json(request)
+        except ValueError as exc:
+            return json_error(str(exc), 400)
+
     def new_challenge(purpose: str, subject: str) -> tuple[str, bytes]:
         challenge_id, challenge = secrets.token_urlsafe(18), secrets.token_bytes(32)
         records.add_challenge(challenge_id, purpose=purpose, subject=subject, data=b64url(challenge),
@@ -94,18 +105,12 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
         if not isinstance(challenge_id, str) or len(challenge_id) > 64:
             return None
         found = records.take_challenge(challenge_id, purpose=purpose, subject=subject, now=inbox.clock.now())
-        from ..passkeys import unb64url
-
         return unb64url(found) if found is not None else None
 
     async def enrol_begin(request: Request) -> Response:
-        refused = limited(request)
-        if refused is not None:
-            return refused
-        try:
-            body = await read_json(request)
-        except ValueError as exc:
-            return json_error(str(exc), 400)
+        body = await limited_json(request)
+        if isinstance(body, Response):
+            return body
         token = body.get("token")
         whom = await run_in_threadpool(inbox.passkeys.invited, token) if isinstance(token, str) else None
         if whom is None:
@@ -117,10 +122,6 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
             return challenge_id, challenge, records.list_passkeys(name=name)
 
         challenge_id, challenge, existing = await run_in_threadpool(begin)
-        from webauthn.helpers.structs import PublicKeyCredentialDescriptor
-
-        from ..passkeys import unb64url
-
         options = webauthn.generate_registration_options(
             rp_id=site.rp_id, rp_name=site.rp_name, user_name=name, user_display_name=display,
             user_id=name.encode("utf-8")[:64], challenge=challenge,
@@ -131,13 +132,9 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
                              "options": json.loads(options_to_json(options))})
 
     async def enrol_finish(request: Request) -> Response:
-        refused = limited(request)
-        if refused is not None:
-            return refused
-        try:
-            body = await read_json(request)
-        except ValueError as exc:
-            return json_error(str(exc), 400)
+        body = await limited_json(request)
+        if isinstance(body, Response):
+            return body
         token = body.get("token")
         if not isinstance(token, str):
             return json_error("missing invitation token", 400)
@@ -189,8 +186,6 @@ def auth_routes(inbox: Inbox, sessions: Sessions, *, login_limit: RateLimiter) -
             return json_error("the sign-in challenge is unknown, used or expired: try again", 400)
 
         def check() -> str:
-            from ..passkeys import verify_assertion
-
             record = inbox.passkeys.live(assertion.credential_id)
             count = verify_assertion(record, assertion, challenge=challenge, current_sign_count=record.sign_count)
             if not records.advance_sign_count(record.credential_id, count, at=inbox.clock.now()):
