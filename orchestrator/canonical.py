@@ -93,6 +93,23 @@ def python_json_is_jcs(value: Any, depth: int = 0) -> bool:
     arrays) with no lone surrogate, no key with a character from U+D800 on (key order by
     code point is then key order by UTF-16 unit), integers within ±2**53-1, and only floats
     whose ``repr`` is their ECMAScript form. Strings are escaped alike by both."""
+    if type(value) is dict and depth <= _MAX_DEPTH:
+        # The usual case, a ledger payload: a flat dict of ASCII strings and small numbers.
+        # Its members of exact built-in types are checked here without a call each;
+        # anything else goes the general way below, which decides alike.
+        for k, v in value.items():
+            if type(k) is not str or not (k.isascii() or max(k) < "\ud800"):
+                return False
+            kind = type(v)
+            if kind is str:
+                if not v.isascii() and _SURROGATE.search(v):
+                    return False
+            elif kind is int:
+                if not -_MAX_EXACT_INT <= v <= _MAX_EXACT_INT:
+                    return False
+            elif v is not None and kind is not bool and not python_json_is_jcs(v, depth + 1):
+                return False
+        return True
     if isinstance(value, str):
         return value.isascii() or not _SURROGATE.search(value)
     if value is None or isinstance(value, bool):

@@ -87,6 +87,8 @@ def _record_hash_v2(*, seq: int, run_id: str, kind: str, at: float, payload: byt
 def _scalar_bytes(value: Any) -> bytes:
     """``jcs(value)`` of a record's header field (a string, a whole number, a timestamp)."""
     kind = type(value)
+    if kind is str and value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return b'"' + value.encode("ascii") + b'"'  # nothing to escape: JSON's quotes around it
     if kind is str and python_json_is_jcs(value):
         return sorted_json(value).encode("utf-8")
     if (kind is int or kind is float) and python_json_is_jcs(value):

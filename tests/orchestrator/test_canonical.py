@@ -139,3 +139,31 @@ def test_values_python_writes_otherwise_take_the_reference_path(value: Any) -> N
 def test_what_jcs_cannot_hold_is_refused_on_either_path(value: Any) -> None:
     with pytest.raises(ValueError):
         jcs(value)
+
+
+_HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x1f, max_codepoint=0x7f)) | st.text()
+
+
+@given(_HEADER_TEXT, _HEADER_TEXT, _HEADER_TEXT, st.integers(min_value=1, max_value=2**53 - 1),
+       st.floats(min_value=0, max_value=4e9, allow_nan=False) | st.integers(min_value=0, max_value=2**40),
+       st.dictionaries(st.text(max_size=6), _ANY_JSON, max_size=4))
+def test_a_ledger_record_hash_is_sha256_of_the_rfc8785_record(run_id: str, kind: str, prev: str, seq: int,
+                                                             at: float, data: dict[str, Any]) -> None:
+    """The record hash writes its header fields and payload by fast paths: the same digest
+    as SHA-256 over the reference RFC 8785 bytes of the whole typed record."""
+    import hashlib
+
+    import rfc8785
+
+    from scopegraph.ledger import LEDGER_RECORD_V2, record_hash_v2
+
+    record = {"type": LEDGER_RECORD_V2, "seq": seq, "run_id": run_id, "kind": kind, "at": at, "prev": prev,
+              "data": data}
+    try:
+        reference = rfc8785.dumps(record)
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError):  # a lone surrogate: refused either way
+        with pytest.raises(ValueError):
+            record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=data, prev_hash=prev)
+        return
+    assert record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=data,
+                          prev_hash=prev) == hashlib.sha256(reference).hexdigest()
