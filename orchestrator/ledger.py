@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jwt
 
 from . import tracing as tr
-from .canonical import jcs, python_json_is_jcs, sorted_json
+from .canonical import jcs, plain_float, python_json_is_jcs, sorted_json
 from .clock import Clock
 from .keys import sign_jwt
 from .store import LedgerHead, LedgerRow, Store
@@ -91,7 +91,7 @@ def _scalar_bytes(value: Any) -> bytes:
         return b'"' + value.encode("ascii") + b'"'  # nothing to escape: JSON's quotes around it
     if kind is str and python_json_is_jcs(value):
         return sorted_json(value).encode("utf-8")
-    if (kind is int or kind is float) and python_json_is_jcs(value):
+    if (kind is int and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT) or (kind is float and plain_float(value)):
         return repr(value).encode("ascii")  # what Python's JSON writes for them
     return jcs(value)
 
