@@ -8,10 +8,12 @@ from typing import Annotated, Any, TypedDict
 from langgraph.channels.delta import DeltaChannel
 
 # How many updates of a delta channel (below) between two full copies of it in a
-# checkpoint: a checkpoint between them holds nothing of the channel, and reading one
-# replays at most this many supersteps' writes. A full copy costs O(N) for N steps; one
-# every SNAPSHOT_EVERY steps keeps a step's share of it O(N / SNAPSHOT_EVERY).
-SNAPSHOT_EVERY = 500
+# checkpoint. A checkpoint between them holds nothing of the channel; reading one (a
+# resume, a report) replays the writes since the last copy, which costs O(N) for N
+# steps whether they come as one copy or as N writes. A copy costs O(N) to write, so
+# they are rare: a step's share of them stays O(N / SNAPSHOT_EVERY), and a read walks
+# back at most SNAPSHOT_EVERY checkpoints.
+SNAPSHOT_EVERY = 1000
 
 
 def merge_steps(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
