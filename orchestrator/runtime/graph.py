@@ -56,7 +56,7 @@ from ..tools import ToolRegistry
 from . import repeat
 from .delegation import delegator_for
 from .outcome import step_outcome
-from .routing import Routing
+from .routing import Routing, forget_before
 from .state import RunState, StepInput
 
 if TYPE_CHECKING:
@@ -184,6 +184,7 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
         routing = rt.routing_for(state["run_id"], plan)
         with routing.lock:
             return _route_by(routing, state, steps)
+    forget_before(steps)  # as ``Routing`` does: older values of the records can go
     statuses = {sid: s["status"] for sid, s in steps.items()}
     human_denied = any(s.get("denied_by") for s in steps.values())
     if human_denied and state.get("on_denial", "fail") == "fail":

@@ -63,9 +63,7 @@ class Routing:
                 or len(self.records) != len(steps):  # a write routing did not see: start over
             self._rebuild(steps)
         self._seen = steps
-        self._anchor, self._since_anchor = _anchor_of(steps)
-        if isinstance(self._anchor, StepRecords):
-            self._anchor.parent = None  # routing will not walk past it: older records can go
+        self._anchor, self._since_anchor = forget_before(steps)
 
     def _writes_since(self, steps: Mapping[str, Any]) -> list[Any] | None:
         """The writes that made ``steps`` from what routing saw last, oldest first; ``None``
@@ -159,14 +157,22 @@ class _Results(Mapping[str, Any]):
         return len(self._r.done)
 
 
-def _anchor_of(steps: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+def forget_before(steps: Mapping[str, Any]) -> tuple[Any, list[Any]]:
     """The value ``steps`` was made from before it was copied (itself if it is no copy's
-    descendant), and the writes applied since, oldest first."""
+    descendant), and the writes applied since, oldest first. What that value was made
+    from is forgotten: routing never walks past it, and each older value holds every
+    record (kept, a run of N steps would hold N copies of them)."""
     batches: list[Any] = []
     node: Any = steps
+    anchor: Any = steps
     while isinstance(node, StepRecords) and node.parent is not None and len(batches) <= MAX_LINEAGE:
         if node.copied:
-            return node.parent, [w for b in reversed(batches) for w in b]
+            anchor = node.parent
+            break
         batches.append(node.changes)
         node = node.parent
-    return steps, []
+    else:
+        batches = []
+    if isinstance(anchor, StepRecords):
+        anchor.parent = None
+    return anchor, [w for b in reversed(batches) for w in b]

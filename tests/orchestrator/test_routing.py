@@ -51,8 +51,17 @@ def expected(plan: Plan, steps: dict[str, Any]) -> tuple[list[str], set[str], se
             {k for k, v in steps.items() if v.get("denied_by")})
 
 
+def lineage(value: Any) -> int:
+    """How many earlier values ``value`` still holds on to (each holds every record)."""
+    n = 0
+    while isinstance(value, StepRecords) and value.parent is not None:
+        n, value = n + 1, value.parent
+    return n
+
+
 def seen_by(routing: Routing, steps: dict[str, Any]) -> tuple[list[str], set[str], set[str], set[str], set[str]]:
     routing.see(steps)
+    assert lineage(steps) <= 2  # itself, the copy it was made from, the value that was copied: no more
     results = routing.results()
     assert {d: results[d] for d in results} == {d: steps[d]["result"] for d in routing.done}
     return ([s.id for s in routing.ready()], set(routing.done), set(routing.waiting), set(routing.replan),
