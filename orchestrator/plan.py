@@ -127,6 +127,16 @@ class Plan(BaseModel):
             self.__dict__["_repeats"] = cached
         return bool(cached[1])
 
+    def order(self) -> tuple[str, ...]:
+        """The step ids in an order where each comes after the steps it depends on (kept:
+        the view of a plan with repeated steps is built in it at every route)."""
+        cached = self.__dict__.get("_order")
+        if cached is None or cached[0] is not self.steps:
+            order = tuple(graphlib.TopologicalSorter({s.id: set(s.depends_on) for s in self.steps}).static_order())
+            cached = (self.steps, order)
+            self.__dict__["_order"] = cached
+        return tuple(cached[1])
+
     def ready_steps(self, done: Iterable[str], started: Iterable[str] = ()) -> list[Step]:
         """Steps not yet started whose dependencies are all in ``done``."""
         done_set, started_set = set(done), set(started)
