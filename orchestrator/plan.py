@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import graphlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -102,10 +103,39 @@ class Plan(BaseModel):
     steps: tuple[Step, ...] = Field(min_length=1)
 
     def step(self, step_id: str) -> Step:
-        for s in self.steps:
-            if s.id == step_id:
-                return s
-        raise PlanError(f"plan has no step {step_id!r}")
+        found = self.index().get(step_id)
+        if found is None:
+            raise PlanError(f"plan has no step {step_id!r}")
+        return found
+
+    def index(self) -> dict[str, Step]:
+        """The steps by id, built once per plan: a step is looked up several times per
+        step run, and a scan would make each lookup O(N) (issue 11). Kept beside the
+        fields (not one of them), and rebuilt if ``steps`` is not the tuple it was built from."""
+        cached = self.__dict__.get("_index")
+        if cached is None or cached[0] is not self.steps:
+            cached = (self.steps, {s.id: s for s in self.steps})
+            self.__dict__["_index"] = cached
+        index: dict[str, Step] = cached[1]
+        return index
+
+    def repeats(self) -> bool:
+        """Whether some step repeats (``for_each``): asked once per route, so kept."""
+        cached = self.__dict__.get("_repeats")
+        if cached is None or cached[0] is not self.steps:
+            cached = (self.steps, any(s.for_each is not None for s in self.steps))
+            self.__dict__["_repeats"] = cached
+        return bool(cached[1])
+
+    def order(self) -> tuple[str, ...]:
+        """The step ids in an order where each comes after the steps it depends on (kept:
+        the view of a plan with repeated steps is built in it at every route)."""
+        cached = self.__dict__.get("_order")
+        if cached is None or cached[0] is not self.steps:
+            order = tuple(graphlib.TopologicalSorter({s.id: set(s.depends_on) for s in self.steps}).static_order())
+            cached = (self.steps, order)
+            self.__dict__["_order"] = cached
+        return tuple(cached[1])
 
     def ready_steps(self, done: Iterable[str], started: Iterable[str] = ()) -> list[Step]:
         """Steps not yet started whose dependencies are all in ``done``."""
@@ -142,7 +172,7 @@ def validate_plan(plan: Plan, tools: ToolRegistry) -> Plan:
         PlanError: unknown tool, bad constraint, missing dependency, duplicate id or cycle.
     """
     ids = [s.id for s in plan.steps]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)  # not ids.count: O(N²) for N steps
     if duplicates:
         raise PlanError(f"plan repeats step id {duplicates[0]!r}")
     for step in plan.steps:

@@ -28,6 +28,7 @@ A repeated step (``for_each``) is sent as one task per item, each its own step r
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
@@ -55,6 +56,7 @@ from ..tools import ToolRegistry
 from . import repeat
 from .delegation import delegator_for
 from .outcome import step_outcome
+from .routing import Routing, forget_before
 from .state import RunState, StepInput
 
 if TYPE_CHECKING:
@@ -178,6 +180,11 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
         return END
     plan = rt.plan_for(state["run_id"], state["plan"])
     steps = state.get("steps") or {}
+    if not plan.repeats():
+        routing = rt.routing_for(state["run_id"], plan)
+        with routing.lock:
+            return _route_by(routing, state, steps)
+    forget_before(steps)  # as ``Routing`` does: older values of the records can go
     statuses = {sid: s["status"] for sid, s in steps.items()}
     human_denied = any(s.get("denied_by") for s in steps.values())
     if human_denied and state.get("on_denial", "fail") == "fail":
@@ -201,6 +208,27 @@ def _route(rt: Runtime, state: RunState) -> list[Send] | str:
     return END
 
 
+def _route_by(routing: Routing, state: RunState, steps: dict[str, Any]) -> list[Send] | str:
+    """``_route`` for a plan without repeated steps, from what ``routing`` keeps up to date
+    (the same decisions, without reading every record at every step: issue 11)."""
+    routing.see(steps)
+    if routing.denied and state.get("on_denial", "fail") == "fail":
+        return END
+    if routing.replan:
+        return "plan"
+    results = routing.results()
+    ready = [s.id for s in routing.ready()]
+    if ready:
+        batch = _dispatch(ready)
+        return [Send("step", _step_input(state, routing.plan.step(sid), results, batch, steps)) for sid in ready]
+    waiting = routing.waiting_in(steps)
+    if waiting:
+        batch = _dispatch(waiting)
+        return [Send("approval", _step_input(state, routing.plan.step(sid), results, batch, steps))
+                for sid in waiting]
+    return END
+
+
 def _dispatch(step_ids: list[str]) -> dict[str, Any]:
     """A batch of tasks sent together; each reports its landing (see ``state.merge_batches``)."""
     return {"id": uuid.uuid4().hex, "members": sorted(step_ids)}
@@ -219,8 +247,8 @@ def _with_labels(update: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     return {**update, "data_labels": labels} if labels else update
 
 
-def _step_input(state: RunState, step: Step, results: dict[str, Any], batch: dict[str, Any],
-                view: dict[str, Any] | None = None) -> StepInput:
+def _step_input(state: RunState, step: Step, results: Mapping[str, Any], batch: dict[str, Any],
+                view: Mapping[str, Any] | None = None) -> StepInput:
     steps = state.get("steps") or {}
     records = steps if view is None else view
     return StepInput(

@@ -18,7 +18,6 @@ outcome and its report go by.
 
 from __future__ import annotations
 
-import graphlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -141,11 +140,10 @@ def plan_view(plan: Plan, steps: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     theirs, in order), else the most pressing of theirs: awaiting approval, replan,
     failed, denied.
     """
-    if not any(s.for_each is not None for s in plan.steps):  # the common case: records as they are
+    if not plan.repeats():  # the common case: records as they are
         return {s.id: steps[s.id] for s in plan.steps if s.id in steps}
     view: dict[str, dict[str, Any]] = {}
-    order = graphlib.TopologicalSorter({s.id: set(s.depends_on) for s in plan.steps}).static_order()
-    for step_id in order:
+    for step_id in plan.order():
         step = plan.step(step_id)
         if step.id in steps or step.for_each is None:
             if step.id in steps:

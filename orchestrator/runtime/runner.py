@@ -43,6 +43,7 @@ from ..workflow import Workflow
 from .graph import build_graph, final_status
 from .repeat import plan_view
 from .report import CallReport, RunReport, StepReport
+from .routing import Routing
 
 RUN_LEASE_SECONDS = 3600.0
 
@@ -76,6 +77,7 @@ class Runtime:
             self._trace_contexts: dict[str, Context] = {}
             self._listeners: dict[str, Listener] = {}
             self._plans: dict[str, tuple[Any, Plan]] = {}
+            self._routings: dict[str, Routing] = {}
             self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
             self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
             self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
@@ -211,15 +213,24 @@ class Runtime:
     def plan_for(self, run_id: str, data: dict[str, Any]) -> Plan:
         """The validated plan of a run, parsed once per plan object rather than once per step.
 
-        LangGraph hands every node of one invocation the same plan object; holding a
-        reference makes the identity check sound (the id cannot be reused while cached).
+        LangGraph hands every node of one invocation the same plan object, or a shallow
+        copy of it (the ``plan`` channel copies its value for a node's view), which holds
+        the same list of steps; holding a reference makes the identity check sound (the id
+        cannot be reused while cached).
         """
         cached = self._plans.get(run_id)
-        if cached is not None and cached[0] is data:
+        if cached is not None and (cached[0] is data or cached[0].get("steps") is data.get("steps") is not None):
             return cached[1]
         plan = Plan.model_validate(data)
         self._plans[run_id] = (data, plan)
         return plan
+
+    def routing_for(self, run_id: str, plan: Plan) -> Routing:
+        """What routing knows of ``run_id``'s records under ``plan``, for this drive."""
+        routing = self._routings.get(run_id)
+        if routing is None or routing.plan is not plan:
+            routing = self._routings[run_id] = Routing(plan)
+        return routing
 
     def current_plan(self, run_id: str) -> Plan:
         """The plan of ``run_id`` that the drive in progress routes by: the one ``plan_for``
@@ -232,8 +243,9 @@ class Runtime:
         cached = self._plans.get(run_id)
         if cached is not None:
             return cached[1]
-        saved = self.checkpointer.get_tuple(self._config(run_id))
-        data = saved.checkpoint["channel_values"].get("plan") if saved is not None else None
+        # The state, not the raw checkpoint: the plan is in a delta channel (see ``state``),
+        # which a checkpoint holds only as the writes that made it.
+        data = self.graph.get_state(self._config(run_id)).values.get("plan")
         if not isinstance(data, dict):
             raise StoreError(f"run {run_id!r} has no plan in its checkpoint")
         return self.plan_for(run_id, data)
@@ -312,6 +324,7 @@ class Runtime:
                     leased[0] = False
                 self._trace_contexts.pop(run_id, None)
                 self._plans.pop(run_id, None)
+                self._routings.pop(run_id, None)
                 root.set_attribute(tr.RUN_STATUS, status)
                 if status not in ("completed", "paused", "denied"):  # a denial is an outcome, not an error
                     tr.set_error(root, status)
@@ -342,13 +355,16 @@ class Runtime:
         if state.get("plan"):
             plan = Plan.model_validate(state["plan"])
             view = plan_view(plan, steps_state)  # a repeated step: one record, its iterations as children
+            by_step: dict[str, list[Any]] = {}
+            for g in grants:  # grouped once: a scan of all grants per step is O(N²) per report
+                by_step.setdefault(g.step_id, []).append(g)
             for step in plan.steps:
                 s = view.get(step.id)
                 if s is None:
                     steps.append(StepReport(step_id=step.id, tool=step.tool, status="not_started"))
                     continue
                 widened = step.id in (state.get("widened") or ())
-                steps.append(_step_report(s, step.tool, grants, widened))
+                steps.append(_step_report(s, step.tool, by_step, widened))
         status = record.status if record else state.get("status", "failed")
         return RunReport(
             run_id=run_id, workflow=self.workflow.name, status=status,  # type: ignore[arg-type]
@@ -359,14 +375,14 @@ class Runtime:
         )
 
 
-def _step_report(s: dict[str, Any], tool: str, grants: list[Any], widened: bool = False) -> StepReport:
+def _step_report(s: dict[str, Any], tool: str, grants: dict[str, list[Any]], widened: bool = False) -> StepReport:
     sid = s["step_id"]
     status: Any = "failed" if s["status"] == "running" else s["status"]  # a repeated step cut short
     return StepReport(
         step_id=sid, tool=s.get("tool") or tool, status=status, spiffe_id=s.get("spiffe_id"),
         grant_id=s.get("grant_id"), decision=s.get("decision"),
         policy_ids=s.get("policy_ids") or [], reason=s.get("reason") or "",
-        revoked=all(g.revoked_at is not None for g in grants if g.step_id == sid),
+        revoked=all(g.revoked_at is not None for g in grants.get(sid, ())),
         approval_id=s.get("approval_id"),
         calls=[CallReport(**c) for c in s.get("calls") or []],
         widened=widened,
