@@ -215,7 +215,7 @@ def span(name: str, attributes: Mapping[str, Any] | Callable[[], Mapping[str, An
     ``attributes`` may be a function that returns them: it is called only if an SDK
     records the span, so a caller without one builds nothing.
     """
-    if not enabled():
+    if not (_installed or enabled()):  # (the flag first: once set, it stays)
         return _NO_SPAN
     return _CurrentSpan(name, attributes, context, kind)
 
