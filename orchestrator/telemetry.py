@@ -43,6 +43,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.util import ns_to_iso_str
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from .errors import ConfigError
@@ -154,6 +155,8 @@ def _iso(nanoseconds: int) -> str:
     """``opentelemetry.sdk.util.ns_to_iso_str``: ``datetime.fromtimestamp(ns / 1e9)`` splits
     the same float into whole seconds and microseconds rounded half to even (as here), then
     formats both; the seconds' text is the same for every span of that second."""
+    if nanoseconds < 0:  # before 1970: a clock gone wrong; left to the SDK's own formatting
+        return ns_to_iso_str(nanoseconds)
     fraction, whole = math.modf(nanoseconds / 1e9)
     micros = round(fraction * 1e6)
     if micros >= 1_000_000:
