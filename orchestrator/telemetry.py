@@ -14,7 +14,9 @@ exporters' own log lines are replaced by one warning on stderr per process.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -25,6 +27,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import metrics, trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -34,12 +37,14 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.util import ns_to_iso_str
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from .errors import ConfigError
 
@@ -47,6 +52,123 @@ EXPORT_TIMEOUT_SECONDS = 1.0
 SHUTDOWN_BUDGET_SECONDS = 2.0
 _TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
                       "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")
+
+
+def encode_span_lines(spans: Sequence[ReadableSpan]) -> str:
+    """The spans as JSON lines, each exactly ``span.to_json(indent=None)``, at a fraction of
+    its cost (tests/test_trace_export.py holds the two equal).
+
+    This runs on the batch processor's thread, which competes with the application's for
+    the GIL: each microsecond spent here is one a run waits. ``to_json`` re-encodes and
+    re-parses the resource for every span, formats times through ``datetime`` and builds
+    each line as objects first; here the resource is encoded once, a second's text is
+    reused, and the line is assembled from strings, only the free-form parts (name,
+    attributes, events, links) going through the JSON encoder."""
+    out: list[str] = []
+    for s in spans:
+        context = s.context
+        parent = s.parent
+        events = s.events
+        links = s.links
+        out.append(
+            f'{{"name": {_dumps(s.name)}, "context": {_dumps_context(context)}, "kind": {_kind_json(s.kind)}, '
+            f'"parent_id": {_dumps(f"0x{parent.span_id:016x}") if parent is not None else "null"}, '
+            f'"start_time": {_time_json(s.start_time)}, "end_time": {_time_json(s.end_time)}, '
+            f'"status": {_status_json(s.status)}, "attributes": {_dumps(_attributes(s))}, '
+            f'"events": {_dumps([_event(e) for e in events]) if events else "[]"}, '
+            f'"links": {_dumps([_link(k) for k in links]) if links else "[]"}, '
+            f'"resource": {_resource_json(s.resource)}}}\n')
+    return "".join(out)
+
+
+_dumps = json.JSONEncoder().encode  # ``json.dumps`` with its defaults, minus the per-call set-up
+_KINDS = {kind: _dumps(str(kind)) for kind in SpanKind}
+_UNSET_STATUS = {code: _dumps({"status_code": code.name}) for code in StatusCode}
+_NO_TRACE_STATE = _dumps("[]")  # ``repr`` of an empty ``TraceState``
+_resource_cache: tuple[Resource, str] | None = None
+_second_cache: dict[int, str] = {}
+
+
+def _kind_json(kind: SpanKind) -> str:
+    return _KINDS.get(kind) or _dumps(str(kind))
+
+
+def _status_json(status: Status) -> str:
+    if status.description:
+        return _dumps({"status_code": status.status_code.name, "description": status.description})
+    return _UNSET_STATUS[status.status_code]
+
+
+def _attributes(s: ReadableSpan) -> dict[str, Any] | None:
+    # A finished span's attributes are frozen (``BoundedAttributes``, immutable once the span
+    # ends): their dict is read as it is, rather than copied key by key through the
+    # read-only view that ``attributes`` returns.
+    held = getattr(s, "_attributes", None)
+    inner = getattr(held, "_dict", None) if isinstance(held, BoundedAttributes) else None
+    if type(inner) is dict:
+        return inner
+    attributes = s.attributes
+    return dict(attributes) if attributes is not None else None
+
+
+def _context(context: SpanContext) -> dict[str, str]:
+    return {"trace_id": f"0x{context.trace_id:032x}", "span_id": f"0x{context.span_id:016x}",
+            "trace_state": repr(context.trace_state)}
+
+
+def _dumps_context(context: SpanContext | None) -> str:
+    if context is None:
+        return "null"
+    state = context.trace_state
+    state_json = _dumps(repr(state)) if state else _NO_TRACE_STATE
+    return (f'{{"trace_id": "0x{context.trace_id:032x}", "span_id": "0x{context.span_id:016x}", '
+            f'"trace_state": {state_json}}}')
+
+
+def _event(event: Event) -> dict[str, Any]:
+    attributes = event.attributes
+    return {"name": event.name, "timestamp": _iso(event.timestamp),
+            "attributes": dict(attributes) if attributes is not None else None}
+
+
+def _link(link: Link) -> dict[str, Any]:
+    attributes = link.attributes
+    return {"context": _context(link.context), "attributes": dict(attributes) if attributes is not None else None}
+
+
+def _resource_json(resource: Resource) -> str:
+    """The resource as ``to_json`` writes it, kept for the last resource seen (a provider has one)."""
+    global _resource_cache
+    cached = _resource_cache
+    if cached is not None and cached[0] is resource:
+        return cached[1]
+    encoded = _dumps(json.loads(resource.to_json(indent=None)))
+    _resource_cache = (resource, encoded)
+    return encoded
+
+
+def _time_json(nanoseconds: int | None) -> str:
+    return f'"{_iso(nanoseconds)}"' if nanoseconds else "null"
+
+
+def _iso(nanoseconds: int) -> str:
+    """``opentelemetry.sdk.util.ns_to_iso_str``: ``datetime.fromtimestamp(ns / 1e9)`` splits
+    the same float into whole seconds and microseconds rounded half to even (as here), then
+    formats both; the seconds' text is the same for every span of that second."""
+    if nanoseconds < 0:  # before 1970: a clock gone wrong; left to the SDK's own formatting
+        return ns_to_iso_str(nanoseconds)
+    fraction, whole = math.modf(nanoseconds / 1e9)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    second = int(whole)
+    prefix = _second_cache.get(second)
+    if prefix is None:
+        if len(_second_cache) >= 64:
+            _second_cache.clear()
+        prefix = _second_cache[second] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+    return f"{prefix}{micros:06d}Z"
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -61,10 +183,10 @@ class JsonLinesSpanExporter(SpanExporter):
             raise ConfigError(f"cannot write traces to {str(self.path)!r}: {exc.strerror}") from None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [s.to_json(indent=None) for s in spans]
+        text = encode_span_lines(spans)
         try:
             with self._lock, self.path.open("a", encoding="utf-8") as fh:
-                fh.write("".join(line + "\n" for line in lines))
+                fh.write(text)
         except OSError:
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
@@ -104,14 +226,19 @@ def configure(*, service_name: str = "scopegraph", jsonl_path: str | Path | None
     elif jsonl_path is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(jsonl_path)))
     trace.set_tracer_provider(tracer_provider)
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
-    metrics.set_meter_provider(meter_provider)
+    # Without a reader no measurement is ever exported, yet an SDK meter provider would
+    # still aggregate each one (several per tool call): then the API's no-op meters stay.
+    meter_provider = (MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+                      if readers else None)
+    if meter_provider is not None:
+        metrics.set_meter_provider(meter_provider)
 
     def shutdown() -> None:
         budget_ms = SHUTDOWN_BUDGET_SECONDS * 1000
-        threads = [threading.Thread(target=tracer_provider.shutdown, daemon=True),
-                   threading.Thread(target=meter_provider.shutdown, kwargs={"timeout_millis": budget_ms},
-                                    daemon=True)]
+        threads = [threading.Thread(target=tracer_provider.shutdown, daemon=True)]
+        if meter_provider is not None:
+            threads.append(threading.Thread(target=meter_provider.shutdown, kwargs={"timeout_millis": budget_ms},
+                                            daemon=True))
         deadline = time.monotonic() + SHUTDOWN_BUDGET_SECONDS
         for t in threads:
             t.start()

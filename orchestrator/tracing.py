@@ -130,7 +130,7 @@ _WITNESS_LOG = logging.getLogger(WITNESS_LOGGER)
 
 
 def tracer() -> trace.Tracer:
-    return _TRACER
+    return _direct  # the proxy until ``enabled`` has seen a provider, then the provider's tracer
 
 
 # ``get_tracer_provider`` looks up an environment variable on every call until an
@@ -140,17 +140,24 @@ def tracer() -> trace.Tracer:
 _PROVIDER_FROM_ENV = bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
 _CAN_PEEK = hasattr(trace, "_TRACER_PROVIDER")
 _installed = False
+# The installed provider's own tracer, once there is one: ``_TRACER`` (a proxy) would look
+# it up again and forward to it on every span. The global provider is set at most once, so
+# the tracer found stays the right one.
+_direct: trace.Tracer = _TRACER
 
 
 def enabled() -> bool:
     """Whether an application installed a tracer provider: without one, spans are skipped
     outright (building attributes for a no-op span is most of a span's cost)."""
-    global _installed
+    global _installed, _direct
     if _installed:
         return True
     if _CAN_PEEK and not _PROVIDER_FROM_ENV and getattr(trace, "_TRACER_PROVIDER", None) is None:
         return False
-    _installed = not isinstance(trace.get_tracer_provider(), (ProxyTracerProvider, NoOpTracerProvider))
+    provider = trace.get_tracer_provider()
+    _installed = not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
+    if _installed:
+        _direct = provider.get_tracer(TRACER_NAME)
     return _installed
 
 
@@ -186,8 +193,8 @@ class _CurrentSpan:
         attributes = self._attributes
         if callable(attributes):
             attributes = attributes()
-        self._span = s = _TRACER.start_span(self._name, context=self._context, kind=self._kind,
-                                            attributes=_clean(attributes or {}))
+        self._span = s = _direct.start_span(self._name, context=self._context, kind=self._kind,
+                                            attributes=_clean(attributes) if attributes else None)
         self._token = otel_context.attach(trace.set_span_in_context(s))
         return s
 
@@ -208,7 +215,7 @@ def span(name: str, attributes: Mapping[str, Any] | Callable[[], Mapping[str, An
     ``attributes`` may be a function that returns them: it is called only if an SDK
     records the span, so a caller without one builds nothing.
     """
-    if not enabled():
+    if not (_installed or enabled()):  # (the flag first: once set, it stays)
         return _NO_SPAN
     return _CurrentSpan(name, attributes, context, kind)
 
@@ -284,9 +291,7 @@ def tool_call_ended(s: Span, *, status: str, decision: str, policy_ids: Iterable
     if not s.is_recording():
         return
     ids = [str(p) for p in policy_ids]
-    s.set_attribute(CALL_STATUS, status)
-    s.set_attribute(DECISION, decision)
-    s.set_attribute(POLICY_IDS, ids)
+    s.set_attributes({CALL_STATUS: status, DECISION: decision, POLICY_IDS: ids})  # one lock, not three
     if status == "denied":
         record_denial(s, ids, "; ".join(reasons))
     elif status == "error":
@@ -310,9 +315,12 @@ def extract_context(carrier: Mapping[str, str] | None) -> Context | None:
 def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in attributes.items():
-        if value is None:
+        kind = type(value)
+        if kind is str or kind is int:  # most values: a name, an id, a count
+            out[key] = value
+        elif value is None:
             continue
-        if isinstance(value, (list, tuple, set, frozenset)):
+        elif isinstance(value, (list, tuple, set, frozenset)):
             out[key] = [str(v) for v in value]
         elif isinstance(value, (str, bool, int, float)):
             out[key] = value
