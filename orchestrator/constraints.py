@@ -44,7 +44,9 @@ _STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class _Constraint(BaseModel, ABC):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A non-finite number keeps its value through JSON (pydantic would write it as null, and
+    # a decoded ``Exact(inf)`` would then allow None instead): grants and plans are JSON.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
     @abstractmethod
     def allows(self, value: Any) -> bool:

@@ -11,6 +11,7 @@ binds a value to a step it does not depend on, or has a cycle.
 from __future__ import annotations
 
 import graphlib
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -207,6 +208,12 @@ def _check_step(step: Step, tools: ToolRegistry, ids: set[str]) -> None:
                 "unconstrained; use {'kind': 'any'} to let the executor choose"
             )
     _check_bindings(step)
+    for arg, constraint in step.constraints.items():
+        # A plan lives as JSON (checkpoints, the ledger, grants): NaN or an infinity has no
+        # JSON form, and written as null it would pin ``None`` instead.
+        if _holds_non_finite(constraint.model_dump()):
+            raise PlanError(f"step {step.id!r} constrains {arg!r} with NaN or an infinite number, "
+                            "which a plan cannot hold")
     # Pinned values must be values the tool accepts, or the step could never run.
     for arg, constraint in step.constraints.items():
         candidates: Iterable[Any] = ()
@@ -255,3 +262,13 @@ def _item_values(step: Step, arg: str, constraint: Item) -> list[Any]:
             raise PlanError(f"step {step.id!r}: item {i} has no single value at {constraint.path!r} for {arg!r}")
         values.append(found[0][1])
     return values
+
+
+def _holds_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_holds_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_holds_non_finite(v) for v in value)
+    return False

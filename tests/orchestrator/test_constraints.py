@@ -290,3 +290,33 @@ def test_constraints_survive_a_json_round_trip(c: Any, value: Any) -> None:
     assume(not (isinstance(c, (Exact, OneOf)) and "nan" in repr(c).lower()))
     decoded = CONSTRAINT.validate_json(CONSTRAINT.dump_json(c))
     assert decoded.allows(value) is c.allows(value)
+
+
+@pytest.mark.parametrize("constraint", [
+    {"kind": "exact", "value": INF}, {"kind": "exact", "value": -INF}, {"kind": "exact", "value": NAN},
+    {"kind": "one_of", "values": [1, INF]}, {"kind": "exact", "value": {"limit": [1.5, INF]}},
+])
+def test_a_plan_pinning_a_number_json_cannot_hold_is_refused(constraint: dict[str, Any]) -> None:
+    """A plan is kept as JSON, where NaN and infinities have no form: pydantic writes them as
+    null, and the plan read back would pin ``None`` (allowing a call the plan never named)."""
+    from scopegraph import tool
+    from scopegraph.plan import validate_plan
+    from scopegraph.tools import ToolRegistry
+
+    @tool(risk="read")
+    def read(limit: Any) -> dict[str, Any]:
+        """Read up to a limit."""
+        return {}
+
+    plan = parse_plan({"steps": [{"id": "s", "tool": "read", "purpose": "read",
+                                  "constraints": {"limit": constraint}}]})
+    with pytest.raises(PlanError, match=r"step 's' constrains 'limit' with NaN or an infinite number"):
+        validate_plan(plan, ToolRegistry([read]))
+
+
+@pytest.mark.parametrize("value", [INF, -INF, [0.5, INF]])
+def test_a_constraint_keeps_an_infinite_value_through_its_json(value: Any) -> None:
+    original = Exact(value=value)
+    decoded = Exact.model_validate_json(original.model_dump_json())
+    assert not decoded.allows(None)  # what null would have pinned
+    assert decoded.allows(value) is original.allows(value)
