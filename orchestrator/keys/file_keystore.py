@@ -84,6 +84,8 @@ class FileKeystore:
         self._lock = threading.Lock()
         self._signers: dict[tuple[Purpose, int], FileSigner] = {}
         self._listing: tuple[tuple[int, ...], list[tuple[str, str, int, str]]] | None = None
+        # The current (generation, key path) per purpose, as read from the listing held here.
+        self._current_keys: tuple[list[tuple[str, str, int, str]] | None, dict[Purpose, tuple[int, str]]] = (None, {})
         if not self.directory.exists():
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -123,10 +125,9 @@ class FileKeystore:
         checked = check_purpose(purpose)
         with self._lock:
             listed = self._check_directory()
-            generation = self._current_or_first(checked, listed)
+            generation, path = self._current_key(checked, listed)
             cached = self._signers.get((checked, generation))
             if cached is not None:  # loaded before: the file must still be safe to hold the key
-                path = os.path.join(self._path, _name(checked, generation, "key"))
                 st: os.stat_result | None
                 try:
                     st = os.lstat(path)
@@ -143,6 +144,25 @@ class FileKeystore:
                 self._signers = {(checked, generation): cached, **{
                     k: v for k, v in self._signers.items() if k[0] != checked}}
             return cached
+
+    def _current_key(self, purpose: Purpose, listed: os.stat_result) -> tuple[int, str]:
+        """The current generation of ``purpose`` and its key file's path. Worked out once per
+        settled listing of the directory (the same listing gives the same answer); the
+        directory's stat and the key file's lstat are still checked on every lookup."""
+        entries = self._entries(listed)
+        if entries is not self._current_keys[0]:
+            self._current_keys = (entries, {})
+        known = self._current_keys[1].get(purpose)
+        if known is not None:
+            return known
+        generation = self._current_generation(purpose, listed)
+        if generation is None:  # its first key is made: nothing to remember from this listing
+            generation = self._current_or_first(purpose, listed)
+            return generation, os.path.join(self._path, _name(purpose, generation, "key"))
+        known = generation, os.path.join(self._path, _name(purpose, generation, "key"))
+        if self._listing is not None and self._listing[1] is entries:  # kept: the answer can be too
+            self._current_keys[1][purpose] = known
+        return known
 
     def verification_keys(self, purpose: str) -> tuple[VerificationKey, ...]:
         checked = check_purpose(purpose)

@@ -49,6 +49,8 @@ _LEDGER_COLUMNS = "seq, run_id, kind, at, data, prev_hash, hash"
 _TRUST_KEY_COLUMNS = "purpose, kid, generation, public_jwk, origin, created_at, retired_at, endorsement"
 _APPROVER_COLUMNS = "name, display, public_pem, kid, enrolled_at, removed_at, endorsement"
 _LEDGER_ROWS_PER_INSERT = 100  # 7 parameters a row: well under SQLite's and PostgreSQL's limits
+# ``json.dumps(..., default=str)`` makes an encoder per call; this one is made once (same text).
+_observed_json = json.JSONEncoder(default=str).encode
 _USE_COLUMNS = "jti, run_id, step_id, tool, attempt, outcome, decision, policy_ids, at, observed"
 
 
@@ -95,6 +97,15 @@ class Tx:
             self.failed = True
             raise self._store.error(exc) from exc
         return cursor if self.pipeline is None else _Pending(self, cursor)
+
+    # A store operation inside an open transaction joins it: the transaction is its own
+    # scope then (nothing to begin or end), so no ``_Scope`` is made per statement.
+    def __enter__(self) -> Tx:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> Literal[False]:
+        return False  # the owner's scope ends the transaction; what was raised goes on
 
     def sync(self) -> None:
         """Send the statements queued in the pipeline and take in their results."""
@@ -216,11 +227,11 @@ class SqlStore(SecretRecords, WebRecords, ABC):
                 whole transaction is then rolled back, even if the failure was caught
                 inside the block).
         """
-        return _Scope(self)  # type: ignore[return-value]  # yields the Tx, which callers ignore
+        return self._current.tx or _Scope(self)  # type: ignore[return-value]  # yields the Tx, which callers ignore
 
-    def _tx(self) -> _Scope:
+    def _tx(self) -> Tx | _Scope:
         """This thread's transaction: joined if one is open, begun (and ended) otherwise."""
-        return _Scope(self)
+        return self._current.tx or _Scope(self)
 
     def _open(self) -> Tx:
         conn = self._begin()
@@ -328,7 +339,7 @@ class SqlStore(SecretRecords, WebRecords, ABC):
             tx.execute(self._q(f"INSERT INTO sg_uses ({_USE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                        (use.jti, use.run_id, use.step_id, use.tool, use.attempt, use.outcome,
                         use.decision, json.dumps(list(use.policy_ids)), use.at,
-                        json.dumps(dict(use.observed), default=str)))
+                        _observed_json(dict(use.observed))))
 
     def uses_for_run(self, run_id: str) -> list[UseRecord]:
         rows = self._rows(f"SELECT {_USE_COLUMNS} FROM sg_uses WHERE run_id = ? ORDER BY id", (run_id,))
