@@ -241,7 +241,9 @@ class CedarPolicyEngine:
             "principal": {"type": "Scopegraph::Agent", "id": str(request.principal)},
             "action": {"type": "Scopegraph::Action", "id": "call"},
             "resource": {"type": "Scopegraph::Tool", "id": request.tool.name},
-            "context": context,
+            # As text: cedarpy would ``json.dumps`` a dict (and copy the request) per call;
+            # the encoder here is made once and writes the same text.
+            "context": _context_json(context),
         }
         try:
             result = cedarpy.is_authorized(cedar_request, self._policies, self._entities_for(request))
@@ -278,7 +280,7 @@ class CedarPolicyEngine:
         arguments = self._cedar_arguments(request.arguments)
         context = {k: f(request, approved, approval_count, arguments) for k, f in self._context_fields}
         if self._reads_provenance:
-            context.update((k, f()) for k, f in _provenance_fields(request).items() if keys is None or k in keys)
+            context.update(_provenance_fields(request, keys))
         if request.extra:
             context.update((k, v) for k, v in request.extra.items() if keys is None or k in keys)
         return context
@@ -478,37 +480,49 @@ _CONTEXT_FIELDS: dict[str, Callable[[CallRequest, bool, int, dict[str, Any]], An
     "approved": lambda r, a, n, args: a,
     "approval_count": lambda r, a, n, args: n if a else 0,
 }
+_context_json = json.JSONEncoder().encode  # what ``json.dumps(context)`` writes, its encoder made once
 _PROVENANCE_KEYS = frozenset({"provenance", "destinations", "untrusted_destinations", "untrusted_arguments",
                               "destinations_in_plan", "destinations_in_user_data", "contents",
                               "untrusted_contents", "egress"})
 
 
-def _provenance_fields(request: CallRequest) -> dict[str, Callable[[], Any]]:
-    """The context attributes drawn from where each argument came from and what it is (its role)."""
+def _provenance_fields(request: CallRequest, keys: frozenset[str] | None) -> dict[str, Any]:
+    """The context attributes drawn from where each argument came from and what it is (its
+    role): those of ``keys`` (all, if ``None``), each worked out only if it is read."""
     origins = {name: request.provenance.get(name) or Origin(source="executor", labels=request.data_labels)
                for name in request.arguments}
     tool = request.tool
-    roles = tool.roles
-    destinations = sorted(tool.destinations & set(request.arguments))
-    contents = sorted(tool.contents & set(request.arguments))
+    names = set(request.arguments)
+    destinations = sorted(tool.destinations & names)
+    contents = sorted(tool.contents & names)
     # Without declared destinations any argument may say where data goes: then the
     # destination is "in the plan" only if the plan fixed every argument.
-    where = destinations or sorted(request.arguments)
+    where = destinations or sorted(names)
     open_destinations = [n for n in where if origins[n].source not in FIXED_SOURCES]
-    return {
-        "provenance": lambda: {name: {**o.as_context(), "role": roles.get(name, "")} for name, o in origins.items()},
-        "destinations": lambda: destinations,
-        "untrusted_destinations": lambda: [d for d in where if "untrusted" in origins[d].labels],
-        "untrusted_arguments": lambda: sorted(n for n, o in origins.items() if "untrusted" in o.labels),
-        "destinations_in_plan": lambda: not open_destinations,
+    out: dict[str, Any] = {}
+    if keys is None or "provenance" in keys:
+        roles = tool.roles
+        out["provenance"] = {name: {**o.as_context(), "role": roles.get(name, "")} for name, o in origins.items()}
+    if keys is None or "destinations" in keys:
+        out["destinations"] = destinations
+    if keys is None or "untrusted_destinations" in keys:
+        out["untrusted_destinations"] = [d for d in where if "untrusted" in origins[d].labels]
+    if keys is None or "untrusted_arguments" in keys:
+        out["untrusted_arguments"] = sorted(n for n, o in origins.items() if "untrusted" in o.labels)
+    if keys is None or "destinations_in_plan" in keys:
+        out["destinations_in_plan"] = not open_destinations
+    if keys is None or "destinations_in_user_data" in keys:
         # Only declared destinations: without them no argument is known to be one.
-        "destinations_in_user_data": lambda: bool(destinations) and all(origins[n].user_data
-                                                                       for n in open_destinations),
-        "contents": lambda: contents,
-        "untrusted_contents": lambda: [c for c in contents if "untrusted" in origins[c].labels],
+        out["destinations_in_user_data"] = bool(destinations) and all(origins[n].user_data
+                                                                      for n in open_destinations)
+    if keys is None or "contents" in keys:
+        out["contents"] = contents
+    if keys is None or "untrusted_contents" in keys:
+        out["untrusted_contents"] = [c for c in contents if "untrusted" in origins[c].labels]
+    if keys is None or "egress" in keys:
         # A read tool given a destination (a URL, a host) sends data there: egress for it.
-        "egress": lambda: tool.risk.value == "egress" or (tool.risk.value == "read" and bool(destinations)),
-    }
+        out["egress"] = tool.risk.value == "egress" or (tool.risk.value == "read" and bool(destinations))
+    return out
 
 
 def _attributes_read(nodes: Iterable[Any], var: str) -> frozenset[str] | None:
