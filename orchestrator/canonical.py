@@ -14,7 +14,13 @@ import rfc8785
 
 def canonical_json(value: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 kept; refuses NaN and non-JSON values."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _canonical_encode(value)
+
+
+# What ``json.dumps`` with these options does, its encoder made once rather than per call
+# (every grant's claims are written so): the same text, the same errors.
+_canonical_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=False).encode
 
 
 def sha256_hex(text: str) -> str:
@@ -107,6 +113,15 @@ def python_json_is_jcs(value: Any, depth: int = 0) -> bool:
             elif kind is int:
                 if not -_MAX_EXACT_INT <= v <= _MAX_EXACT_INT:
                     return False
+            elif kind is list and depth < _MAX_DEPTH:
+                # A list (policy ids, reasons): its strings checked here too; the depth
+                # test is the one the general way makes for a list one level down.
+                for x in v:
+                    if type(x) is str:
+                        if not x.isascii() and _SURROGATE.search(x):
+                            return False
+                    elif not python_json_is_jcs(x, depth + 2):
+                        return False
             elif v is not None and kind is not bool and not python_json_is_jcs(v, depth + 1):
                 return False
         return True

@@ -110,6 +110,10 @@ __all__ = [
     "RetrySettings", "StepClosing", "call_key", "grant_minted_fields",
 ]
 
+# A tool's value as recorded (and replayed): ``json.dumps(value, default=str, sort_keys=True)``,
+# its encoder made once rather than per call; the same text, the same errors.
+_result_json = json.JSONEncoder(default=str, sort_keys=True).encode
+
 
 class _Denied(Exception):
     def __init__(self, decision: Decision, grant_id: str | None = None) -> None:
@@ -453,7 +457,7 @@ class Gateway:
         result_json: str | None = None
         if failure is None:
             try:
-                result_json = json.dumps(value, default=str, sort_keys=True)
+                result_json = _result_json(value)
             except Exception as exc:  # as ``_execute``: a value that cannot be recorded fails the call
                 failure = exc
         if failure is not None:
@@ -479,7 +483,7 @@ class Gateway:
         try:
             value = run_tool(tool, normalized, grant.danger_token() if tool.takes_grant else None,
                          self._credentials(tool, grant))
-            result_json = json.dumps(value, default=str, sort_keys=True)
+            result_json = _result_json(value)
         except TransientToolError as exc:
             # Not the call's final result: the retry loop in ``call`` authorizes the next
             # attempt from scratch, so the step is not closed here.

@@ -33,7 +33,9 @@ from .store import Store
 from .trust import TrustRoots
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+\Z")
+# Segments of [A-Za-z0-9._-], none empty, none "." or "..": one match for the whole path
+# (an ID is parsed for every step's identity).
+_PATH = re.compile(r"^(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+)*\Z")
 JWT_SVID_AUDIENCE = "scopegraph"
 SVID_TTL_SECONDS = 300
 SVID_CLOCK_SKEW_SECONDS = 5
@@ -57,8 +59,7 @@ class SpiffeId:
         domain, _, path = rest.partition("/")
         if not _TRUST_DOMAIN.match(domain):
             raise IdentityError(f"invalid SPIFFE ID {value!r}: bad trust domain {domain!r}")
-        segments = path.split("/") if path else []
-        if any(not _PATH_SEGMENT.match(s) or s in (".", "..") for s in segments):
+        if path and not _PATH.match(path):
             raise IdentityError(f"invalid SPIFFE ID {value!r}: bad path")
         return cls(domain, "/" + path if path else "")
 

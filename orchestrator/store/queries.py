@@ -193,6 +193,9 @@ class SqlStore(SecretRecords, WebRecords, ABC):
     def __init__(self) -> None:
         self._current = _Current()
         self.counts = StoreCounts()
+        # A statement in this store's dialect (rendered once): the dialect's own method,
+        # bound here, so a statement costs no call of ours to look it up.
+        self._q: Callable[[str], str] = self.dialect.sql
 
     # what a backend supplies ---------------------------------------------------------------
     @abstractmethod
@@ -281,8 +284,6 @@ class SqlStore(SecretRecords, WebRecords, ABC):
         self.counts.round_trips += 1
         return self._read_outside(sql, params)
 
-    def _q(self, template: str) -> str:
-        return self.dialect.sql(template)
 
     # keys ---------------------------------------------------------------------------------
     def load_signing_key(self, name: str) -> bytes | None:

@@ -167,3 +167,52 @@ def test_a_ledger_record_hash_is_sha256_of_the_rfc8785_record(run_id: str, kind:
         return
     assert record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=data,
                           prev_hash=prev) == hashlib.sha256(reference).hexdigest()
+
+
+@given(seq=st.integers(min_value=-3, max_value=2**53 + 3) | st.sampled_from([0, 1, 2**53 - 1, 2**53]),
+       run_id=st.text(max_size=8) | st.just("run-1"), kind=st.text(max_size=8) | st.just("decision"),
+       prev_hash=st.text(max_size=8) | st.just("ab" * 32),
+       at=st.sampled_from([1.5, 1_764_693_000.123456, 1_800_000_000.0]))
+def test_a_ledger_record_hash_is_sha256_of_the_rfc8785_record_for_any_header(
+        seq: int, run_id: str, kind: str, prev_hash: str, at: float) -> None:
+    """The plain-ASCII header is written without a call per field; quotes, backslashes,
+    control and non-ASCII characters and out-of-range numbers take the general way: the
+    hash is the reference's either way."""
+    import rfc8785
+
+    data = {"step_id": "s1", "policy_ids": ["p1", "p2"], "reasons": ["because \"x\""]}
+    record = {"type": LEDGER_RECORD_V2, "seq": seq, "run_id": run_id, "kind": kind, "at": at,
+              "prev": prev_hash, "data": data}
+    try:
+        expected = hashlib.sha256(rfc8785.dumps(record)).hexdigest()
+    except Exception:  # what JCS cannot hold (a lone surrogate, an integer past 2**53-1)
+        with pytest.raises(ValueError):
+            record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=data, prev_hash=prev_hash)
+        return
+    assert record_hash_v2(seq=seq, run_id=run_id, kind=kind, at=at, data=data, prev_hash=prev_hash) == expected
+
+
+@pytest.mark.parametrize("inner", [[], ["a"], ["\ud800"], [1.0], [0.5], [[]], [{"a": 1}], [2**53]])
+@pytest.mark.parametrize("depth", [62, 63, 64, 65])
+def test_a_payload_list_decides_alike_at_the_depth_limit(inner: list[Any], depth: int) -> None:
+    """A list in a payload dict is checked in the dict's loop: at and past the depth limit it
+    decides as the general way does (nested too deep: the reference path)."""
+    import rfc8785
+
+    from scopegraph.canonical import python_json_is_jcs, sorted_json
+
+    value: Any = {"list": inner, "s": "x"}
+    for _ in range(depth):
+        value = {"k": value}
+    try:
+        reference = rfc8785.dumps(value)
+    except Exception:
+        assert not python_json_is_jcs(value)
+        return
+    if python_json_is_jcs(value):
+        assert sorted_json(value).encode("utf-8") == reference
+    # The list lies at ``depth + 1``, what it holds at ``depth + 2``: nothing past 64 is
+    # written by Python's encoder; an integral float or a lone surrogate never is.
+    flat = inner in ([], ["a"], [0.5]) and depth + 1 <= 64
+    nested = inner in ([[]], [{"a": 1}]) and depth + 2 <= 64
+    assert python_json_is_jcs(value) == (flat or nested)

@@ -74,6 +74,23 @@ def test_invalid_spiffe_ids_are_refused(value: str) -> None:
         SpiffeId.parse(value)
 
 
+@pytest.mark.parametrize("value", [
+    "spiffe://example.org/...", "spiffe://example.org/.a/..b/a.", "spiffe://example.org/a_b-c.9/Z",
+])
+def test_dots_are_refused_only_as_a_whole_segment(value: str) -> None:
+    assert str(SpiffeId.parse(value)) == value
+
+
+@pytest.mark.parametrize("value", [
+    "spiffe://example.org/.", "spiffe://example.org/..", "spiffe://example.org/a/..",
+    "spiffe://example.org/./a", "spiffe://example.org//a", "spiffe://example.org/a\nb",
+    "spiffe://example.org/a\n",
+])
+def test_a_dot_segment_an_empty_segment_or_a_newline_is_refused(value: str) -> None:
+    with pytest.raises(IdentityError, match="bad path"):
+        SpiffeId.parse(value)
+
+
 def test_spiffe_id_must_be_a_string() -> None:
     with pytest.raises(IdentityError):
         SpiffeId.parse(None)  # type: ignore[arg-type]
