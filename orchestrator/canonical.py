@@ -113,6 +113,9 @@ def python_json_is_jcs(value: Any, depth: int = 0) -> bool:
             elif kind is int:
                 if not -_MAX_EXACT_INT <= v <= _MAX_EXACT_INT:
                     return False
+            elif kind is float:  # a timestamp, a duration: ``plain_float``, without a call
+                if not (math.isfinite(v) and not v.is_integer() and 1e-4 <= abs(v) < 1e16):
+                    return False
             elif kind is list and depth < _MAX_DEPTH:
                 # A list (policy ids, reasons): its strings checked here too; the depth
                 # test is the one the general way makes for a list one level down.
