@@ -185,6 +185,7 @@ class CedarPolicyEngine:
         self._context_fields = tuple((k, f) for k, f in _CONTEXT_FIELDS.items() if keys is None or k in keys)
         self._reads_provenance = keys is None or not keys.isdisjoint(_PROVENANCE_KEYS)
         self._entities: OrderedDict[tuple[str, ...], cedarpy.Entities] = OrderedDict()
+        self._named: dict[tuple[str, ...], tuple[tuple[_PolicyMeta, ...], tuple[str, ...], tuple[str, ...]]] = {}
 
     @classmethod
     def from_paths(
@@ -256,10 +257,8 @@ class CedarPolicyEngine:
             # arguments: name the failing policy only.
             return _Evaluation.deny(f"policy {self._policy_in(diag.errors[0])!r} failed to evaluate; "
                                     "denied to fail closed", "policy-error")
-        # Cedar lists its reasons in no fixed order: sort, so one decision has one name.
-        metas = sorted((self._meta[p] for p in diag.reasons if p in self._meta), key=lambda m: m.id)
-        ids = tuple(m.id for m in metas)
-        reasons = tuple(m.reason for m in metas)
+        found = tuple(diag.reasons)
+        metas, ids, reasons = self._named.get(found) or self._names(found)
         if result.allowed:
             return _Evaluation(Decision(outcome="allow", reasons=reasons, policy_ids=ids), False, 0)
         if not metas:
@@ -267,6 +266,16 @@ class CedarPolicyEngine:
         escalations = all(m.escalate for m in metas)
         return _Evaluation(Decision(outcome="deny", reasons=reasons, policy_ids=ids), escalations,
                            max(m.approvals for m in metas))
+
+    def _names(self, found: tuple[str, ...]) -> tuple[tuple[_PolicyMeta, ...], tuple[str, ...], tuple[str, ...]]:
+        """The policies Cedar gave as reasons, their ids and their reasons: worked out once
+        per set of reasons (the policies are fixed for the engine's life)."""
+        # Cedar lists its reasons in no fixed order: sort, so one decision has one name.
+        metas = tuple(sorted((self._meta[p] for p in found if p in self._meta), key=lambda m: m.id))
+        named = metas, tuple(m.id for m in metas), tuple(m.reason for m in metas)
+        if len(self._named) < _NAMES_KEPT:
+            self._named[found] = named
+        return named
 
     def _policy_in(self, error: str) -> str:
         match = re.search(r"policy `([^`]+)`", error)
@@ -461,6 +470,7 @@ def _argument_types(tools: ToolRegistry) -> tuple[dict[str, str], dict[str, str]
 
 
 _ENTITIES_KEPT = 64
+_NAMES_KEPT = 256  # sets of reasons named once each; past that, named per decision
 # The context attributes of every call, from (request, approved, approval_count, the typed
 # arguments); an engine keeps those its policies read.
 _CONTEXT_FIELDS: dict[str, Callable[[CallRequest, bool, int, dict[str, Any]], Any]] = {

@@ -222,7 +222,8 @@ class Session:
             request = self.guard.approvals.get(resuming)
             self._emit(ApprovalAnswered(run_id=self.run_id, step_id=request.step_id, approval_id=request.id,
                                         status=request.effective_status(self.guard.clock.now())))
-        self._emit(StepStarted(run_id=self.run_id, step_id=step.id, tool=step.tool, spiffe_id=str(identity)))
+        if self._listener is not None:
+            self._emit(StepStarted(run_id=self.run_id, step_id=step.id, tool=step.tool, spiffe_id=str(identity)))
         return state.scope()
 
     def step(self, step_id: str) -> StepScope:
@@ -736,16 +737,20 @@ class Session:
         if self._listener is not None:
             self._listener(event)
 
+    # The events of every step and call (below, and ``StepStarted``) are made only for a
+    # listener: without one, nobody reads them.
     def _decided(self, state: _Step, tool: str, decision: Decision) -> None:
-        self._emit(CallDecided(run_id=self.run_id, step_id=state.step_id, tool=tool,
-                               outcome=Outcome(decision.outcome), policy_ids=tuple(decision.policy_ids),
-                               reason="; ".join(decision.reasons)))
+        if self._listener is not None:
+            self._emit(CallDecided(run_id=self.run_id, step_id=state.step_id, tool=tool,
+                                   outcome=Outcome(decision.outcome), policy_ids=tuple(decision.policy_ids),
+                                   reason="; ".join(decision.reasons)))
 
     def _announce_end(self, state: _Step) -> None:
         if state.ended is not None and not state.announced:
             state.announced = True
-            self._emit(StepEnded(run_id=self.run_id, step_id=state.step_id, status=state.ended.status,
-                                 reason=state.ended.reason))
+            if self._listener is not None:
+                self._emit(StepEnded(run_id=self.run_id, step_id=state.step_id, status=state.ended.status,
+                                     reason=state.ended.reason))
 
     def _answered(self, request: ApprovalRequest, status: str) -> None:
         state = self._steps.get(request.step_id)
