@@ -375,16 +375,24 @@ class Runtime:
                 root.set_attribute(tr.RUN_STATUS, status)
                 if status not in ("completed", "paused", "denied"):  # a denial is an outcome, not an error
                     tr.set_error(root, status)
-        return self.report(run_id, error=error, state=final)
+        # The status just written with the run's end: its record is not read back for it.
+        return self._report(run_id, error=error, state=final, status=status)
 
     def report(self, run_id: str, *, error: str | None = None,
                state: dict[str, Any] | None = None) -> RunReport:
         """Build the run record from the last checkpoint (or ``state``) and the store."""
+        return self._report(run_id, error=error, state=state)
+
+    def _report(self, run_id: str, *, error: str | None = None, state: dict[str, Any] | None = None,
+                status: str | None = None) -> RunReport:
+        """``report``; ``status``: the run's status, when the caller has just written it."""
         if state is None:
             state = dict(self.graph.get_state(self._config(run_id)).values or {})
-        record = self.store.get_run(run_id)
-        if record is None and not state:
-            raise ConfigError(f"unknown run {run_id!r}")
+        if status is None:
+            record = self.store.get_run(run_id)
+            if record is None and not state:
+                raise ConfigError(f"unknown run {run_id!r}")
+            status = record.status if record else state.get("status", "failed")
         grants = self.store.grants_for_run(run_id)
         now = self.clock.now()
         approvals = [
@@ -412,7 +420,6 @@ class Runtime:
                     continue
                 widened = step.id in (state.get("widened") or ())
                 steps.append(_step_report(s, step.tool, by_step, widened))
-        status = record.status if record else state.get("status", "failed")
         return RunReport(
             run_id=run_id, workflow=self.workflow.name, status=status,  # type: ignore[arg-type]
             error=error or state.get("error"), planner_spiffe_id=state.get("planner_id"),
