@@ -293,14 +293,25 @@ class ApprovalService:
         items = [ApprovalRequest.model_validate_json(p) for p in self.store.list_approvals(run_id=run_id)]
         return [a for a in items if status is None or a.effective_status(now) == status]
 
-    def _update(self, approval_id: str, mutate: Callable[[ApprovalRequest], ApprovalRequest]) -> ApprovalRequest:
+    def _update(self, approval_id: str, mutate: Callable[[ApprovalRequest], ApprovalRequest], *,
+                parse_back: bool = False) -> ApprovalRequest:
+        """Replace the stored request with ``mutate(request)``, atomically; return it.
+
+        ``mutate`` updates it with ``model_copy``, which does not validate: where it puts in
+        values that are not plain JSON (a caller's proposal), ``parse_back`` returns the
+        request as stored instead. Otherwise the object written is returned as it is, its
+        payload not validated a second time.
+        """
+        written: list[ApprovalRequest] = []
+
         def on_json(payload: str) -> str:
-            return mutate(ApprovalRequest.model_validate_json(payload)).model_dump_json()
+            written[:] = [mutate(ApprovalRequest.model_validate_json(payload))]
+            return written[0].model_dump_json()
 
         updated = self.store.update_approval(approval_id, on_json)
         if updated is None:
             raise ApprovalError(f"unknown approval {approval_id!r}")
-        return ApprovalRequest.model_validate_json(updated)
+        return ApprovalRequest.model_validate_json(updated) if parse_back else written[-1]
 
     def approve(self, approval_id: str, *, approver: str, reason: str = "",
                 signature: str | None = None, passkey: PasskeyAssertion | None = None) -> ApprovalRequest:
@@ -363,7 +374,7 @@ class ApprovalService:
             })
 
         with self.store.atomic():
-            updated = self._update(approval_id, mutate)
+            updated = self._update(approval_id, mutate, parse_back=propose is not None)
             self._audit(updated, votes_cast[0], "deny")
         return updated
 

@@ -190,7 +190,8 @@ class Session:
     # steps --------------------------------------------------------------------------------
     def begin_step(self, step: Step | str, *, identity: SpiffeId | None = None,
                    observations: Iterable[Observation] = (), data_labels: Iterable[str] = (),
-                   widened: bool = False, approvals_asked: int = 0, resuming: str | None = None) -> StepScope:
+                   widened: bool = False, approvals_asked: int = 0,
+                   resuming: str | ApprovalRequest | None = None) -> StepScope:
         """Mint the step's identity and grant (its scope: the plan step's tool and
         constraints) and start it. ``check`` does this for a plan step not begun yet.
 
@@ -199,7 +200,8 @@ class Session:
         argument provenance and label policies are decided against them. A step begun
         again (to resume it after an approval) gets a new grant; its old one must have
         been ended. ``resuming`` names the answered approval request it is begun again
-        for (``resume`` and ``resume_call`` then check that request's call).
+        for, or is that request as the caller just read it (``resume`` and ``resume_call``
+        then check that request's call).
 
         Raises:
             SessionError: the step is not in the plan, or is running already.
@@ -218,8 +220,8 @@ class Session:
         state = _Step(step, identity, svid, grant, ctx, approvals_asked, None)
         self._steps[step.id] = state
         if resuming is not None:
-            state.resumed_from = resuming
-            request = self.guard.approvals.get(resuming)
+            request = self._request(resuming)
+            state.resumed_from = request.id
             self._emit(ApprovalAnswered(run_id=self.run_id, step_id=request.step_id, approval_id=request.id,
                                         status=request.effective_status(self.guard.clock.now())))
         if self._listener is not None:
@@ -503,17 +505,19 @@ class Session:
         return await self._acall(step, tool, arguments, approval_id=approval_id, last=last, call_id=call_id,
                                  again=approval_id is not None, host_id=call_id)
 
-    async def aresume(self, approval_id: str, *, last: bool = False) -> CallDecision:
+    async def aresume(self, approval_id: str, *, last: bool = False,
+                      request: ApprovalRequest | None = None) -> CallDecision:
         """``resume``, for a host on an event loop."""
-        return self.resume(approval_id, last=last)
+        return self.resume(approval_id, last=last, request=request)
 
-    async def aresume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
+    async def aresume_call(self, approval_id: str, *, last: bool = False,
+                           request: ApprovalRequest | None = None) -> CallResult:
         """``resume_call``, awaiting an async tool on the caller's loop."""
-        request = self.guard.approvals.get(approval_id)
+        request = self._request(approval_id, request)
         state = request.effective_status(self.guard.clock.now())
         final = unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
         if request.run_id != self.run_id or final is not None:
-            return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
+            return self.resume(approval_id, request=request).result  # type: ignore[return-value]  # ended at its check
         self._answered(request, state)
         arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return await self._acall(request.step_id, request.tool, arguments, approval_id=present, last=last,
@@ -576,7 +580,7 @@ class Session:
         return self.guard.approvals.deny(approval_id, approver=approver, reason=reason, propose=propose,
                                          signature=signature)
 
-    def resume(self, approval_id: str, *, last: bool = False) -> CallDecision:
+    def resume(self, approval_id: str, *, last: bool = False, request: ApprovalRequest | None = None) -> CallDecision:
         """Check again the call an approval request was made for, now it is answered.
 
         Approved: exactly the approved call is checked, presenting the approval (its
@@ -585,8 +589,11 @@ class Session:
         under policies that have changed since: checked afresh, without the approval.
         Still pending: held, nothing written. Denied or expired: denied, nothing written
         (``scopegraph:approval``). The step is begun again under a new grant if it ended.
+
+        ``request`` is the request as the caller just read it, to save reading it again
+        (see ``_request``).
         """
-        request = self.guard.approvals.get(approval_id)
+        request = self._request(approval_id, request)
         if request.run_id != self.run_id:
             return self._refused(request.step_id, request.tool, None,
                                  f"approval {approval_id!r} belongs to another run")
@@ -600,14 +607,16 @@ class Session:
         return self._check(request.step_id, request.tool, arguments, approval_id=present, last=last,
                            call_id=call_id, again=True, resumed_from=request.id, host_id=request.call_id)
 
-    def resume_call(self, approval_id: str, *, last: bool = False) -> CallResult:
+    def resume_call(self, approval_id: str, *, last: bool = False,
+                    request: ApprovalRequest | None = None) -> CallResult:
         """``resume`` and ``execute`` in one, retrying a transient failure as ``call`` does
-        (a retry presents no approval: it is a new call, decided afresh)."""
-        request = self.guard.approvals.get(approval_id)
+        (a retry presents no approval: it is a new call, decided afresh). ``request`` as
+        for ``resume``."""
+        request = self._request(approval_id, request)
         state = request.effective_status(self.guard.clock.now())
         final = unanswerable(self.run_id, request, state) if request.run_id == self.run_id else None
         if request.run_id != self.run_id or final is not None:
-            return self.resume(approval_id).result  # type: ignore[return-value]  # ended at its check
+            return self.resume(approval_id, request=request).result  # type: ignore[return-value]  # ended at its check
         self._answered(request, state)
         arguments, present, call_id = resumption(self.workflow.registry, self.guard.policy.version, request, state)
         return self._call(request.step_id, request.tool, arguments, approval_id=present, last=last,
@@ -751,6 +760,23 @@ class Session:
             if self._listener is not None:
                 self._emit(StepEnded(run_id=self.run_id, step_id=state.step_id, status=state.ended.status,
                                      reason=state.ended.reason))
+
+    def _request(self, approval: str | ApprovalRequest, read: ApprovalRequest | None = None) -> ApprovalRequest:
+        """The approval request ``approval`` names: the request itself, or ``read`` (the
+        caller's read of it), or read from the store now.
+
+        A caller's read (made just before) only says which call to check again and whether
+        the answer already ends it (an answer, once given, only turns consumed or expires,
+        and expiry is told from the clock when asked). It authorizes nothing: the gateway
+        reads the request afresh to check the approval against the call actually made, and
+        consumes it in the transaction of the call's use; a read that is out of date or
+        wrong can only get the call refused or held again.
+        """
+        if isinstance(approval, ApprovalRequest):
+            return approval
+        if read is not None and read.id == approval:
+            return read
+        return self.guard.approvals.get(approval)
 
     def _answered(self, request: ApprovalRequest, status: str) -> None:
         state = self._steps.get(request.step_id)

@@ -278,7 +278,7 @@ def _session(rt: Runtime, payload: StepInput, plan: Plan) -> Session:
 
 def _begin(session: Session, payload: StepInput, plan: Plan, step: Step, identity: SpiffeId,
            record: dict[str, Any], extra_labels: frozenset[str] = frozenset(),
-           resuming: str | None = None) -> StepScope:
+           resuming: ApprovalRequest | None = None) -> StepScope:
     """Begin ``step`` in ``session`` with what its executor has been shown and carries."""
     return session.begin_step(step, identity=identity, observations=_observations(plan, payload),
                               data_labels=frozenset(payload["data_labels"]) | extra_labels,
@@ -443,8 +443,9 @@ def _approval(rt: Runtime, payload: StepInput) -> dict[str, Any]:
     pending_id = record["approval_id"]
     # Nothing with side effects before this line: the node re-runs from the top on resume.
     interrupt({"approval_id": pending_id, "run_id": payload["run_id"], "step_id": payload["step_id"]})
-    # The resume value only wakes us; the store is the source of truth for the answer.
-    approval = rt.approvals.get(pending_id)
+    # The resume value only wakes us; the store is the source of truth for the answer (as
+    # ``resume`` read it under the run's lease: what authorizes the call reads it afresh).
+    approval = rt.answered_request(payload["run_id"], pending_id)
     state = approval.effective_status(rt.clock.now())
     if state == "pending":
         return _landed(payload)  # e.g. one of two approvers so far: ask again
@@ -488,7 +489,7 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     """The step's update after a human's answer, and whether its outcome is already audited."""
     session = _session(rt, payload, plan)
     if state == "expired" or (state == "denied" and approval.proposed_arguments is None):
-        refused = session.resume(approval.id)  # nothing is checked or written: the answer is the end
+        refused = session.resume(approval.id, request=approval)  # nothing checked or written: the answer ends it
         record.update(status="denied", decision="deny", policy_ids=list(refused.policy_ids), reason=refused.reason)
         if state == "denied" and approval.denial is not None:
             record["denied_by"] = approval.denial.approver
@@ -497,12 +498,12 @@ def _answer(rt: Runtime, payload: StepInput, plan: Plan, step: Step, identity: S
     # new action, decided by policy from scratch (see ``Session.resume``). Either way under
     # a fresh grant, as the step's one and last call: it ends in the write that records it.
     scope = _begin(session, payload, plan, step, identity, record, frozenset(record.get("labels") or ()),
-                   resuming=approval.id)
+                   resuming=approval)
     record["grant_id"] = scope.grant_id
     record["grant_ids"] = [*record.get("grant_ids", []), scope.grant_id]
     ended: dict[str, Any] | None = None
     try:
-        result = session.resume_call(approval.id, last=True)
+        result = session.resume_call(approval.id, last=True, request=approval)
         record["calls"] = [*record.get("calls", []), _call_summary(result)]
         sealed = session.ended(step.id)
         if sealed is not None:

@@ -15,6 +15,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 
 from .. import tracing as tr
+from ..approvals import ApprovalRequest
 from ..approvers import Principal
 from ..clock import Clock
 from ..errors import ConfigError, RunBusyError, StoreError
@@ -46,7 +48,15 @@ from .report import CallReport, RunReport, StepReport
 from .routing import Routing
 
 RUN_LEASE_SECONDS = 3600.0
+_NOTHING_TO_DO = object()  # ``Runtime._resumption``: the run is finished, or still waits
 
+
+@dataclass
+class _Resumed:
+    """What ``Runtime.resume`` read under the run's lease, for the drive it starts."""
+
+    plan: Any  # the plan of the checkpoint it resumes from (see ``current_plan``)
+    answered: dict[str, ApprovalRequest]  # each handed over once (see ``answered_request``)
 
 
 
@@ -78,6 +88,7 @@ class Runtime:
             self._listeners: dict[str, Listener] = {}
             self._plans: dict[str, tuple[Any, Plan]] = {}
             self._routings: dict[str, Routing] = {}
+            self._resumed: dict[str, _Resumed] = {}
             self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
             self._saver_conn, self.checkpointer = _checkpointer_for(self.store)
             self.graph = build_graph(self).compile(checkpointer=self.checkpointer)
@@ -161,30 +172,61 @@ class Runtime:
     def _resume(self, run_id: str, initiator: str) -> RunReport:
         # The lease first: the checkpoint is read, and grants revoked, only by the one driver.
         # (Read before it, another driver could finish the run meanwhile, or have its live
-        # grants revoked under it.)
-        with self._lease(run_id) as leased:
+        # grants revoked under it.) The lease, that read and, when the run goes on, its
+        # revocations and ``run_resumed`` are one transaction: while it is open no other
+        # driver can take the lease (it waits on the run's row: PostgreSQL's row lock,
+        # SQLite's one writer), and it commits before anything new is minted.
+        with self.store.atomic():
+            self._take_lease(run_id, self.clock.now())
             snapshot = self.graph.get_state(self._config(run_id))
-            if not snapshot.next:
-                return self.report(run_id)  # already finished: nothing to resume
-            graph_input: Any = None
-            if snapshot.interrupts:
-                now = self.clock.now()
-                waiting = {intr.id: self.approvals.get(intr.value["approval_id"]) for intr in snapshot.interrupts}
-                if all(a.effective_status(now) == "pending" for a in waiting.values()):
-                    return self.report(run_id)  # still waiting: nothing answered yet, nothing changes
-                # Every interrupt is resumed by its own id. An approval node whose request is
-                # still pending returns unchanged, so steps that do not depend on it can run
-                # before the run pauses again for it.
-                graph_input = Command(resume={intr_id: a.id for intr_id, a in waiting.items()})
-            # Grants a crashed process left behind are revoked before anything new is minted.
-            with self.store.atomic():
+            graph_input, answered = self._resumption(snapshot)
+            if graph_input is _NOTHING_TO_DO:
+                self.store.release_run(run_id, owner=self._owner)
+            else:
+                # Grants a crashed process left behind are revoked before anything new is minted.
                 self.store.set_run_status(run_id, "running", at=self.clock.now())
                 self.guard.revoke_run(run_id, reason="resumed after interruption")
                 self.ledger.append("run_resumed", run_id,
                                    reason="approval answered" if snapshot.interrupts else "crash recovery")
+        if graph_input is _NOTHING_TO_DO:  # finished, or nothing answered yet: nothing changes
+            return self.report(run_id, state=dict(snapshot.values or {}))
+        with self._lease(run_id, taken=True) as leased:
+            self._resumed[run_id] = _Resumed(plan=snapshot.values.get("plan"), answered=answered)
             parent = tr.extract_context(snapshot.values.get("trace"))
             return self._drive_leased(run_id, graph_input, parent, leased,
                                       self.session(run_id, initiator=initiator))
+
+    def _resumption(self, snapshot: Any) -> tuple[Any, dict[str, ApprovalRequest]]:
+        """What to resume the graph with from its last checkpoint (``_NOTHING_TO_DO``: the
+        run has finished, or none of its approvals is answered yet), and the answered
+        requests as read for it."""
+        if not snapshot.next:
+            return _NOTHING_TO_DO, {}
+        if not snapshot.interrupts:
+            return None, {}  # crash recovery: the checkpoint's tasks run again
+        now = self.clock.now()
+        waiting = {intr.id: self.approvals.get(intr.value["approval_id"]) for intr in snapshot.interrupts}
+        if all(a.effective_status(now) == "pending" for a in waiting.values()):
+            return _NOTHING_TO_DO, {}
+        # Every interrupt is resumed by its own id. An approval node whose request is
+        # still pending returns unchanged, so steps that do not depend on it can run
+        # before the run pauses again for it.
+        answered = {a.id: a for a in waiting.values() if a.effective_status(now) != "pending"}
+        return Command(resume={intr_id: a.id for intr_id, a in waiting.items()}), answered
+
+    def answered_request(self, run_id: str, approval_id: str) -> ApprovalRequest:
+        """The answered approval request ``approval_id`` of ``run_id``, for the approval node
+        it woke: as ``resume`` read it under the run's lease, handed over once, or read now.
+
+        An answer is final once given (approved only turns consumed, by the run's own call,
+        or expired, which ``effective_status`` tells at the time it is asked): the node
+        decides from it only which way the step goes on. What authorizes the call (the
+        gateway's check of the approval, and its consumption with the call's use) reads
+        the request afresh. A request still pending is never handed over: it is read now.
+        """
+        resumed = self._resumed.get(run_id)
+        request = resumed.answered.pop(approval_id, None) if resumed is not None else None
+        return request if request is not None else self.approvals.get(approval_id)
 
     # async -----------------------------------------------------------------------------------
     # The checkpointer and the store are synchronous, so a run is driven in one worker
@@ -243,9 +285,13 @@ class Runtime:
         cached = self._plans.get(run_id)
         if cached is not None:
             return cached[1]
-        # The state, not the raw checkpoint: the plan is in a delta channel (see ``state``),
-        # which a checkpoint holds only as the writes that made it.
-        data = self.graph.get_state(self._config(run_id)).values.get("plan")
+        resumed = self._resumed.get(run_id)
+        if resumed is not None:
+            data = resumed.plan  # that checkpoint, as ``resume`` read it under the lease
+        else:
+            # The state, not the raw checkpoint: the plan is in a delta channel (see ``state``),
+            # which a checkpoint holds only as the writes that made it.
+            data = self.graph.get_state(self._config(run_id)).values.get("plan")
         if not isinstance(data, dict):
             raise StoreError(f"run {run_id!r} has no plan in its checkpoint")
         return self.plan_for(run_id, data)
@@ -325,19 +371,28 @@ class Runtime:
                 self._trace_contexts.pop(run_id, None)
                 self._plans.pop(run_id, None)
                 self._routings.pop(run_id, None)
+                self._resumed.pop(run_id, None)
                 root.set_attribute(tr.RUN_STATUS, status)
                 if status not in ("completed", "paused", "denied"):  # a denial is an outcome, not an error
                     tr.set_error(root, status)
-        return self.report(run_id, error=error, state=final)
+        # The status just written with the run's end: its record is not read back for it.
+        return self._report(run_id, error=error, state=final, status=status)
 
     def report(self, run_id: str, *, error: str | None = None,
                state: dict[str, Any] | None = None) -> RunReport:
         """Build the run record from the last checkpoint (or ``state``) and the store."""
+        return self._report(run_id, error=error, state=state)
+
+    def _report(self, run_id: str, *, error: str | None = None, state: dict[str, Any] | None = None,
+                status: str | None = None) -> RunReport:
+        """``report``; ``status``: the run's status, when the caller has just written it."""
         if state is None:
             state = dict(self.graph.get_state(self._config(run_id)).values or {})
-        record = self.store.get_run(run_id)
-        if record is None and not state:
-            raise ConfigError(f"unknown run {run_id!r}")
+        if status is None:
+            record = self.store.get_run(run_id)
+            if record is None and not state:
+                raise ConfigError(f"unknown run {run_id!r}")
+            status = record.status if record else state.get("status", "failed")
         grants = self.store.grants_for_run(run_id)
         now = self.clock.now()
         approvals = [
@@ -365,7 +420,6 @@ class Runtime:
                     continue
                 widened = step.id in (state.get("widened") or ())
                 steps.append(_step_report(s, step.tool, by_step, widened))
-        status = record.status if record else state.get("status", "failed")
         return RunReport(
             run_id=run_id, workflow=self.workflow.name, status=status,  # type: ignore[arg-type]
             error=error or state.get("error"), planner_spiffe_id=state.get("planner_id"),
