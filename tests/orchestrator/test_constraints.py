@@ -287,7 +287,8 @@ def test_every_constraint_narrows_itself_or_is_refused_conservatively(c: Any) ->
 @given(c=constraints, value=values)
 def test_constraints_survive_a_json_round_trip(c: Any, value: Any) -> None:
     """Grants carry constraints as JSON: the decoded constraint allows exactly the same."""
-    assume(not (isinstance(c, (Exact, OneOf)) and "nan" in repr(c).lower()))
+    # NaN and infinities have no JSON form (pydantic writes null); plans refuse them.
+    assume(not (isinstance(c, (Exact, OneOf)) and any(w in repr(c).lower() for w in ("nan", "inf"))))
     decoded = CONSTRAINT.validate_json(CONSTRAINT.dump_json(c))
     assert decoded.allows(value) is c.allows(value)
 
