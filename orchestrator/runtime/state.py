@@ -20,12 +20,17 @@ def merge_steps(left: dict[str, Any] | None, right: dict[str, Any] | None) -> di
     """Parallel steps each write their own key; later writes of a key win; ``None`` removes
     a key (a re-plan drops the records of the steps it replaces)."""
     merged = dict(left or {})
-    for k, v in (right or {}).items():
-        if v is None:
-            merged.pop(k, None)
-        else:
-            merged[k] = v
+    _apply(merged, right)
     return merged
+
+
+def _apply(records: dict[str, Any], write: dict[str, Any] | None) -> None:
+    """One write into ``records``: a record replaces its step's, ``None`` removes it."""
+    for k, v in (write or {}).items():
+        if v is None:
+            records.pop(k, None)
+        else:
+            records[k] = v
 
 
 class StepRecords(dict[str, Any]):
@@ -56,11 +61,7 @@ def merge_step_writes(left: dict[str, Any] | None, writes: Sequence[dict[str, An
     as a delta channel's replay needs). One copy of the records per superstep, not per write."""
     merged = StepRecords(left or {}, parent=left, changes=tuple(writes))
     for right in writes:
-        for k, v in (right or {}).items():
-            if v is None:
-                merged.pop(k, None)
-            else:
-                merged[k] = v
+        _apply(merged, right)
     return merged
 
 
