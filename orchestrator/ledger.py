@@ -243,7 +243,7 @@ class Ledger:
                 issuer = f"spiffe://{name}"
             signer = trust.signer("ledger")
             now = self.clock.now()
-            entry = trust.witness().append(records=seq, head=head_hash, at=now, signer=signer)
+            entry = trust.witness_appender().append(records=seq, head=head_hash, at=now, signer=signer)
             signature = sign_jwt(signer, {"iss": issuer, "seq": seq, "hash": head_hash, "iat": now,
                                           "wit": entry.seq})
             head = LedgerHead(seq=seq, hash=head_hash, domain=name, signature=signature, kid=signer.kid,

@@ -145,6 +145,7 @@ class TrustRoots:
         self._owns_keystore = owns_keystore
         self._keys: dict[str, tuple[VerificationKey, ...]] = {}  # verification keys, by purpose
         self._migrated: tuple[MigratedKey, ...] = ()
+        self._appender: WitnessFile | None = None
         try:
             self._bind(create)
         except BaseException:
@@ -247,9 +248,16 @@ class TrustRoots:
         return made
 
     def witness(self) -> WitnessFile:
-        """The witness file, with every ledger key its entries may be signed by."""
+        """The witness file, with every ledger key its entries may be signed by (to read it)."""
         self._keys.pop("ledger", None)  # another process may have rotated it
         return WitnessFile(self.witness_path, keys=self.verification_keys("ledger"))
+
+    def witness_appender(self) -> WitnessFile:
+        """The witness file, to append heads to: one object kept (it remembers the last line it
+        wrote), with no keys (appending verifies nothing; ``read`` does, with ``witness()``)."""
+        if self._appender is None:
+            self._appender = WitnessFile(self.witness_path)
+        return self._appender
 
     # endorsements ------------------------------------------------------------------------
     def endorse(self, statement: Mapping[str, Any]) -> str:

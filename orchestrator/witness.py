@@ -111,6 +111,11 @@ class WitnessFile:
     def __init__(self, path: Path | str, *, keys: Sequence[VerificationKey] = ()) -> None:
         self.path = Path(path)
         self.keys = tuple(keys)
+        # The entry this object last wrote or read at the end of the file, and the file's
+        # stat just after: while the stat is the same (no one wrote, renamed, truncated or
+        # touched it: a write moves the size and ctime, and ctime cannot be set back), the
+        # last line is that entry and is not read and parsed again.
+        self._tail: tuple[tuple[int, ...], WitnessEntry] | None = None
 
     def __repr__(self) -> str:
         return f"WitnessFile({str(self.path)!r})"
@@ -128,15 +133,21 @@ class WitnessFile:
         """
         if signer.purpose != "ledger":
             raise StoreError(f"the witness must be signed with a 'ledger' key, not a {signer.purpose!r} key")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:  # its directory is made on first use
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, flags, 0o644)
         try:
             mode = stat.S_IMODE(os.fstat(fd).st_mode)
             if mode & 0o022:
                 raise StoreError(f"witness {self.path} has mode {mode:04o}: only its owner may write it "
                                  f"(chmod 644 {self.path})")
             fcntl.flock(fd, fcntl.LOCK_EX)
-            last = self._last_entry(fd)
+            st = os.fstat(fd)  # under the lock: no other writer moves it now
+            tail = self._tail
+            last = tail[1] if tail is not None and tail[0] == _stamp(st) else self._last_entry(fd, st.st_size)
             if last is not None:
                 if records < last.records:
                     raise StoreError(f"the ledger head covers {records} records but the witness saw "
@@ -145,6 +156,7 @@ class WitnessFile:
                     if head != last.head:
                         raise StoreError(f"the ledger head at record {records} differs from the one the witness "
                                          f"saw (entry {last.seq}): the ledger was rewritten")
+                    self._tail = (_stamp(st), last)
                     return last
             entry: dict[str, Any] = {
                 "type": WITNESS_TYPE, "seq": (last.seq if last else 0) + 1, "records": records, "head": head,
@@ -152,9 +164,14 @@ class WitnessFile:
             }
             entry["sig"] = base64.urlsafe_b64encode(signer.sign(_unsigned(entry))).rstrip(b"=").decode("ascii")
             line = jcs(entry)
-            os.write(fd, line + b"\n")
-            os.fsync(fd)
-            return _entry(entry, line)
+            self._tail = None  # until the line is written in full and durable
+            written = os.write(fd, line + b"\n")
+            if written != len(line) + 1:
+                raise StoreError(f"witness {self.path}: a short write ({written} of {len(line) + 1} bytes)")
+            _sync(fd)
+            made = _entry(entry, line)
+            self._tail = (_stamp(os.fstat(fd)), made)
+            return made
         finally:
             os.close(fd)  # releases the lock
 
@@ -242,9 +259,8 @@ class WitnessFile:
                     "the ledger was rolled back or rewritten when it was written"), None
         return None, entry
 
-    def _last_entry(self, fd: int) -> WitnessEntry | None:
+    def _last_entry(self, fd: int, size: int) -> WitnessEntry | None:
         """The last line's entry, read from the end of the file (no signature check: ``read`` does that)."""
-        size = os.fstat(fd).st_size
         if size == 0:
             return None
         end = os.pread(fd, 1, size - 1)
@@ -266,6 +282,16 @@ class WitnessFile:
         except (ValueError, TypeError, AttributeError):
             raise StoreError(f"the last line of witness {self.path} is damaged: check it with "
                              "'scopegraph audit verify' before witnessing more heads") from None
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one state of the file from another: which file, its size, when it last changed."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# The entry's bytes, and the file's size, must reach the disk before the head that names it
+# is kept; its other metadata need not. (macOS has no fdatasync.)
+_sync = getattr(os, "fdatasync", os.fsync)
 
 
 def _is_int(value: object) -> bool:

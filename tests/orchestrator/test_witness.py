@@ -188,3 +188,39 @@ def test_a_witness_others_can_write_is_refused(witness: WitnessFile, keystore: F
 def test_the_witness_path_comes_from_the_environment(tmp_path: Path) -> None:
     assert default_witness_path(tmp_path, {}) == tmp_path / "witness.jsonl"
     assert default_witness_path(tmp_path, {"SCOPEGRAPH_WITNESS": "/srv/w.jsonl"}) == Path("/srv/w.jsonl")
+
+
+# One ``WitnessFile`` keeps appending (the runtime's): it remembers the last line it wrote.
+# What others do to the file in between must still be seen, as it is without that memory.
+
+def test_an_appender_sees_heads_another_writer_witnessed_since(tmp_path: Path, keystore: FileKeystore) -> None:
+    signer = keystore.signer("ledger")
+    path = tmp_path / "witness.jsonl"
+    mine, theirs = WitnessFile(path), WitnessFile(path)
+    mine.append(records=5, head=_h(5), at=1.0, signer=signer)
+    theirs.append(records=9, head=_h(9), at=2.0, signer=signer)
+    with pytest.raises(StoreError, match=r"covers 7 records but the witness saw 9 \(entry 2\)"):
+        mine.append(records=7, head=_h(7), at=3.0, signer=signer)
+    entry = mine.append(records=12, head=_h(12), at=4.0, signer=signer)
+    assert (entry.seq, entry.prev) == (3, hashlib.sha256(_lines(mine)[1].rstrip("\n").encode()).hexdigest())
+    assert WitnessFile(path, keys=keystore.verification_keys("ledger")).read().problem is None
+
+
+def test_an_appender_sees_its_last_line_removed_or_rewritten(tmp_path: Path, keystore: FileKeystore) -> None:
+    signer = keystore.signer("ledger")
+    path = tmp_path / "witness.jsonl"
+    mine = WitnessFile(path)
+    mine.append(records=5, head=_h(5), at=1.0, signer=signer)
+    mine.append(records=9, head=_h(9), at=2.0, signer=signer)
+    first, second = _lines(mine)
+    path.write_text(first)  # its last line deleted: the next entry follows the first again
+    entry = mine.append(records=10, head=_h(10), at=3.0, signer=signer)
+    assert entry.seq == 2 and entry.prev == hashlib.sha256(first.rstrip("\n").encode()).hexdigest()
+    # The last line rewritten to the same length, its times put back: the change time moves.
+    before = os.stat(path)
+    edited = _lines(mine)[1].replace('"records":10', '"records":99')
+    assert len(edited) == len(_lines(mine)[1])
+    path.write_text(first + edited)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(StoreError, match=r"witness saw 99 \(entry 2\)"):  # read again, not remembered
+        mine.append(records=11, head=_h(11), at=4.0, signer=signer)
