@@ -181,6 +181,16 @@ class CedarPolicyEngine:
         self._context_keys = _attributes_read(nodes, "context")
         self._principal_keys = _attributes_read(nodes, "principal")
         self._reads_principal = self._principal_keys != frozenset()
+        # Cedar's answer is a function of the request alone (no clock, no randomness, the
+        # policies fixed for the engine's life): a request made again is answered from
+        # here. Made again means the same tool, context and principal attributes read,
+        # which is all a request holds only while no policy can tell one principal from
+        # another by its id (``principal == …``, ``principal in …``, in the head or a
+        # condition): with such a policy nothing is kept.
+        tree = self._policies.to_pst()
+        self._repeatable = self._principal_keys is not None and not tree.templates and all(
+            type(node.principal).__name__ in ("ScopeAny", "ScopeIs") for node in nodes)
+        self._answers: dict[tuple[Any, ...], _Evaluation] = {}
         keys = self._context_keys
         self._context_fields = tuple((k, f) for k, f in _CONTEXT_FIELDS.items() if keys is None or k in keys)
         self._reads_provenance = keys is None or not keys.isdisjoint(_PROVENANCE_KEYS)
@@ -238,19 +248,42 @@ class CedarPolicyEngine:
             context = self._context(request, approved, approval_count)
         except _Unrepresentable as exc:
             return _Evaluation.deny(str(exc), "policy-error")
+        # As text: cedarpy would ``json.dumps`` a dict (and copy the request) per call; the
+        # encoder here is made once and writes the same text.
+        context_text = _context_json(context)
+        key = (request.tool.name, context_text, *self._principal_attributes(request)) \
+            if self._repeatable and self._keeps(request, context, context_text) else None
+        if key is not None and (known := self._answers.get(key)) is not None:
+            return known
         cedar_request = {
             "principal": {"type": "Scopegraph::Agent", "id": str(request.principal)},
             "action": {"type": "Scopegraph::Action", "id": "call"},
             "resource": {"type": "Scopegraph::Tool", "id": request.tool.name},
-            # As text: cedarpy would ``json.dumps`` a dict (and copy the request) per call;
-            # the encoder here is made once and writes the same text.
-            "context": _context_json(context),
+            "context": context_text,
         }
         try:
             result = cedarpy.is_authorized(cedar_request, self._policies, self._entities_for(request))
         except Exception as exc:  # cedarpy raises bare exceptions on malformed input
             return _Evaluation.deny(f"policy evaluation failed ({type(exc).__name__}); denied to fail closed",
                                     "policy-error")
+        evaluation = self._evaluation(result)
+        if key is not None:
+            if len(self._answers) >= _ANSWERS_KEPT:
+                self._answers.clear()  # a plain dict cleared when full: safe for parallel steps
+            self._answers[key] = evaluation
+        return evaluation
+
+    @staticmethod
+    def _keeps(request: CallRequest, context: Mapping[str, Any], text: str) -> bool:
+        """Whether an answer to this request may be kept: not one whose context holds a
+        secret argument's value (it would outlive its step here), nor a large one."""
+        if len(text) > _ANSWER_CONTEXT_CHARS:
+            return False
+        arguments = context.get("arguments")
+        return not (arguments and request.tool.secrets and not request.tool.secrets.isdisjoint(arguments))
+
+    def _evaluation(self, result: Any) -> _Evaluation:
+        """Cedar's result as an outcome, with the policies that made it."""
         diag = result.diagnostics
         if diag.errors:
             # Cedar's message quotes the values it was evaluating, which may be secret
@@ -329,6 +362,13 @@ class CedarPolicyEngine:
             "attrs": attrs if keys is None else {k: v for k, v in attrs.items() if k in keys},
             "parents": [],
         }
+
+    def _principal_attributes(self, request: CallRequest) -> tuple[str, ...]:
+        """The principal's attributes the policies read, in a fixed order (see ``_repeatable``)."""
+        keys = self._principal_keys or frozenset()
+        return tuple(v if k in keys else "" for k, v in (
+            ("role", request.role), ("workflow", request.workflow), ("run_id", request.run_id),
+            ("step_id", request.step_id)))
 
     def _entities_for(self, request: CallRequest) -> cedarpy.Entities:
         """The tool's entity and, if a policy reads the principal, the principal's: parsed
@@ -471,6 +511,8 @@ def _argument_types(tools: ToolRegistry) -> tuple[dict[str, str], dict[str, str]
 
 _ENTITIES_KEPT = 64
 _NAMES_KEPT = 256  # sets of reasons named once each; past that, named per decision
+_ANSWERS_KEPT = 1024  # requests answered, kept to answer the same request again
+_ANSWER_CONTEXT_CHARS = 4096  # a request with a longer context is answered, not kept
 # The context attributes of every call, from (request, approved, approval_count, the typed
 # arguments); an engine keeps those its policies read.
 _CONTEXT_FIELDS: dict[str, Callable[[CallRequest, bool, int, dict[str, Any]], Any]] = {
