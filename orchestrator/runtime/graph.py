@@ -104,8 +104,11 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
         tr.RUN_ID: run_id, tr.WORKFLOW: wf.name, "scopegraph.plan.revision": revision,
     }, context=rt.trace_context(run_id)) as s:
         try:
-            plan = ctx.validate(wf.planner.plan(ctx))
-            if previous is not None:
+            proposed = wf.planner.plan(ctx)
+            if previous is None:  # a first plan: validated once, as it is fixed
+                plan = session.fix_plan(proposed)
+            else:  # a revision: validated, and compared with the plan before it, before it is fixed
+                plan = ctx.validate(proposed)
                 kept = tuple(sorted(sid for sid, rec in steps.items() if rec.get("status") != "replan"))
                 _check_revision(previous, plan, kept)
         except PlanError as exc:
@@ -119,8 +122,8 @@ def _plan(rt: Runtime, state: RunState) -> dict[str, Any]:
         if previous is not None:
             original = rt.plan_for(run_id + "#original", state.get("original_plan") or state["plan"])
             widened = sorted(st.id for st in plan.steps if not _within(st, original, wf.registry))
-        plan = session.fix_plan(plan, revision=revision, failures=[steps[sid]["failure"] for sid in asking],
-                                widened=widened)
+            plan = session.fix_plan(plan, revision=revision, failures=[steps[sid]["failure"] for sid in asking],
+                                    widened=widened)
         dumped = plan.model_dump(mode="json")
         s.set_attribute("scopegraph.plan.steps", len(plan.steps))
     if previous is None:
