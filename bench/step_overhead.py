@@ -310,6 +310,9 @@ class Floor:
                             "act": {"sub": "planner"}, "run": "floor", "step": "s0", "wf": WORKFLOW,
                             "scope": {"tool": "read_value", "max_uses": 3,
                                       "constraints": {"key": {"kind": "exact", "value": "k0"}}}})
+            # A Cedar evaluation, as the floor is defined: not the answer the engine keeps for
+            # a request made again (which a step may well get, for less).
+            rt.policy._answers.clear()
             if rt.policy.decide(self.request).outcome != "allow":
                 raise SystemExit("the floor's decision was not an allow")
             for outcome in ("ok", "ok"):  # before the call, after it
