@@ -157,7 +157,8 @@ class CedarPolicyEngine:
         combined = "\n".join(text for _, text in sources)
         self._policies = cedarpy.PolicySet.from_str(combined)
         self._meta: dict[str, _PolicyMeta] = {}
-        for positional, node in self._policies.to_pst().static_policies.items():
+        tree = self._policies.to_pst()  # the combined set's syntax tree, read once for all below
+        for positional, node in tree.static_policies.items():
             ann = node.annotations
             try:
                 approvals = int(ann.get("approvals") or 1)
@@ -177,7 +178,7 @@ class CedarPolicyEngine:
         self._tool_entities: dict[str, cedarpy.Entities] = {}
         # What the policies read, found once: a request carries only that (Cedar parses
         # every context attribute it is given, used or not). ``None``: everything.
-        nodes = list(self._policies.to_pst().static_policies.values())
+        nodes = list(tree.static_policies.values())
         self._context_keys = _attributes_read(nodes, "context")
         self._principal_keys = _attributes_read(nodes, "principal")
         self._reads_principal = self._principal_keys != frozenset()
@@ -187,7 +188,6 @@ class CedarPolicyEngine:
         # which is all a request holds only while no policy can tell one principal from
         # another by its id (``principal == …``, ``principal in …``, in the head or a
         # condition): with such a policy nothing is kept.
-        tree = self._policies.to_pst()
         self._repeatable = self._principal_keys is not None and not tree.templates and all(
             type(node.principal).__name__ in ("ScopeAny", "ScopeIs") for node in nodes)
         self._answers: dict[tuple[Any, ...], _Evaluation] = {}
