@@ -59,15 +59,28 @@ def unprivileged_role(postgres_url: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
+def runs_in(postgres_url: str, schema: str) -> set[str]:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        table = sql.SQL("SELECT run_id FROM {}.sg_runs").format(sql.Identifier(schema)).as_string(conn)
+        return {r[0] for r in conn.execute(table)}
+
+
 def test_a_store_that_writes_creates_its_missing_schema(postgres_url: str, missing_schema: str) -> None:
+    # The database is shared (a developer's ``--store postgresql://…/test`` writes to ``public``):
+    # what this store must not do is write there, whatever is there already.
+    public_before = tables_in(postgres_url, "public")
+    run_id = f"run-{uuid.uuid4().hex[:12]}"
     store = open_store(pinned(postgres_url, missing_schema))
     try:
-        store.upsert_run(run("run-1"))
+        store.upsert_run(run(run_id))
         assert append(store, step="a") == 1
     finally:
         store.close()
     assert {"sg_runs", "sg_ledger", "sg_schema_migrations"} <= tables_in(postgres_url, missing_schema)
-    assert "sg_runs" not in tables_in(postgres_url, "public")
+    assert runs_in(postgres_url, missing_schema) == {run_id}
+    assert tables_in(postgres_url, "public") == public_before
+    if "sg_runs" in public_before:
+        assert run_id not in runs_in(postgres_url, "public")
 
 
 def test_a_quoted_mixed_case_schema_is_created_as_written(postgres_url: str, missing_schema: str) -> None:
