@@ -53,7 +53,9 @@ _VERSION_TAIL = re.compile(rb"(\d{32})\.[0-9.e-]+")
 
 
 def _steady_length(data: bytes | str | None) -> int:
-    raw = (data or b"").encode() if isinstance(data, str) else bytes(data or b"")
+    if data is None:
+        return 0
+    raw = data.encode() if isinstance(data, str) else bytes(data)
     return len(_VERSION_TAIL.sub(rb"\1", raw))
 
 
