@@ -30,3 +30,14 @@ def test_bad_run_counts_are_refused_in_one_line() -> None:
         assert done.returncode == 2
         assert done.stderr.strip().splitlines()[-1].endswith(f"--runs takes two numbers A,B with 0 <= A < B, "
                                                             f"not {runs!r}")
+
+
+def test_with_tracing_the_counted_process_exports_the_secured_arms_spans() -> None:
+    def spans(arm: str, steps: int) -> int:
+        done = _run("step", "--arm", arm, "--runs", "0,1", "--steps", str(steps), "--tracing")
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip().splitlines()[-1].removeprefix("spans="))
+
+    assert spans("plain", 3) == 0  # the SDK is installed, but a plain graph makes no span
+    # Every step of every run (the warm-up's included) is exported before the process ends.
+    assert 0 < spans("scopegraph", 1) < spans("scopegraph", 3)
