@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from .approvals import ApprovalRequest
-from .calls import CHECK_POLICY_ID, CallContext
+from .calls import CHECK_POLICY_ID, CallContext, CallResult
 from .canonical import sha256_hex, sorted_json
 from .constraints import admits
 from .credentials import Grant
@@ -42,6 +42,24 @@ def cut_off_read(earlier: CallRecord, tool: Tool) -> bool:
     decided anew under the step's new grant: it changed nothing. A write or egress call
     cut off so is reported, never repeated: it may have taken effect."""
     return earlier.status == "started" and tool.risk.value == "read"
+
+
+def replayed(earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
+             decision: Decision, attempt: int) -> CallResult:
+    """A call whose key was seen before, answered from its record: never run twice."""
+    base: dict[str, Any] = {"tool": tool.name, "arguments": normalized, "decision": decision,
+                            "attempts": attempt, "grant_id": grant.jti}
+    if earlier.status == "ok":
+        value = json.loads(earlier.result) if earlier.result is not None else None
+        return CallResult(status="ok", value=value, labels=tool.labels, **base)
+    if earlier.status == "started":
+        return CallResult(status="error", error=(
+            f"call to {tool.name!r} was interrupted by a crash and is not repeated: "
+            "it may or may not have taken effect"), error_type="interrupted by a crash, not repeated",
+            **base)
+    error = json.loads(earlier.result) if earlier.result else f"tool {tool.name!r} failed"
+    return CallResult(status="error", error=str(error), error_type="failed before a crash",
+                      labels=tool.labels, **base)
 
 
 def digest_of(arguments: Mapping[str, Any]) -> str | None:

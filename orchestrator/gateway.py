@@ -26,7 +26,7 @@ call's error, its message kept with every secret argument's value scrubbed out.
 A host that runs a call itself (see ``scopegraph.session``) takes stages 1 to 3 from
 ``decide`` and stage 5 from ``record``; ``run``/``arun`` are stages 4 and 5. The call's
 value types are in ``scopegraph.calls``, the checks that need no store in
-``scopegraph.call_checks``.
+``scopegraph.call_checks``, the scrubbing of what is recorded in ``scopegraph.call_redaction``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from tenacity import (
@@ -58,9 +58,10 @@ from .call_checks import (
     digest_of,
     observed,
     outside_scope,
-    recordable,
+    replayed,
     run_tool,
 )
+from .call_redaction import CallRedactor
 from .calls import (
     APPROVAL_POLICY_ID,
     CHECK_POLICY_ID,
@@ -68,7 +69,6 @@ from .calls import (
     MAX_ERROR_CHARS,
     SCOPE_POLICY_ID,
     STORE_POLICY_ID,
-    TOKEN_PATTERN,
     TOOL_POLICY_ID,
     CallContext,
     CallResult,
@@ -96,7 +96,6 @@ from .errors import (
 from .ledger import Ledger
 from .policy import CallRequest, Decision, PolicyEngine
 from .provenance import trace_arguments
-from .redaction import scrub, secret_values
 from .store import CallRecord, Store, UseRecord
 from .tools import Tool, ToolRegistry
 
@@ -177,6 +176,7 @@ class Gateway:
         secrets: SecretService | None = None,
     ) -> None:
         self.secrets = secrets  # downstream credentials, issued per step after a call is allowed
+        self.redact = CallRedactor(tools, secrets)  # what is recorded of a call, its secrets taken out
         self.approvals = approvals
         self.ledger = ledger
         self.metrics = metrics or tr.Metrics()
@@ -246,7 +246,7 @@ class Gateway:
         return CallResult(
             tool=tool, arguments=dict(arguments), status="error",
             decision=Decision(outcome="allow"), attempts=attempt_no,
-            error=self._failure(tool, f"{type(last).__name__} after {attempt_no} attempts", last, arguments),
+            error=self.redact.failure(tool, f"{type(last).__name__} after {attempt_no} attempts", last, arguments),
             error_type=f"{type(last).__name__} after {attempt_no} attempts",
             labels=self.tools[tool].labels if tool in self.tools else frozenset(),
         )
@@ -331,7 +331,7 @@ class Gateway:
             except TransientToolError as exc:
                 call_span.set_attribute(tr.CALL_STATUS, "error")
                 tr.record_failure(call_span, type(exc).__name__,
-                                  self._scrubbed(tool.name, str(exc), decided.arguments, normalized))
+                                  self.redact.text(tool.name, str(exc), decided.arguments, normalized))
                 raise
             call_span.set_attribute(tr.CALL_STATUS, result.status)
             if not result.ok:
@@ -362,7 +362,7 @@ class Gateway:
                 failure = exc
             if isinstance(failure, TransientToolError):
                 # As ``_execute``: the attempt is recorded, and a retry is decided afresh.
-                error = self._failure(tool.name, type(failure).__name__, failure, decided.arguments, normalized)
+                error = self.redact.failure(tool.name, type(failure).__name__, failure, decided.arguments, normalized)
                 self._called(ctx, tool, grant, decided.decision, decided.attempt, normalized, "error", None, started,
                              decided.key, None, error_type=type(failure).__name__, digest=decided.digest, error=error)
                 call_span.set_attribute(tr.CALL_STATUS, "error")
@@ -412,7 +412,7 @@ class Gateway:
         return CallResult(
             tool=tool, arguments=dict(arguments), status="error",
             decision=Decision(outcome="allow"), attempts=attempt,
-            error=self._failure(tool, f"{type(last).__name__} after {attempt} attempts", last, arguments),
+            error=self.redact.failure(tool, f"{type(last).__name__} after {attempt} attempts", last, arguments),
             error_type=f"{type(last).__name__} after {attempt} attempts",
             labels=self.tools[tool].labels if tool in self.tools else frozenset(),
         )
@@ -462,7 +462,7 @@ class Gateway:
                 failure = exc
         if failure is not None:
             kind = type(failure).__name__
-            error = self._failure(tool.name, kind, failure, decided.arguments, normalized)
+            error = self.redact.failure(tool.name, kind, failure, decided.arguments, normalized)
             failed = CallResult(tool=tool.name, arguments=normalized, status="error", decision=decided.decision,
                                 error=error, attempts=decided.attempt, grant_id=grant.jti, error_type=kind,
                                 labels=labels)
@@ -489,12 +489,12 @@ class Gateway:
             # attempt from scratch, so the step is not closed here.
             self._called(ctx, tool, grant, decision, attempt, normalized, "error", None, started, key, None,
                          error_type=type(exc).__name__, digest=digest,
-                         error=self._failure(tool.name, type(exc).__name__, exc, raw, normalized))
+                         error=self.redact.failure(tool.name, type(exc).__name__, exc, raw, normalized))
             raise exc
         except Exception as exc:
             # A value the tool returned that cannot be recorded (nested too deep, a cycle)
             # fails the call like an exception: it could not be replayed after a crash.
-            error = self._failure(tool.name, type(exc).__name__, exc, raw, normalized)
+            error = self.redact.failure(tool.name, type(exc).__name__, exc, raw, normalized)
             failed = CallResult(tool=tool.name, arguments=normalized, status="error", decision=decision,
                                 error=error, attempts=attempt, grant_id=grant.jti,
                                 error_type=type(exc).__name__, labels=tool.labels)
@@ -516,49 +516,6 @@ class Gateway:
         if self.secrets is None:
             raise SecretError(f"tool {tool.name!r} declares credentials, but no broker serves this gateway")
         return self.secrets.credentials_for(tool, grant)
-
-    def _secret_pairs(self, tool_name: str, *argument_sets: Mapping[str, Any]) -> list[tuple[str, Any]]:
-        tool = self.tools.get(tool_name) if isinstance(tool_name, str) else None
-        # The secrets of the credentials it holds are scrubbed like secret arguments.
-        held = self.secrets.scrub_pairs() if tool is not None and tool.credentials and self.secrets else []
-        if tool is None or not tool.secrets:
-            return held
-        sets = list(argument_sets)
-        for arguments in argument_sets:  # the values as the tool saw them, too (``"0042"`` → 42)
-            try:
-                sets.append(tool.validate_arguments(arguments))
-            except Exception:  # invalid: the tool never saw them, the raw values are all there is
-                continue
-        return secret_values(tool.secrets, *sets) + held
-
-    def _scrubbed(self, tool_name: str, text: str, *argument_sets: Mapping[str, Any]) -> str:
-        """``text`` without the values of the tool's secret arguments (see ``redaction``)."""
-        secrets = self._secret_pairs(tool_name, *argument_sets)
-        return scrub(text, secrets) if secrets else text
-
-    def _scrubbed_decision(self, tool_name: str, decision: Decision, arguments: Mapping[str, Any]) -> Decision:
-        """A denial whose reasons cannot carry a secret argument's value, and can be recorded."""
-        secrets = self._secret_pairs(tool_name, arguments)
-        return replace(decision, reasons=tuple(recordable(scrub(r, secrets) if secrets else r)
-                                               for r in decision.reasons))
-
-    def _failure(self, tool_name: str, error_type: str, exc: object, *argument_sets: Mapping[str, Any]) -> str:
-        """A failed call's error: the tool, the exception's type and its scrubbed message.
-
-        Scrubbed before it is shortened, so a cut cannot leave part of a secret behind. A
-        token in it (a tool that holds the step's grant may quote its own request) goes too.
-        """
-        try:
-            message = str(exc)
-        except Exception:  # an exception whose ``__str__`` raises: its type must do
-            message = ""
-        message = recordable(self._scrubbed(tool_name, message, *argument_sets))
-        # Tokens are looked for in a bounded window (the pattern backtracks): any token
-        # cut off at its edge lies past the final cut below.
-        message = TOKEN_PATTERN.sub("[token]", message[:MAX_ERROR_CHARS + 4096])
-        if len(message) > MAX_ERROR_CHARS:
-            message = message[:MAX_ERROR_CHARS] + "…"
-        return f"tool {tool_name!r} failed: {error_type}" + (f": {message}" if message else "")
 
     def _decided(self, s: Any, tool_name: str, jti: str | None, decision: Decision, tool: Tool | None) -> None:
         """Account for one recorded decision: span attributes and metrics."""
@@ -613,7 +570,7 @@ class Gateway:
             if grant is not None:  # a verified grant bound to this call: the call spends a use
                 minted, consumed, decision = self._take_use(grant, checked.approval, decision)
             if decision.outcome == "deny":
-                decision = self._scrubbed_decision(tool_name, decision, arguments)
+                decision = self.redact.decision(tool_name, decision, arguments)
             # A refused call is recorded with the arguments it was given; a decided one with
             # the arguments as the tool would see them.
             recorded = arguments if decision.outcome == "deny" or checked.normalized is None else checked.normalized
@@ -624,7 +581,7 @@ class Gateway:
                     earlier = self.store.begin_call(key, run_id=ctx.run_id, step_id=ctx.step_id,
                                                     tool=tool_name, at=self.clock.now())
                 if earlier is not None and not cut_off_read(earlier, tool):
-                    result = self._replay(earlier, tool, grant, checked.normalized, decision, attempt)
+                    result = replayed(earlier, tool, grant, checked.normalized, decision, attempt)
             elif decision.outcome == "needs_approval":
                 assert grant is not None and checked.normalized is not None
                 result = CallResult(tool=tool_name, arguments=checked.normalized, status="needs_approval",
@@ -732,23 +689,6 @@ class Gateway:
                 )
             if closing is not None and result is not None:
                 closing.end(result, revoked)
-
-    def _replay(self, earlier: CallRecord, tool: Tool, grant: Grant, normalized: dict[str, Any],
-                decision: Decision, attempt: int) -> CallResult:
-        """A call whose key was seen before: never run it twice."""
-        base: dict[str, Any] = {"tool": tool.name, "arguments": normalized, "decision": decision,
-                                "attempts": attempt, "grant_id": grant.jti}
-        if earlier.status == "ok":
-            value = json.loads(earlier.result) if earlier.result is not None else None
-            return CallResult(status="ok", value=value, labels=tool.labels, **base)
-        if earlier.status == "started":
-            return CallResult(status="error", error=(
-                f"call to {tool.name!r} was interrupted by a crash and is not repeated: "
-                "it may or may not have taken effect"), error_type="interrupted by a crash, not repeated",
-                **base)
-        error = json.loads(earlier.result) if earlier.result else f"tool {tool.name!r} failed"
-        return CallResult(status="error", error=str(error), error_type="failed before a crash",
-                          labels=tool.labels, **base)
 
     def _finish(self, key: str | None, status: str, result: str | None) -> None:
         if key is not None:
